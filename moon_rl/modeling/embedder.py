@@ -1,0 +1,282 @@
+"""`MoonEmbedder`: backbone VLM (+ LoRA, optionally 4-bit) + `MoonHeads` = the one definition of the embedding.
+
+SFT, GRPO, `moon-rl embed` and `moon-rl eval` all embed through this class (DESIGN.md section 4):
+
+    prompt (images + text) [+ "<think>...</think>"] + <|im_end|>  --backbone-->  last hidden state at <|im_end|>
+        --fusion (raw image / text tokens)-->  --projection-->  L2-normalised vector
+
+`direct` mode has an empty assistant turn; `reason` mode generates the reasoning first. FIRE acts inside the backbone
+through hooks (modeling/taps.py), so it shapes both generation and the read-out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from moon_rl.cache import atomic_dir, atomic_write_text
+from moon_rl.errors import MoonError
+from moon_rl.inference.generation import hf_generate
+from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
+from moon_rl.modeling.inputs import EmbedItem, ImageLoader, PromptBatch, assemble, to_item, tokenize_prompts
+from moon_rl.modeling.taps import BackboneTaps, ForwardRecord, backbone_of, decoder_layers_of, unwrap_hf_model
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["direct", "reason"]
+FORMAT_VERSION = 1
+MODES: tuple[str, ...] = ("direct", "reason")
+
+
+def heads_config_for(model: nn.Module, heads_spec: Any) -> HeadsConfig:
+    """`HeadsConfig` from a recipe's `model.heads` section and the backbone's shape."""
+    text_config = unwrap_hf_model(model).config.get_text_config()
+    layers = heads_spec.fire.layers
+    if layers is None:
+        layers = default_fire_layers(len(decoder_layers_of(model)))
+    return HeadsConfig(
+        hidden_size=text_config.hidden_size, embed_dim=heads_spec.embed_dim,
+        fusion=heads_spec.fusion.enabled, fusion_heads=heads_spec.fusion.num_heads,
+        fire=heads_spec.fire.enabled, fire_layers=list(layers), fire_rank=heads_spec.fire.rank,
+    )
+
+
+class MoonEmbedder(nn.Module):
+    """Reason-then-embed product embedder.
+
+    Args:
+        model (`PreTrainedModel` or `PeftModel`): the backbone VLM (Qwen2-VL family).
+        processor (`ProcessorMixin`): its multimodal processor.
+        heads (`MoonHeads`): fusion, FIRE and projection.
+        readout_token (`str`, *optional*, defaults to `"<|im_end|>"`): the token whose last-layer state is read out;
+            it closes the assistant turn.
+        max_images (`int`, *optional*, defaults to `4`): images per product shown to the model.
+        max_new_tokens (`int`, *optional*, defaults to `96`): reasoning budget in `reason` mode.
+        meta (`dict`, *optional*): what `save` records about the base model (`base_model`, `builtin_size`, recipe).
+
+    Example:
+        ```python
+        embedder = MoonEmbedder.load("runs/tiny-cpu/sft/final")
+        vectors = embedder.encode(["red striped cotton shirt"], mode="direct")  # (1, embed_dim) float32
+        ```
+    """
+
+    def __init__(
+        self, model: nn.Module, processor: Any, heads: MoonHeads, *, readout_token: str = "<|im_end|>",
+        max_images: int = 4, max_new_tokens: int = 96, meta: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.heads = heads
+        self.max_images = max_images
+        self.max_new_tokens = max_new_tokens
+        self.meta = dict(meta or {})
+        tokenizer = processor.tokenizer
+        self.readout_token = readout_token
+        self.readout_id = tokenizer.convert_tokens_to_ids(readout_token)
+        if self.readout_id is None or self.readout_id == tokenizer.unk_token_id:
+            raise MoonError(f"model.readout_token {readout_token!r} is not a token of the model's tokenizer")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.readout_id
+        self.image_token_id = unwrap_hf_model(model).config.image_token_id
+        special = set(tokenizer.all_special_ids) | {self.image_token_id, self.readout_id, self.pad_id}
+        self.register_buffer("_special_ids", torch.tensor(sorted(special)), persistent=False)
+        self.taps = BackboneTaps(model, heads, self.image_token_id)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_recipe(cls, recipe: Any, *, model: nn.Module | None = None, processor: Any = None) -> MoonEmbedder:
+        """Fresh embedder (untrained heads) for `recipe`: backbone from `model.name_or_path`, LoRA, quantization."""
+        from moon_rl.modeling.loading import load_backbone
+
+        if model is None or processor is None:
+            model, processor = load_backbone(recipe.model)
+        heads = MoonHeads(heads_config_for(model, recipe.model.heads))
+        meta = {"base_model": recipe.model.name_or_path, "builtin_size": recipe.model.builtin_size,
+                "recipe": recipe.to_yaml() if hasattr(recipe, "to_yaml") else None}
+        return cls(model, processor, heads, readout_token=recipe.model.readout_token,
+                   max_images=recipe.data.max_images_per_product, max_new_tokens=recipe.embed.max_new_tokens, meta=meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ batching
+    def prepare(
+        self, items: Sequence[EmbedItem], completions: Sequence[Sequence[int]] | None = None,
+        padding_side: Literal["left", "right"] = "left", prompts: PromptBatch | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for `items` with `completions` (token ids; empty = direct mode) and the read-out token."""
+        prompts = prompts or tokenize_prompts(self.processor, items)
+        completions = completions if completions is not None else [[] for _ in items]
+        return assemble(prompts, completions, self.readout_id, self.pad_id, self.image_token_id, padding_side)
+
+    def tokenize_reasoning(self, traces: Sequence[str | None]) -> list[list[int]]:
+        """Token ids of `<think>trace</think>` completions (empty for None: direct mode)."""
+        from moon_rl.data.prompts import format_reasoning
+
+        tok = self.processor.tokenizer
+        return [[] if t is None else tok(format_reasoning(t), add_special_tokens=False)["input_ids"] for t in traces]
+
+    # ------------------------------------------------------------------ embedding
+    def embed_record(self, record: ForwardRecord, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings (B, embed_dim) from what the hooks captured in one backbone forward over `batch`."""
+        hidden = record.last_hidden
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        readout = hidden[rows, batch["readout_index"].to(hidden.device)]
+        if self.heads.fusion is None:
+            return self.heads(readout)
+        image_tokens, image_mask = record.visual_grid(self.image_token_id)
+        input_ids = batch["input_ids"].to(hidden.device)
+        text_mask = (batch["prompt_mask"].to(hidden.device) & batch["attention_mask"].to(hidden.device).bool()
+                     & ~torch.isin(input_ids, self._special_ids.to(hidden.device)))
+        return self.heads(readout, image_tokens, image_mask, record.token_embeds, text_mask)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings (B, embed_dim) of a prepared batch, with gradients (one backbone forward, no LM head)."""
+        model_inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("prompt_mask", "readout_index")}
+        with self.taps.capture() as records:
+            backbone_of(self.model)(**model_inputs, use_cache=False)
+        return self.embed_record(records[-1], batch)
+
+    def generate_reasoning(
+        self, items: Sequence[EmbedItem], *, prompts: PromptBatch | None = None, max_new_tokens: int | None = None,
+        do_sample: bool = False, temperature: float = 1.0,
+    ) -> list[list[int]]:
+        """Reasoning completions (token ids, without the end-of-turn token) for `items`."""
+        prompts = prompts or tokenize_prompts(self.processor, items)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return hf_generate(
+                self.model, prompts, pad_id=self.pad_id, eos_id=self.readout_id, image_token_id=self.image_token_id,
+                max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=do_sample, temperature=temperature,
+            )
+        finally:
+            self.model.train(was_training)
+
+    @torch.inference_mode()
+    def encode(
+        self, records: Sequence[Any], mode: Mode = "direct", batch_size: int = 32, *,
+        load_image: ImageLoader | None = None, show_progress: bool = False, padding_side: Literal["left", "right"] = "left",
+        return_completions: bool = False, on_error: Callable[[int, Exception], None] | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, list[str]]:
+        """Embed records (Products, Queries, `{text, image}` dicts, strings, PIL images) into a float32 matrix.
+
+        Batches are sorted by prompt length (less padding); rows come back in input order. In `reason` mode the
+        model first writes its reasoning (greedy); `return_completions=True` also returns the decoded traces.
+        """
+        if mode not in MODES:
+            raise MoonError(f"mode must be one of {MODES}, got {mode!r}")
+        items = [to_item(r, load_image, self.max_images) for r in records]
+        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].text or "")))
+        out = np.zeros((len(items), self.heads.config.embed_dim), dtype=np.float32)
+        traces = [""] * len(items)
+        was_training = self.training
+        self.eval()
+        bar = tqdm(total=len(items), desc=f"embed ({mode})", unit="item", disable=not show_progress)
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch_items = [items[i] for i in idx]
+                prompts = tokenize_prompts(self.processor, batch_items)
+                completions = self.generate_reasoning(batch_items, prompts=prompts) if mode == "reason" else None
+                batch = self.prepare(batch_items, completions, padding_side=padding_side, prompts=prompts)
+                out[idx] = self(batch).float().cpu().numpy()
+                if return_completions and completions is not None:
+                    decoded = self.processor.tokenizer.batch_decode(completions, skip_special_tokens=False)
+                    for i, text in zip(idx, decoded, strict=True):
+                        traces[i] = text
+                bar.update(len(idx))
+        finally:
+            bar.close()
+            self.train(was_training)
+        return (out, traces) if return_completions else out
+
+    # ------------------------------------------------------------------ artifacts
+    def save(self, path: str | Path) -> Path:
+        """Write adapter (or full weights), heads, processor, resolved recipe and `moon_rl.json`, atomically."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            inner = self.model.module if hasattr(self.model, "module") else self.model
+            if hasattr(inner, "peft_config"):
+                inner.save_pretrained(tmp / "adapter")
+                weights = "adapter"
+            else:
+                inner.save_pretrained(tmp / "model")
+                weights = "full"
+            self.processor.save_pretrained(tmp / "processor")
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()},
+                      str(tmp / "heads.safetensors"))
+            atomic_write_text(tmp / "heads_config.json", json.dumps(self.heads.config.to_dict(), indent=2))
+            if self.meta.get("recipe"):
+                atomic_write_text(tmp / "recipe.yaml", self.meta["recipe"])
+            atomic_write_text(tmp / "moon_rl.json", json.dumps(self._manifest(weights), indent=2))
+        return path
+
+    def _manifest(self, weights: str) -> dict[str, Any]:
+        import transformers
+
+        import moon_rl
+
+        return {
+            "format_version": FORMAT_VERSION, "weights": weights,
+            "base_model": self.meta.get("base_model"), "builtin_size": self.meta.get("builtin_size"),
+            "model_type": unwrap_hf_model(self.model).config.model_type,
+            "readout_token": self.readout_token, "modes": list(MODES), "embed_dim": self.heads.config.embed_dim,
+            "max_images": self.max_images, "max_new_tokens": self.max_new_tokens,
+            "versions": {"moon_rl": moon_rl.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        }
+
+    @classmethod
+    def load(cls, path: str | Path, *, model_spec: Any = None) -> MoonEmbedder:
+        """Restore an embedder written by `save` (safetensors only; no pickle)."""
+        from moon_rl.modeling.loading import load_model, load_processor, resolve_model_path
+
+        path = Path(path)
+        manifest_path = path / "moon_rl.json"
+        if not manifest_path.is_file():
+            raise MoonError(f"{path}: not a moon-rl model folder (no moon_rl.json)")
+        manifest = json.loads(manifest_path.read_text())
+        if model_spec is None:
+            model_spec = _model_spec_from(path, manifest)
+        processor = load_processor(path / "processor", model_type=manifest["model_type"],
+                                   trust_remote_code=model_spec.trust_remote_code)
+        if manifest["weights"] == "full":
+            model = load_model(path / "model", model_spec)
+        else:
+            from peft import PeftModel
+
+            base = load_model(resolve_model_path(model_spec), model_spec)
+            model = PeftModel.from_pretrained(base, str(path / "adapter"))
+        heads = MoonHeads(HeadsConfig(**json.loads((path / "heads_config.json").read_text())))
+        heads.load_state_dict(load_file(str(path / "heads.safetensors")))
+        meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"]}
+        if (path / "recipe.yaml").is_file():
+            meta["recipe"] = (path / "recipe.yaml").read_text()
+        embedder = cls(model, processor, heads, readout_token=manifest["readout_token"],
+                       max_images=manifest["max_images"], max_new_tokens=manifest["max_new_tokens"], meta=meta)
+        return embedder.eval()
+
+
+def _model_spec_from(path: Path, manifest: dict[str, Any]) -> Any:
+    """The `model` section of the recipe saved with a model (defaults when none was saved)."""
+    from moon_rl.recipe import Recipe, load_recipe
+
+    recipe_file = path / "recipe.yaml"
+    recipe = load_recipe(recipe_file) if recipe_file.is_file() else Recipe()
+    spec = recipe.model
+    if manifest.get("base_model"):
+        spec = spec.model_copy(update={"name_or_path": manifest["base_model"],
+                                       "builtin_size": manifest.get("builtin_size") or spec.builtin_size})
+    return spec

@@ -1,0 +1,128 @@
+"""`MoonHeads`: moon-rl's reading of MOON3.0's multi-head modality fusion and FIRE, plus the projection.
+
+The paper's internals are not public (research/paper.md); DESIGN.md section 4 records our reading:
+
+* **Modality fusion** (paper component 1: long reasoning dilutes attention to the raw input): the read-out state
+  attends, with multi-head cross-attention, separately to the raw visual tokens entering the LLM and to the prompt's
+  text-token embeddings; an input-dependent gate mixes {read-out, image, text}; the result is added to the read-out
+  through a zero-initialised output projection, so a fresh module is exactly the identity. A missing modality is
+  masked out of the gate (its logit is -inf), never zero-filled.
+* **FIRE** (fine-grained residual enhancement, paper component 3: local detail fades with depth): at the input of
+  chosen decoder layers a zero-initialised low-rank projection of the raw visual tokens is added back onto the
+  image-token positions. The hooks that apply it live in `moon_rl.modeling.taps`; its parameters live here, outside the HF
+  model, so weight sync to vLLM never sees them.
+* **Projection** to `embed_dim` and L2 normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_fire_layers(num_layers: int) -> list[int]:
+    """Every 4th decoder layer, the last one included (0-based): 12 layers -> [3, 7, 11]; 2 layers -> [1]."""
+    return sorted({i for i in range(num_layers) if (i + 1) % 4 == 0} | {num_layers - 1})
+
+
+@dataclass
+class HeadsConfig:
+    """Shape and switches of `MoonHeads` (saved as `heads_config.json` next to `heads.safetensors`)."""
+
+    hidden_size: int
+    embed_dim: int = 256
+    fusion: bool = True
+    fusion_heads: int = 4
+    fire: bool = True
+    fire_layers: list[int] = field(default_factory=list)
+    fire_rank: int = 8
+    init_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModalityFusion(nn.Module):
+    """Read-out state attends to raw image and text tokens; a gate mixes the three; zero-init residual output."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"model.heads.fusion.num_heads={num_heads} must divide the hidden size {hidden_size}")
+        self.image_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.text_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.gate = nn.Linear(3 * hidden_size, 3)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @staticmethod
+    def _attend(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
+        """Attention of each row's query over its unmasked keys; rows without keys give zeros and `present=False`."""
+        present = mask.any(dim=1)
+        # A row with no keys would make softmax NaN: let it see one dummy key, then zero its result.
+        safe_mask = mask.clone()
+        safe_mask[~present, 0] = True
+        out, _ = attn(query[:, None], keys, keys, key_padding_mask=~safe_mask, need_weights=False)
+        return out[:, 0] * present[:, None].to(out.dtype), present
+
+    def forward(
+        self, readout: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
+        text_tokens: torch.Tensor, text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        q = self.norm(readout)
+        image, has_image = self._attend(self.image_attn, q, image_tokens, image_mask)
+        text, has_text = self._attend(self.text_attn, q, text_tokens, text_mask)
+        logits = self.gate(torch.cat([q, image, text], dim=-1))
+        present = torch.stack([torch.ones_like(has_image), has_image, has_text], dim=-1)
+        weights = logits.masked_fill(~present, float("-inf")).softmax(dim=-1)
+        mixed = weights[:, 0:1] * q + weights[:, 1:2] * image + weights[:, 2:3] * text
+        return readout + self.out(mixed)
+
+
+class FireAdapters(nn.Module):
+    """One zero-initialised low-rank map (down: H->r, up: r->H) per FIRE layer, applied to raw visual tokens."""
+
+    def __init__(self, hidden_size: int, layers: list[int], rank: int):
+        super().__init__()
+        self.layers = list(layers)
+        self.down = nn.ModuleDict({str(i): nn.Linear(hidden_size, rank, bias=False) for i in self.layers})
+        self.up = nn.ModuleDict({str(i): nn.Linear(rank, hidden_size, bias=False) for i in self.layers})
+        for up in self.up.values():
+            nn.init.zeros_(up.weight)
+
+    def delta(self, layer: int, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Residual to add at the image-token positions of decoder layer `layer` (same order as the tokens)."""
+        key = str(layer)
+        return self.up[key](self.down[key](visual_tokens))
+
+
+class MoonHeads(nn.Module):
+    """Fusion + FIRE + projection. Fresh heads leave the read-out untouched before the projection."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        # The projection is initialised from its own seed, so that switching fusion/FIRE on or off does not change
+        # it: a fresh model embeds identically with the modules on and off.
+        gen = torch.Generator().manual_seed(config.init_seed)
+        self.proj = nn.Linear(h, config.embed_dim, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(config.embed_dim, h, generator=gen) / h**0.5)
+        self.fusion = ModalityFusion(h, config.fusion_heads) if config.fusion else None
+        self.fire = FireAdapters(h, config.fire_layers, config.fire_rank) if config.fire and config.fire_layers else None
+
+    def forward(
+        self, readout: torch.Tensor, image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """L2-normalised embeddings (B, embed_dim) from read-out states (B, H) and the raw tokens (B, L, H)."""
+        x = readout.float()
+        if self.fusion is not None and image_tokens is not None:
+            x = self.fusion(x, image_tokens.float(), image_mask, text_tokens.float(), text_mask)
+        return F.normalize(self.proj(x), dim=-1)

@@ -1,0 +1,144 @@
+"""What gets embedded (`EmbedItem`) and how a batch of items becomes model inputs.
+
+Products and queries become chat prompts (data/prompts.py); a completion (empty in `direct` mode, a
+`<think>...</think>` trace in `reason` mode) and the read-out token are appended as token ids, so that the
+sequence the embedder reads is exactly the one a trainer's policy forward sees (prompt ids + completion ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from moon_rl.data.prompts import PRODUCT_INSTRUCTION, QUERY_INSTRUCTION
+from moon_rl.data.records import Product, Query
+from moon_rl.errors import DataError
+
+
+@dataclass
+class EmbedItem:
+    """One thing to embed: text and/or images, as a catalogue product or as a search query."""
+
+    text: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    kind: Literal["product", "query"] = "query"
+    id: str | None = None
+
+    def user_text(self) -> str:
+        if self.kind == "product":
+            return f"{self.text or ''}\n{PRODUCT_INSTRUCTION}".strip()
+        return f"Query: {self.text}\n{QUERY_INSTRUCTION}" if self.text else QUERY_INSTRUCTION
+
+    def messages(self) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in self.images]
+        content.append({"type": "text", "text": self.user_text()})
+        return [{"role": "user", "content": content}]
+
+
+def product_text(product: Product) -> str:
+    """The text a product shows the model: its title and description."""
+    parts = [f"Title: {product.title}"]
+    if product.description:
+        parts.append(f"Description: {product.description}")
+    return "\n".join(parts)
+
+
+ImageLoader = Callable[[str | bytes], Image.Image]
+
+
+def to_item(record: Any, load_image: ImageLoader | None = None, max_images: int = 4) -> EmbedItem:
+    """Coerce a Product, Query, dict `{text, image}`, str (text query), PIL image or EmbedItem to an EmbedItem."""
+    if isinstance(record, EmbedItem):
+        return record
+    if isinstance(record, str):
+        return EmbedItem(text=record)
+    if isinstance(record, Image.Image):
+        return EmbedItem(images=[record.convert("RGB")])
+    if isinstance(record, dict):
+        unknown = set(record) - {"text", "image"}
+        if unknown or not (record.get("text") or record.get("image") is not None):
+            raise DataError(f"a query dict needs 'text' and/or 'image' and nothing else, got keys {sorted(record)}")
+        image = record.get("image")
+        images = [_load(image, load_image)] if image is not None else []
+        return EmbedItem(text=record.get("text"), images=images)
+    if isinstance(record, Query):
+        images = [_load(record.image, load_image)] if record.image is not None else []
+        return EmbedItem(text=record.text, images=images)
+    if isinstance(record, Product):
+        images = [_load(ref, load_image) for ref in record.images[:max_images]]
+        return EmbedItem(text=product_text(record), images=images, kind="product", id=record.id)
+    raise TypeError(f"cannot embed a {type(record).__name__}; expected a Product, Query, dict, str or PIL image")
+
+
+def _load(ref: str | bytes | Image.Image, load_image: ImageLoader | None) -> Image.Image:
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    if load_image is None:
+        if isinstance(ref, bytes):
+            from moon_rl.data.sources import load_image as load
+
+            return load(ref, Path("."))
+        raise DataError(f"image {ref!r}: no catalogue folder to resolve the path against")
+    return load_image(ref)
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised prompts of a batch (unpadded id lists) and their pixel inputs."""
+
+    prompt_ids: list[list[int]]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+def tokenize_prompts(processor: Any, items: Sequence[EmbedItem]) -> PromptBatch:
+    """Chat-templated prompts (with generation prompt) for `items`, through the real multimodal processor."""
+    texts = [processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False) for item in items]
+    images = [image for item in items for image in item.images]
+    enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    return PromptBatch(prompt_ids=ids, pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"))
+
+
+def assemble(
+    prompts: PromptBatch, completions: Sequence[Sequence[int]], readout_id: int, pad_id: int, image_token_id: int,
+    padding_side: Literal["left", "right"] = "left",
+) -> dict[str, torch.Tensor]:
+    """Model inputs for prompt + completion + read-out token, padded; also `prompt_mask` and `readout_index`.
+
+    A completion that already ends with the read-out token (the model emitted its end of turn) is not given a second.
+    """
+    seqs, prompt_lens = [], []
+    for prompt, completion in zip(prompts.prompt_ids, completions, strict=True):
+        completion = list(completion)
+        if not completion or completion[-1] != readout_id:
+            completion.append(readout_id)
+        seqs.append(prompt + completion)
+        prompt_lens.append(len(prompt))
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    prompt_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    readout = torch.zeros(len(seqs), dtype=torch.long)
+    for row, (seq, plen) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        start = width - len(seq) if padding_side == "left" else 0
+        input_ids[row, start:start + len(seq)] = torch.tensor(seq)
+        attention[row, start:start + len(seq)] = 1
+        prompt_mask[row, start:start + plen] = True
+        readout[row] = start + len(seq) - 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "mm_token_type_ids": (input_ids == image_token_id).long(),
+        "prompt_mask": prompt_mask,
+        "readout_index": readout,
+    }
+    if prompts.pixel_values is not None:
+        batch["pixel_values"] = prompts.pixel_values
+        batch["image_grid_thw"] = prompts.image_grid_thw
+    return batch
