@@ -1,0 +1,576 @@
+"""`builtin:synthetic`: a deterministic procedural product catalogue in which the image is needed.
+
+Every product has five attributes. Three are *text-visible* (category, material, brand: always named by the title
+and description) and two are *image-visible* (colour: named by the text of only ~15% of products; pattern: never).
+Products come in families of `1 + lookalikes` that share the text-visible attributes and differ from the family's
+first member in exactly one image-visible attribute, so a text-only model cannot tell family members apart while
+the full attribute set (which text queries name) always singles out one product.
+
+Images are drawn with PIL: a category silhouette (a mask) filled with the colour and pattern, on a pale background;
+each product has two views differing in pose (rotation / flip), scale and background. View 0 is the product image,
+view 1 is only ever used as an image query, so a product's own image is never its query.
+
+Same `SynthOptions` -> byte-identical files: randomness comes only from seeded `random.Random` / numpy generators,
+iteration is in sorted or index order, and nothing records a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from moon_rl.cache import atomic_dir, cache_root
+from moon_rl.errors import DataError
+
+__all__ = [
+    "ATTRIBUTES",
+    "VOCABULARY",
+    "SynthOptions",
+    "SynthReport",
+    "named_attributes",
+    "synthesize",
+    "synthetic_cache_dir",
+    "vocabulary_corpus",
+]
+
+GENERATOR_VERSION = 1  # bump whenever the output for given options changes, so cached catalogues are rebuilt
+N_VIEWS = 2
+COLOUR_NAMED_RATE = 0.15
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (200, 30, 35), "orange": (240, 130, 20), "yellow": (238, 205, 30), "green": (40, 150, 60),
+    "teal": (0, 135, 135), "blue": (35, 75, 205), "purple": (125, 50, 170), "pink": (240, 125, 185),
+    "brown": (125, 75, 35), "black": (25, 25, 25), "white": (248, 248, 248), "grey": (130, 130, 130),
+}  # fmt: skip
+PATTERNS = ("solid", "striped", "dotted", "checked", "zigzag", "diagonal")
+CATEGORIES = ("shirt", "dress", "trousers", "shoe", "handbag", "hat", "watch", "lamp", "mug", "umbrella")
+MATERIALS = ("cotton", "wool", "leather", "linen", "silk", "denim", "canvas", "suede")
+BRANDS = ("zorvik", "lumora", "kestrel", "vantor", "pelino", "mirabo", "quillon", "tavora", "brisko", "nordell")
+
+ATTRIBUTES = ("colour", "pattern", "category", "material", "brand")
+TEXT_VISIBLE = ("category", "material", "brand")
+IMAGE_VISIBLE = ("colour", "pattern")
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS), "pattern": PATTERNS, "category": CATEGORIES, "material": MATERIALS, "brand": BRANDS,
+}  # fmt: skip
+_WORD_TO_ATTRIBUTE = {value: attr for attr, values in VOCABULARY.items() for value in values}
+assert len(_WORD_TO_ATTRIBUTE) == sum(map(len, VOCABULARY.values())), "an attribute word belongs to two attributes"
+
+# Filler words; none may be an attribute value (the text-only analysis reads attribute values off the words).
+ADJECTIVES = ("classic", "modern", "everyday", "lightweight", "durable", "elegant", "simple", "versatile", "sturdy")
+USES = ("work", "weekends", "travel", "evenings", "home", "the office", "outdoor days")
+SEASONS = ("spring", "summer", "autumn", "winter")
+
+# Templates. Attribute values always appear lowercase and as whole words, so each can be a single token.
+TITLES = (
+    "{brand} {material} {category}",
+    "{material} {category} by {brand}",
+    "{brand} {category} in {material}",
+    "{category} from {brand}, {material}",
+    "{brand} | {material} {category}",
+)
+DESC_OPEN = (
+    "A {adj} {category} made of {material}.",
+    "This {adj} {category} is crafted from {material}.",
+    "Our {adj} {category}: {material} through and through.",
+    "Made from {material}, this {category} is {adj} and {adj2}.",
+)
+DESC_BRAND = (
+    "Designed by {brand}.",
+    "From the {brand} {season} collection.",
+    "Quality by {brand}, built for {use}.",
+    "Sold exclusively by {brand}.",
+)
+DESC_EXTRA = ("Ideal for {use}.", "A {adj} choice for {use}.", "Easy to care for.", "")
+DESC_COLOUR = ("Shown here in {colour}.", "The colour is {colour}.", "Finished in {colour}.")
+QUERIES = (
+    "{colour} {pattern} {material} {category} by {brand}",
+    "{brand} {category}, {colour} {pattern}, {material}",
+    "looking for a {pattern} {colour} {category} in {material} from {brand}",
+    "{material} {category} from {brand} with a {pattern} {colour} look",
+    "{colour} {category}, {pattern}, made of {material}, brand {brand}",
+    "need a {brand} {material} {category} that is {colour} and {pattern}",
+)
+REASON_PHRASES: dict[str, tuple[str, ...]] = {
+    "category": ("The item is a {category}.", "Category: {category}.", "The silhouette is that of a {category}."),
+    "colour": ("Its main colour is {colour}.", "Colour: {colour}.", "The dominant colour is {colour}."),
+    "pattern": ("The surface pattern is {pattern}.", "Pattern: {pattern}.", "It has a {pattern} pattern."),
+    "material": ("The material is {material}.", "Material: {material}.", "The text says it is made of {material}."),
+    "brand": ("The brand is {brand}.", "Brand: {brand}.", "The label reads {brand}."),
+}
+REASON_OPEN = ("Let me look at the image and the text.", "Checking the attributes one by one.",
+               "First the image, then the text.", "")  # fmt: skip
+REASON_CLOSE = (
+    "So this is a {colour} {pattern} {material} {category} by {brand}.",
+    "Summary: {colour}, {pattern}, {material}, {category}, {brand}.",
+    "",
+)
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Options of the synthetic catalogue.
+
+    Args:
+        n_products (`int`, *optional*, defaults to `600`): total products, rounded to whole families.
+        seed (`int`, *optional*, defaults to `0`): same seed, same bytes.
+        image_size (`int`, *optional*, defaults to `112`): square image side in pixels.
+        test_fraction (`float`, *optional*, defaults to `0.2`): fraction of families that go to the test split.
+        lookalikes (`int`, *optional*, defaults to `3`): family members besides the first; each differs from the
+            first in exactly one of colour / pattern.
+    """
+
+    n_products: int = 600
+    seed: int = 0
+    image_size: int = 112
+    test_fraction: float = 0.2
+    lookalikes: int = 3
+
+    def __post_init__(self) -> None:
+        limit = len(COLOURS) + len(PATTERNS) - 2
+        if self.n_products < 1:
+            raise DataError(f"synthetic `n_products` must be >= 1, got {self.n_products}")
+        if self.image_size < 32:
+            raise DataError(f"synthetic `image_size` must be >= 32 pixels, got {self.image_size}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise DataError(f"synthetic `test_fraction` must be in [0, 1), got {self.test_fraction}")
+        if not 0 <= self.lookalikes <= limit:
+            raise DataError(f"synthetic `lookalikes` must be in [0, {limit}], got {self.lookalikes}")
+
+    def key(self) -> str:
+        """A folder name that changes whenever the output would."""
+        return (
+            f"v{GENERATOR_VERSION}-n{self.n_products}-seed{self.seed}-px{self.image_size}"
+            f"-test{self.test_fraction:g}-look{self.lookalikes}"
+        )
+
+
+def synthetic_cache_dir(options: SynthOptions) -> Path:
+    """Where `load_catalogue("builtin:synthetic", synthetic=options)` keeps the generated catalogue."""
+    return cache_root() / "synthetic" / options.key()
+
+
+@dataclass(frozen=True)
+class SynthReport:
+    """What `synthesize` wrote, with the text-only analysis of the test split.
+
+    Attributes:
+        chance_r1 (`float`): mean over test text queries of 1 / |gallery|.
+        text_ceiling_r1 (`float`): mean over test text queries of 1 / |gallery products consistent with the query's
+            text| - the expected Recall@1 of the best text-only method.
+        ambiguous_fraction (`float`): fraction of test text queries with more than one consistent gallery product.
+    """
+
+    out: Path
+    n_products: int
+    n_families: int
+    n_train_products: int
+    n_test_products: int
+    n_pairs: dict[str, int]
+    chance_r1: float
+    text_ceiling_r1: float
+    ambiguous_fraction: float
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """Multi-line human-readable summary (the CLI prints it)."""
+        pairs = ", ".join(f"{split} {n}" for split, n in self.n_pairs.items())
+        return "\n".join([
+            f"synthetic catalogue -> {self.out}",
+            f"  products: {self.n_products} in {self.n_families} families "
+            f"(train {self.n_train_products}, test {self.n_test_products}); {N_VIEWS} views each",
+            f"  pairs: {pairs}",
+            f"  test gallery: {self.n_test_products} products (each with its look-alike family)",
+            f"  Recall@1 chance: {self.chance_r1:.3f}   text-only ceiling: {self.text_ceiling_r1:.3f}   "
+            f"queries ambiguous from text: {self.ambiguous_fraction:.1%}",
+            f"  written in {self.seconds:.1f} s",
+        ])  # fmt: skip
+
+
+@dataclass
+class _Item:
+    id: str
+    family: int
+    attrs: dict[str, str]
+    title: str = ""
+    description: str = ""
+    reasoning: str = ""
+    query: str = ""
+    named: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+
+
+def named_attributes(text: str) -> dict[str, str]:
+    """The attribute values a text names, by attribute (a word that is an attribute value names it)."""
+    named: dict[str, str] = {}
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if (attr := _WORD_TO_ATTRIBUTE.get(word)) is not None and named.setdefault(attr, word) != word:
+            raise AssertionError(f"text names two values of {attr!r}: {text!r}")
+    return named
+
+
+def _fill(rng: random.Random, attrs: dict[str, str]) -> dict[str, str]:
+    adj, adj2 = rng.sample(ADJECTIVES, 2)
+    return {**attrs, "adj": adj, "adj2": adj2, "use": rng.choice(USES), "season": rng.choice(SEASONS)}
+
+
+def _title(rng: random.Random, attrs: dict[str, str], with_colour: bool) -> str:
+    values = dict(attrs)
+    if with_colour:
+        values["category"] = f"{attrs['colour']} {attrs['category']}"
+    return rng.choice(TITLES).format(**values)
+
+
+def _description(rng: random.Random, attrs: dict[str, str], with_colour: bool) -> str:
+    values = _fill(rng, attrs)
+    rest = [rng.choice(DESC_BRAND), rng.choice(DESC_EXTRA)] + ([rng.choice(DESC_COLOUR)] if with_colour else [])
+    rng.shuffle(rest)  # the opener stays first; the other sentences come in varied order
+    return " ".join(p.format(**values) for p in [rng.choice(DESC_OPEN), *rest] if p)
+
+
+def _query(rng: random.Random, attrs: dict[str, str]) -> str:
+    return rng.choice(QUERIES).format(**attrs)
+
+
+def _reasoning(rng: random.Random, attrs: dict[str, str]) -> str:
+    order = list(ATTRIBUTES)
+    rng.shuffle(order)
+    parts = [rng.choice(REASON_OPEN)] + [rng.choice(REASON_PHRASES[a]) for a in order] + [rng.choice(REASON_CLOSE)]
+    return " ".join(p.format(**attrs) for p in parts if p)
+
+
+def _write_texts(item: _Item, rng: random.Random) -> None:
+    where = rng.choice(("title", "description")) if rng.random() < COLOUR_NAMED_RATE else None
+    item.title = _title(rng, item.attrs, where == "title")
+    item.description = _description(rng, item.attrs, where == "description")
+    item.query = _query(rng, item.attrs)
+    item.reasoning = _reasoning(rng, item.attrs)
+    item.named = named_attributes(f"{item.title} {item.description}")
+    expected = set(TEXT_VISIBLE) | ({"colour"} if where else set())
+    # The analysis is only exact if the text names what it was built to name, and correctly.
+    assert set(item.named) == expected and all(item.attrs[a] == v for a, v in item.named.items()), item
+    assert named_attributes(item.query) == item.attrs and named_attributes(item.reasoning) == item.attrs, item
+
+
+def vocabulary_corpus(seed: int = 0, n: int = 2000) -> list[str]:
+    """Sentences covering every word the synthetic catalogue can produce (to train a tokenizer on).
+
+    The list starts with a sweep (every attribute value and every template, rendered once) and continues with `n`
+    sampled titles, descriptions, queries and reasoning traces. Deterministic for a given `seed`; no images.
+    """
+    sweep = [f"{attr}: {' '.join(values)}" for attr, values in VOCABULARY.items()]
+    sweep += [" ".join(ADJECTIVES), " ".join(USES), " ".join(SEASONS)]
+    templates = [*TITLES, *DESC_OPEN, *DESC_BRAND, *DESC_EXTRA, *DESC_COLOUR, *QUERIES, *REASON_OPEN, *REASON_CLOSE]
+    templates += [p for phrases in REASON_PHRASES.values() for p in phrases]
+    rng = random.Random(f"vocabulary:{seed}")
+    for index, template in enumerate(t for t in templates if t):
+        attrs = {attr: values[index % len(values)] for attr, values in VOCABULARY.items()}
+        sweep.append(template.format(**_fill(rng, attrs)))
+    sampled: list[str] = []
+    for index in range(n):
+        attrs = {attr: rng.choice(values) for attr, values in VOCABULARY.items()}
+        kind = index % 4
+        if kind == 0:
+            sampled.append(_title(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
+        elif kind == 1:
+            sampled.append(_description(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
+        elif kind == 2:
+            sampled.append(_query(rng, attrs))
+        else:
+            sampled.append(_reasoning(rng, attrs))
+    return sweep + sampled
+
+
+# ------------------------------------------------------------------------------------------------------ structure
+
+
+def _family_members(
+    rng: random.Random, options: SynthOptions, used: set[tuple[str, ...]], triple: tuple[str, str, str]
+) -> list[dict[str, str]]:
+    """A family: a base (colour, pattern), then look-alikes each changing exactly one of them."""
+    combos = [(c, p) for c in COLOURS for p in PATTERNS if (c, p, *triple) not in used]
+    if len(combos) < 1 + options.lookalikes:
+        raise DataError("synthetic catalogue too large for the vocabulary; lower `n_products` or `lookalikes`")
+    base = rng.choice(combos)
+    members = [base]
+    for _ in range(options.lookalikes):
+        kinds = ["colour", "pattern"]
+        rng.shuffle(kinds)
+        for kind in kinds:
+            candidates = [
+                (c, p) for c, p in combos
+                if (c, p) not in members and ((kind == "colour" and p == base[1]) or (kind == "pattern" and c == base[0]))
+            ]  # fmt: skip
+            if candidates:
+                members.append(rng.choice(candidates))
+                break
+        else:
+            raise DataError("synthetic catalogue: not enough free colour/pattern combinations for `lookalikes`")
+    for colour, pattern in members:
+        used.add((colour, pattern, *triple))
+    category, material, brand = triple
+    return [dict(colour=c, pattern=p, category=category, material=material, brand=brand) for c, p in members]
+
+
+def _plan(options: SynthOptions) -> tuple[list[list[_Item]], list[int]]:
+    """Families of items with texts, and the (sorted) indices of the test families."""
+    rng = random.Random(f"synthetic:{options.seed}")
+    family_size = 1 + options.lookalikes
+    n_families = max(1, round(options.n_products / family_size))
+    n_test = 0
+    if options.test_fraction > 0 and n_families >= 2:
+        n_test = min(n_families - 1, max(1, round(n_families * options.test_fraction)))
+    triples = list(itertools.product(CATEGORIES, MATERIALS, BRANDS))
+    rng.shuffle(triples)
+    width = max(4, len(str(n_families * family_size - 1)))
+    used: set[tuple[str, ...]] = set()
+    families: list[list[_Item]] = []
+    for index in range(n_families):
+        # Distinct triples while they last, so families of the same text are rare; reuse keeps tuples unique.
+        members = _family_members(rng, options, used, triples[index % len(triples)])
+        items = []
+        for attrs in members:
+            item = _Item(f"p{len(families) * family_size + len(items):0{width}d}", index, attrs)
+            _write_texts(item, rng)
+            items.append(item)
+        families.append(items)
+    test = sorted(rng.sample(range(n_families), n_test))
+    return families, test
+
+
+def _differs_in_one(a: dict[str, str], b: dict[str, str]) -> bool:
+    return sum(a[k] != b[k] for k in ATTRIBUTES) == 1
+
+
+def _text_analysis(test_items: list[_Item]) -> dict[str, Any]:
+    """Exact text-only analysis of the test split (one text query per test product, gallery = test products)."""
+    if not test_items:
+        return {"chance_r1": 0.0, "text_ceiling_r1": 0.0, "ambiguous_fraction": 0.0, "positive_unique": True}
+    ceiling, ambiguous, unique = 0.0, 0, True
+    for query in test_items:
+        consistent = [g for g in test_items if all(query.attrs[a] == v for a, v in g.named.items())]
+        ceiling += 1.0 / len(consistent)
+        ambiguous += len(consistent) > 1
+        unique &= [g.id for g in test_items if g.attrs == query.attrs] == [query.id]
+    n = len(test_items)
+    return {
+        "chance_r1": round(1.0 / n, 6),
+        "text_ceiling_r1": round(ceiling / n, 6),
+        "ambiguous_fraction": round(ambiguous / n, 6),
+        "positive_unique": unique,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- images
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, a0: float = 0, a1: float = 360, n: int = 28) -> list:
+    return [(cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a)))
+            for a in np.linspace(a0, a1, n).tolist()]  # fmt: skip
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> list:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+# Silhouettes in unit coordinates (y down): ("+", polygon) adds to the mask, ("-", polygon) cuts a hole.
+SILHOUETTES: dict[str, list[tuple[str, list]]] = {
+    "shirt": [("+", [(0.35, 0.15), (0.43, 0.15), (0.5, 0.23), (0.57, 0.15), (0.65, 0.15), (0.88, 0.32), (0.8, 0.44),
+                     (0.7, 0.38), (0.7, 0.88), (0.3, 0.88), (0.3, 0.38), (0.2, 0.44), (0.12, 0.32)])],
+    "dress": [("+", [(0.4, 0.1), (0.45, 0.1), (0.47, 0.2), (0.53, 0.2), (0.55, 0.1), (0.6, 0.1), (0.62, 0.3),
+                     (0.57, 0.45), (0.85, 0.9), (0.15, 0.9), (0.43, 0.45), (0.38, 0.3)])],
+    "trousers": [("+", [(0.3, 0.1), (0.7, 0.1), (0.77, 0.9), (0.56, 0.9), (0.5, 0.38), (0.44, 0.9), (0.23, 0.9)])],
+    "shoe": [("+", [(0.1, 0.62), (0.12, 0.45), (0.22, 0.42), (0.3, 0.3), (0.45, 0.3), (0.5, 0.42), (0.72, 0.5),
+                    (0.88, 0.58), (0.9, 0.7), (0.1, 0.7)])],
+    "handbag": [("+", _ellipse(0.5, 0.44, 0.22, 0.26, 180, 360)), ("-", _ellipse(0.5, 0.44, 0.15, 0.19, 180, 360)),
+                ("+", [(0.2, 0.42), (0.8, 0.42), (0.88, 0.85), (0.12, 0.85)])],
+    "hat": [("+", _ellipse(0.5, 0.68, 0.42, 0.08)), ("+", _ellipse(0.5, 0.67, 0.22, 0.36, 180, 360))],
+    "watch": [("+", _rect(0.4, 0.08, 0.6, 0.92)), ("+", _ellipse(0.5, 0.5, 0.2, 0.2)),
+              ("+", _rect(0.69, 0.46, 0.75, 0.54))],
+    "lamp": [("+", [(0.35, 0.12), (0.65, 0.12), (0.79, 0.42), (0.21, 0.42)]), ("+", _rect(0.47, 0.42, 0.53, 0.8)),
+             ("+", _ellipse(0.5, 0.84, 0.2, 0.06))],
+    "mug": [("+", _ellipse(0.68, 0.55, 0.17, 0.18)), ("-", _ellipse(0.68, 0.55, 0.09, 0.1)),
+            ("+", _rect(0.2, 0.25, 0.68, 0.85))],
+    "umbrella": [("+", _ellipse(0.5, 0.47, 0.42, 0.32, 180, 360)), ("+", _rect(0.485, 0.47, 0.515, 0.82)),
+                 ("+", _ellipse(0.44, 0.82, 0.075, 0.075, 0, 180)), ("-", _ellipse(0.44, 0.82, 0.04, 0.04, 0, 180))],
+}  # fmt: skip
+BACKGROUNDS = ((236, 232, 222), (218, 228, 240), (224, 240, 224), (242, 226, 230), (228, 228, 228),
+               (245, 240, 212), (214, 214, 226), (206, 222, 222))  # fmt: skip
+
+
+def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+    return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
+
+
+def _pattern_fill(size: int, colour: tuple[int, int, int], pattern: str, period: int, phase: int) -> Image.Image:
+    """The product's surface: the colour, with the pattern in a shade of the same colour (so colour stays legible)."""
+    light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150
+    second = _mix(colour, (0, 0, 0), 0.45) if light else _mix(colour, (255, 255, 255), 0.55)
+    image = Image.new("RGB", (size, size), colour)
+    draw = ImageDraw.Draw(image)
+    half = max(2, period // 2)
+    if pattern == "striped":
+        for y in range(phase - period, size, period):
+            draw.rectangle((0, y, size, y + half - 1), fill=second)
+    elif pattern == "diagonal":
+        for x in range(phase - size, 2 * size, period):
+            draw.line((x, 0, x - size, size), fill=second, width=max(2, period // 3))
+    elif pattern == "dotted":
+        r = max(1.5, period * 0.24)
+        for row, y in enumerate(range(phase - period, size + period, period)):
+            for x in range(phase - period + (half if row % 2 else 0), size + period, period):
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=second)
+    elif pattern == "checked":
+        for i, y in enumerate(range(phase - period, size, half)):
+            for j, x in enumerate(range(phase - period, size, half)):
+                if (i + j) % 2:
+                    draw.rectangle((x, y, x + half - 1, y + half - 1), fill=second)
+    elif pattern == "zigzag":
+        for y in range(phase - period, size + period, period):
+            points = [(x, y + (half if k % 2 else 0)) for k, x in enumerate(range(-half, size + period, half))]
+            draw.line(points, fill=second, width=max(2, period // 4), joint="curve")
+    return image
+
+
+def _draw_view(attrs: dict[str, str], size: int, rng: random.Random, np_rng: np.random.Generator) -> Image.Image:
+    """One view: silhouette mask (2x supersampled), pattern fill, outline, on a noisy pale gradient background."""
+    scale = rng.uniform(0.72, 1.0)
+    angle = math.radians(rng.uniform(-14, 14))
+    flip = rng.random() < 0.5
+    dx, dy = rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)
+    bg0, bg1 = rng.sample(BACKGROUNDS, 2)
+    big = 2 * size
+    cos, sin = math.cos(angle), math.sin(angle)
+
+    def place(x: float, y: float) -> tuple[float, float]:
+        u, v = (x - 0.5) * (-1 if flip else 1), y - 0.5
+        return (((u * cos - v * sin) * scale + 0.5 + dx) * big, ((u * sin + v * cos) * scale + 0.5 + dy) * big)
+
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for op, polygon in SILHOUETTES[attrs["category"]]:
+        draw.polygon([place(x, y) for x, y in polygon], fill=255 if op == "+" else 0)
+    mask = mask.reduce(2)
+
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    gradient = np.asarray(bg0, np.float32) * (1 - t) + np.asarray(bg1, np.float32) * t
+    noise = np_rng.normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
+    background = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+
+    colour = COLOURS[attrs["colour"]]
+    period = max(6, round(size * scale / 7))
+    fill = _pattern_fill(size, colour, attrs["pattern"], period, rng.randrange(period))
+    image = Image.composite(fill, background, mask)
+    # A one-pixel outline just inside the silhouette keeps white and pale products visible on pale backgrounds.
+    inside = mask.point(lambda p: 255 if p > 160 else 0)
+    edges = ImageChops.subtract(inside, inside.filter(ImageFilter.MinFilter(3)))
+    image.paste(_mix(colour, (0, 0, 0), 0.55), mask=edges)
+    return image
+
+
+def _draw_item(item: _Item, options: SynthOptions, index: int, images: Path) -> None:
+    rng = random.Random(f"image:{options.seed}:{item.id}")
+    np_rng = np.random.default_rng([options.seed, index])
+    for view in range(N_VIEWS):
+        image = _draw_view(item.attrs, options.image_size, rng, np_rng)
+        image.save(images / f"{item.id}_v{view}.png", format="PNG", compress_level=6)
+
+
+# ---------------------------------------------------------------------------------------------------------- write
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def _pairs(items: list[_Item], families: list[list[_Item]], negatives: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        text: dict[str, Any] = {"anchor": {"text": item.query}, "positive": item.id}
+        view: dict[str, Any] = {"anchor": {"image": f"images/{item.id}_v1.png"}, "positive": item.id}
+        if negatives:
+            hard = [m.id for m in families[item.family] if m is not item and _differs_in_one(m.attrs, item.attrs)]
+            text["negatives"] = view["negatives"] = hard
+        rows += [text, view]
+    return rows
+
+
+def synthesize(out: Path, options: SynthOptions | None = None) -> SynthReport:
+    """Write the synthetic catalogue folder `out` atomically (replacing it if present).
+
+    Writes `products.jsonl`, `images/<id>_v<view>.png`, `pairs_train.jsonl`, `pairs_test.jsonl`, `gallery_test.txt`
+    and `catalogue.json` (options, vocabulary, families, counts and the text-only analysis).
+
+    Args:
+        out (`Path`): the folder to create.
+        options (`SynthOptions`, *optional*): defaults to `SynthOptions()`.
+
+    Returns:
+        `SynthReport`: counts and the text-only analysis of the test split.
+    """
+    options = options or SynthOptions()
+    start = time.perf_counter()
+    families, test_families = _plan(options)
+    items = [item for family in families for item in family]
+    test_set = set(test_families)
+    train_items = [item for item in items if item.family not in test_set]
+    test_items = [item for item in items if item.family in test_set]
+    analysis = _text_analysis(test_items)
+    if not analysis["positive_unique"]:
+        raise AssertionError("synthetic catalogue: a test query's attributes match more than its positive")
+    pairs = {"train": _pairs(train_items, families, True), "test": _pairs(test_items, families, False)}
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        images = tmp / "images"
+        images.mkdir()
+        for index, item in enumerate(items):
+            _draw_item(item, options, index, images)
+        _jsonl(tmp / "products.jsonl", [
+            {"id": item.id, "title": item.title, "description": item.description,
+             "category": item.attrs["category"], "attributes": {a: item.attrs[a] for a in ATTRIBUTES},
+             "images": [f"images/{item.id}_v0.png"], "reasoning": item.reasoning}
+            for item in items
+        ])  # fmt: skip
+        for split, rows in pairs.items():
+            _jsonl(tmp / f"pairs_{split}.jsonl", rows)
+        (tmp / "gallery_test.txt").write_text("".join(f"{item.id}\n" for item in test_items), encoding="utf-8")
+        manifest = {
+            "format": "moon-rl-catalogue",
+            "generator": "builtin:synthetic",
+            "generator_version": GENERATOR_VERSION,
+            "options": asdict(options),
+            "attributes": {attr: list(values) for attr, values in VOCABULARY.items()},
+            "text_visible": list(TEXT_VISIBLE),
+            "image_visible": list(IMAGE_VISIBLE),
+            "views": N_VIEWS,
+            "families": [[item.id for item in family] for family in families],
+            "test_families": test_families,
+            "counts": {"products": len(items), "families": len(families), "train_products": len(train_items),
+                       "test_products": len(test_items), "pairs": {s: len(r) for s, r in pairs.items()}},
+            "text_only_analysis": analysis,
+        }  # fmt: skip
+        (tmp / "catalogue.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return SynthReport(
+        out=out,
+        n_products=len(items),
+        n_families=len(families),
+        n_train_products=len(train_items),
+        n_test_products=len(test_items),
+        n_pairs={split: len(rows) for split, rows in pairs.items()},
+        chance_r1=analysis["chance_r1"],
+        text_ceiling_r1=analysis["text_ceiling_r1"],
+        ambiguous_fraction=analysis["ambiguous_fraction"],
+        seconds=time.perf_counter() - start,
+    )
