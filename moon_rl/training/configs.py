@@ -1,0 +1,364 @@
+"""Training configs: TRL's `SFTConfig` / `GRPOConfig` plus moon-rl's own fields, nothing else.
+
+The `sft` and `grpo` sections of a recipe become these dataclasses (see `moon_rl.recipe.Recipe.sft_config`). Every TRL
+field keeps its TRL name, default and validation; moon-rl only adds the fields below, and their defaults live here, not
+in `.get()` calls elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from functools import cache
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from trl import GRPOConfig, SFTConfig
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "GENERATION_BATCH_FIELDS",
+    "REWARD_ENTRY_KEYS",
+    "REWARD_WEIGHT_DEFAULT",
+    "MoonContrastiveMixin",
+    "MoonGRPOConfig",
+    "MoonSFTConfig",
+    "config_fields",
+    "config_value",
+    "default_rewards",
+    "generation_batch_problems",
+    "normalise_rewards",
+    "section_problems",
+]
+
+#: Keys allowed in one entry of `MoonGRPOConfig.rewards`.
+REWARD_ENTRY_KEYS = ("name", "weight", "args")
+#: Weight of a `rewards` entry that names none.
+REWARD_WEIGHT_DEFAULT = 1.0
+
+
+def default_rewards() -> list[dict[str, Any]]:
+    """The rewards a GRPO recipe gets when it names none: retrieval rank, plus a light format reward."""
+    return [
+        {"name": "retrieval_rank", "weight": REWARD_WEIGHT_DEFAULT, "args": {}},
+        {"name": "format", "weight": 0.2, "args": {}},
+    ]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class MoonContrastiveMixin:
+    r"""
+    moon-rl fields shared by [`MoonSFTConfig`] and [`MoonGRPOConfig`]: the contrastive (InfoNCE) term added to the
+    TRL loss.
+
+    Parameters:
+        > Parameters that control the contrastive loss
+
+        contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the symmetric InfoNCE loss (reason-mode anchor vs direct-mode positive, in-batch negatives)
+            added to the TRL loss. `0.0` turns the term off.
+        contrastive_temperature (`float`, *optional*, defaults to `0.05`):
+            Temperature dividing the cosine similarities in InfoNCE. Must be `> 0`; lower is sharper.
+        direct_contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Relative weight of the direct-vs-direct InfoNCE term, which keeps the fast `direct` mode (no generation)
+            in the same embedding space as the `reason` mode.
+        image_contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Relative weight of the InfoNCE term on image-only anchor pairs (a product photo as the query).
+    """
+
+    contrastive_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the InfoNCE loss added to the TRL loss. 0.0 turns it off."},
+    )
+    contrastive_temperature: float = field(
+        default=0.05,
+        metadata={"help": "Temperature of InfoNCE (cosine similarities are divided by it). Must be > 0."},
+    )
+    direct_contrastive_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the direct-vs-direct InfoNCE term that keeps the fast direct mode in the same "
+            "embedding space as the reason mode."
+        },
+    )
+    image_contrastive_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the InfoNCE term on image-only anchor pairs."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("contrastive_weight", "direct_contrastive_weight", "image_contrastive_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}; use 0.0 to turn the term off.")
+        temperature = self.contrastive_temperature
+        if not _is_number(temperature) or temperature <= 0:
+            raise ValueError(
+                f"`contrastive_temperature` must be a finite number > 0, got {temperature!r}; typical values are "
+                "0.02-0.1."
+            )
+        super().__post_init__()  # the TRL config's own validation
+
+
+@dataclass
+class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
+    r"""
+    Configuration of `MoonSFTTrainer`: TRL's [`~trl.SFTConfig`] (every field, same name, same default) plus the
+    contrastive fields of [`MoonContrastiveMixin`].
+
+    Parameters:
+        > Parameters that control the contrastive loss
+
+        contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the InfoNCE loss added to the LM loss on the reasoning trace.
+        contrastive_temperature (`float`, *optional*, defaults to `0.05`):
+            Temperature of InfoNCE. Must be `> 0`.
+        direct_contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the direct-vs-direct InfoNCE term.
+        image_contrastive_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the InfoNCE term on image-only anchor pairs.
+
+    Example:
+
+    ```python
+    >>> config = MoonSFTConfig(output_dir="runs/x/sft", use_cpu=True, bf16=False, contrastive_weight=0.5)
+    >>> config.contrastive_temperature
+    0.05
+    ```
+    """
+
+
+@dataclass
+class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
+    r"""
+    Configuration of `MoonGRPOTrainer`: TRL's [`~trl.GRPOConfig`] (every field, same name, same default, vLLM ones
+    included) plus the contrastive fields of [`MoonContrastiveMixin`] and the fields below.
+
+    Parameters:
+        > Parameters that control the rewards
+
+        rewards (`list[dict]`, *optional*, defaults to `[{"name": "retrieval_rank", "weight": 1.0}, {"name": "format",
+        "weight": 0.2}]`):
+            Reward functions and their weights. Each entry is `{name: str, weight: float = 1.0, args: dict = {}}`;
+            `name` resolves through the reward registry (a registered name, an entry point, `package.module:fn` or
+            `path/to/file.py:fn`), `args` are passed to the reward. Weights may be negative (a penalty). After
+            construction every entry has all three keys. Use this instead of TRL's `reward_weights`.
+        min_distinct_anchors (`int`, *optional*, defaults to `4`):
+            Fewest distinct anchors a generation batch (`generation_batch_size / num_generations`) must hold, so the
+            retrieval rewards and InfoNCE have negatives to rank against. Checked by `Recipe.check()`.
+
+        > Parameters that control the initial model
+
+        init_from (`str` or `None`, *optional*, defaults to `None`):
+            Model folder to start GRPO from. `None` means the SFT stage output of the same recipe.
+    """
+
+    rewards: list[dict[str, Any]] = field(
+        default_factory=default_rewards,
+        metadata={
+            "help": "Rewards as a list of {name, weight (default 1.0), args (default {})}; name is a registered reward, "
+            "package.module:fn or path/to/file.py:fn."
+        },
+    )
+    min_distinct_anchors: int = field(
+        default=4,
+        metadata={
+            "help": "Fewest distinct anchors per generation batch (generation_batch_size / num_generations), so "
+            "retrieval rewards have negatives to rank against."
+        },
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Model folder to start GRPO from. None = the SFT stage output of the same recipe."},
+    )
+
+    def __post_init__(self) -> None:
+        self.rewards = normalise_rewards(self.rewards)
+        if self.reward_weights is not None:
+            raise ValueError(
+                f"`reward_weights` ({self.reward_weights!r}) is TRL's list for its own `reward_funcs`; moon-rl weights "
+                "rewards through `rewards[i].weight`. Remove `reward_weights` and set the weights in `rewards`."
+            )
+        if isinstance(self.min_distinct_anchors, bool) or not isinstance(self.min_distinct_anchors, int):
+            raise ValueError(f"`min_distinct_anchors` must be an int >= 1, got {self.min_distinct_anchors!r}.")
+        if self.min_distinct_anchors < 1:
+            raise ValueError(f"`min_distinct_anchors` must be >= 1, got {self.min_distinct_anchors}.")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError(
+                f"`init_from` must be a model folder path or None (the SFT stage output), got {self.init_from!r}."
+            )
+        super().__post_init__()
+
+
+def normalise_rewards(rewards: object) -> list[dict[str, Any]]:
+    """Check `rewards` entries and return them with `weight` and `args` filled in.
+
+    Raises:
+        ValueError: naming the entry, the bad value and the fix.
+    """
+    shape = "each entry is {name: str, weight: float = 1.0, args: dict = {}}"
+    if not isinstance(rewards, list) or not rewards:
+        raise ValueError(f"`rewards` must be a non-empty list ({shape}), got {rewards!r}.")
+    normalised = []
+    for i, entry in enumerate(rewards):
+        if isinstance(entry, str):
+            raise ValueError(f"`rewards[{i}]` is the string {entry!r}; write it as {{name: {entry}}} ({shape}).")
+        if not isinstance(entry, dict):
+            raise ValueError(f"`rewards[{i}]` must be a mapping ({shape}), got {entry!r}.")
+        for key in entry:
+            if key not in REWARD_ENTRY_KEYS:
+                close = get_close_matches(str(key), REWARD_ENTRY_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(
+                    f"`rewards[{i}]` has unknown key '{key}'{hint}; {shape} (reward parameters go under `args`)."
+                )
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"`rewards[{i}].name` must be a non-empty string, got {name!r}.")
+        weight = entry.get("weight", REWARD_WEIGHT_DEFAULT)
+        if not _is_number(weight):
+            raise ValueError(f"`rewards[{i}].weight` ({name}) must be a finite number, got {weight!r}.")
+        args = entry.get("args") or {}  # absent or null: no arguments
+        if not isinstance(args, dict):
+            raise ValueError(f"`rewards[{i}].args` ({name}) must be a mapping of keyword arguments, got {args!r}.")
+        normalised.append({"name": name, "weight": float(weight), "args": dict(args)})
+    return normalised
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking a recipe's `sft` / `grpo` section (a dict of field names) against these dataclasses, before building them.
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Recipe section name -> the config dataclass it becomes.
+CONFIG_CLASSES: dict[str, type[MoonSFTConfig] | type[MoonGRPOConfig]] = {"sft": MoonSFTConfig, "grpo": MoonGRPOConfig}
+
+
+@cache
+def config_fields(section: str) -> dict[str, Any]:
+    """Field name -> type annotation, for every field a recipe's `section` ("sft" or "grpo") may set."""
+    cls = CONFIG_CLASSES[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def config_value(section: str, values: Mapping[str, Any], name: str) -> Any:
+    """The value field `name` will take: the section's, else the dataclass default (the one place defaults live)."""
+    if name in values:
+        return values[name]
+    field_ = next(f for f in dataclasses.fields(CONFIG_CLASSES[section]) if f.name == name)
+    return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default  # type: ignore[misc]
+
+
+@cache
+def _field_adapter(section: str, name: str) -> TypeAdapter[Any] | None:
+    try:
+        return TypeAdapter(config_fields(section)[name])
+    except Exception:  # an annotation pydantic cannot check is left to the dataclass's own validation
+        return None
+
+
+def _type_name(annotation: Any) -> str:
+    """`transformers.trainer_utils.SchedulerType | str` -> `SchedulerType | str`."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(annotation))
+
+
+def section_problems(section: str, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`(key, problem)` for each unknown key or ill-typed value of a recipe's `sft` / `grpo` section.
+
+    Unknown keys get the closest valid key (or the other section, when the key belongs there); values are checked
+    strictly against the field's annotation (`"32"` is not an int) and `rewards` entries are checked as in
+    `MoonGRPOConfig`. Cross-field rules are left to the dataclasses' `__post_init__`.
+    """
+    fields = config_fields(section)
+    other = "grpo" if section == "sft" else "sft"
+    problems = []
+    for key, value in values.items():
+        if key not in fields:
+            if key in config_fields(other):
+                hint = f" (it is a '{other}' key, not a '{section}' one)"
+            else:
+                close = get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            problems.append((key, f"unknown key '{section}.{key}'{hint}"))
+            continue
+        adapter = _field_adapter(section, key)
+        if adapter is not None:
+            try:
+                adapter.validate_python(value, strict=True)
+            except ValidationError:
+                expected = _type_name(fields[key])
+                problems.append((key, f"bad value for '{section}.{key}': expected {expected}, got {value!r}"))
+                continue
+        if section == "grpo" and key == "rewards":
+            try:
+                normalise_rewards(value)
+            except ValueError as exc:
+                problems.append((key, f"bad value for 'grpo.rewards': {exc}"))
+    return problems
+
+
+#: The GRPO fields that size a generation batch, as `generation_batch_problems` reads them.
+GENERATION_BATCH_FIELDS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+    "generation_batch_size",
+    "num_generations",
+    "min_distinct_anchors",
+)
+
+
+def generation_batch_problems(values: Mapping[str, Any]) -> list[str]:
+    """Check that each GRPO generation batch holds whole groups and enough distinct anchors.
+
+    The generation batch of one process is `per_device_train_batch_size * steps_per_generation` (TRL's default
+    `steps_per_generation` is `gradient_accumulation_steps`), or `generation_batch_size` when set. It must be divisible
+    by `num_generations`, and hold at least `min_distinct_anchors` anchors (`generation batch / num_generations`) so
+    that retrieval rewards and InfoNCE have negatives. Checking per process is stricter than TRL's global check.
+
+    Args:
+        values: a recipe's `grpo` section; missing fields take the `MoonGRPOConfig` defaults.
+
+    Returns:
+        One message per broken rule, naming the fields to change; empty when both hold.
+    """
+    batch, accumulation, steps, generation_batch, generations, min_anchors = (
+        config_value("grpo", values, name) for name in GENERATION_BATCH_FIELDS
+    )
+    if generation_batch is not None and steps is not None:
+        return []  # TRL rejects setting both, with a clear message
+    numbers = (batch, accumulation, generations, min_anchors, generation_batch or 1, steps or 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in numbers):
+        return []  # bad types or values are reported by the type check and TRL
+    if generation_batch is None:
+        steps = accumulation if steps is None else steps
+        generation_batch = batch * steps
+        how = f"per_device_train_batch_size ({batch}) x steps_per_generation ({steps})"
+    else:
+        how = "generation_batch_size"
+    if generation_batch % generations:
+        return [
+            f"the GRPO generation batch, {how} = {generation_batch}, is not divisible by grpo.num_generations "
+            f"({generations}); change grpo.per_device_train_batch_size, grpo.gradient_accumulation_steps (or "
+            "grpo.steps_per_generation) or grpo.num_generations"
+        ]
+    anchors = generation_batch // generations
+    if anchors < min_anchors:
+        return [
+            f"a GRPO generation batch holds {anchors} distinct anchor(s) ({how} = {generation_batch} completions / "
+            f"grpo.num_generations {generations}), fewer than grpo.min_distinct_anchors ({min_anchors}); raise "
+            "grpo.per_device_train_batch_size or grpo.gradient_accumulation_steps (or grpo.steps_per_generation), "
+            "or lower grpo.num_generations"
+        ]
+    return []
