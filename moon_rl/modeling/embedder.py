@@ -249,7 +249,7 @@ class MoonEmbedder(nn.Module):
             raise MoonError(f"{path}: not a moon-rl model folder (no moon_rl.json)")
         manifest = json.loads(manifest_path.read_text())
         if model_spec is None:
-            model_spec = _model_spec_from(path, manifest)
+            model_spec = model_spec_for(path, manifest)
         processor = load_processor(path / "processor", model_type=manifest["model_type"],
                                    trust_remote_code=model_spec.trust_remote_code)
         if manifest["weights"] == "full":
@@ -269,7 +269,7 @@ class MoonEmbedder(nn.Module):
         return embedder.eval()
 
 
-def _model_spec_from(path: Path, manifest: dict[str, Any]) -> Any:
+def model_spec_for(path: Path, manifest: dict[str, Any]) -> Any:
     """The `model` section of the recipe saved with a model (defaults when none was saved)."""
     from moon_rl.recipe import Recipe, load_recipe
 

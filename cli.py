@@ -1,0 +1,201 @@
+"""`moon-rl` command line: parse, load the recipe, call one library function. Nothing in `moon_rl/` imports this.
+
+Errors a user can cause (`MoonError`: bad recipe, bad catalogue row, bad argument) print one line and exit with
+code 2; `moon-rl --debug ...` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    name="moon-rl",
+    help="Reasoning-aware product embeddings: SFT + GRPO post-training of vision-language models on TRL.\n\n"
+    "Examples:\n\n"
+    "  moon-rl data synth runs/catalogue --n-products 200 --seed 0\n\n"
+    "  moon-rl recipe validate recipes/tiny-cpu.yaml\n\n"
+    "  moon-rl embed recipes/tiny-cpu.yaml --catalogue runs/catalogue --out runs/embed\n\n"
+    "  moon-rl search runs/embed \"red striped shirt\" -k 5",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Catalogues: make a synthetic one, validate yours.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Recipes: validate and show the resolved recipe.", no_args_is_help=True)
+export_app = typer.Typer(help="Export a trained model to other toolkits.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(export_app, name="export")
+
+_state = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key, typed: --set sft.learning_rate=1e-4 --set stages=[data,sft]"),
+]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", exists=True, dir_okay=False)]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on every import that an optional Hub kernel package is missing; its CPU path works anyway.
+    logging.getLogger("bitsandbytes").setLevel(logging.INFO if debug else logging.ERROR)
+
+
+def _user_errors(fn: F) -> F:
+    """Print a `MoonError` as one line and exit 2 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moon_rl.errors import MoonError
+
+        try:
+            return fn(*args, **kwargs)
+        except MoonError as exc:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    from moon_rl.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@data_app.command("synth")
+@_user_errors
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the catalogue into (replaced if it exists).")],
+    n_products: Annotated[int, typer.Option(help="Products in all, look-alikes included.", min=8)] = 600,
+    seed: Annotated[int, typer.Option(help="Same seed, byte-identical output.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.", min=28)] = 112,
+    test_fraction: Annotated[float, typer.Option(help="Share of product families held out for test.")] = 0.2,
+    lookalikes: Annotated[int, typer.Option(help="Look-alikes per product (family size - 1).", min=0)] = 3,
+) -> None:
+    """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
+    from moon_rl.data.synthetic import SynthOptions, synthesize
+
+    options = SynthOptions(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
+                           lookalikes=lookalikes)
+    report = synthesize(out, options)
+    typer.echo(report.summary())
+
+
+@data_app.command("validate")
+@_user_errors
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="Catalogue folder or products file.", exists=True)],
+) -> None:
+    """Check every row of a catalogue and its pairs; print each problem with file, line, field and reason."""
+    from moon_rl.data.validate import validate_catalogue
+
+    report = validate_catalogue(path)
+    for problem in report.problems:
+        typer.echo(str(problem), err=True)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+@recipe_app.command("validate")
+@_user_errors
+def recipe_validate(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Resolve the recipe (extends, --set), check every key and build the TRL configs; exit 2 on any problem."""
+    resolved = _load(recipe, set_)
+    problems = resolved.check()
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{recipe}: ok")
+
+
+@recipe_app.command("show")
+@_user_errors
+def recipe_show(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Print the resolved recipe (extends and --set applied, defaults filled in)."""
+    typer.echo(_load(recipe, set_).to_yaml(), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------------- embed
+@app.command("embed")
+@_user_errors
+def embed(
+    recipe: RecipeArg,
+    model: Annotated[Path | None, typer.Option("--model", help="Trained model folder (default: untrained).")] = None,
+    catalogue: Annotated[str | None, typer.Option(help="Catalogue folder/file (default: the recipe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <output_dir>/embed).")] = None,
+    mode: Annotated[str | None, typer.Option(help="direct (fast) or reason (generate first).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable products instead of stopping.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Embed a catalogue into embeddings.parquet + a FAISS index."""
+    from moon_rl.inference.pipeline import run_embed
+
+    summary = run_embed(_load(recipe, set_), model_dir=model, catalogue=catalogue, out=out, mode=mode,
+                        skip_bad=skip_bad)
+    typer.echo(summary.summary())
+
+
+@app.command("search")
+@_user_errors
+def search(
+    index: Annotated[Path, typer.Argument(help="Folder written by `moon-rl embed`.")],
+    query: Annotated[str | None, typer.Argument(help="Query text.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Query image.", exists=True, dir_okay=False)] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of results.", min=1)] = 5,
+) -> None:
+    """Print the k nearest products to a text and/or image query."""
+    from moon_rl.errors import MoonError
+    from moon_rl.inference.search import format_results
+    from moon_rl.inference.search import search as run_search
+
+    if query is None and image is None:
+        raise MoonError("give a query text, an --image, or both")
+    typer.echo(format_results(run_search(index, text=query, image=image, k=k)))
+
+
+# ---------------------------------------------------------------------------------------------------- export
+@export_app.command("sentence-transformers")
+@_user_errors
+def export_st(
+    model_dir: Annotated[Path, typer.Argument(help="Trained moon-rl model folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+) -> None:
+    """Write a folder that SentenceTransformer(out, trust_remote_code=True) loads, without moon-rl installed."""
+    from moon_rl.inference.st_export import export_sentence_transformers
+
+    path = export_sentence_transformers(model_dir, out)
+    typer.echo(f"wrote {path}; load with SentenceTransformer({str(path)!r}, trust_remote_code=True)")
+
+
+def main() -> None:  # pragma: no cover - `python cli.py`
+    app(prog_name="moon-rl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Every verb `moon-rl --help` lists, run as a user would (typer CliRunner, real files)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "catalogue"
+    result = invoke("data", "synth", str(out), "--n-products", "200", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_existing_verbs():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for verb in ("data", "recipe", "embed", "search", "export"):
+        assert re.search(rf"│ {verb}\b", result.output), verb
+    for group, subs in {"data": ("synth", "validate"), "recipe": ("validate", "show"),
+                        "export": ("sentence-transformers",)}.items():
+        out = invoke(group, "--help").output
+        for sub in subs:
+            assert sub in out
+
+
+def test_synth_is_byte_identical_and_prints_the_text_ceiling(catalogue, tmp_path):
+    result = invoke("data", "synth", str(tmp_path / "again"), "--n-products", "200", "--seed", "0")
+    assert result.exit_code == 0
+    assert "text-only ceiling" in result.output
+    assert tree_digest(catalogue) == tree_digest(tmp_path / "again")
+    other = invoke("data", "synth", str(tmp_path / "other"), "--n-products", "200", "--seed", "1")
+    assert other.exit_code == 0
+    assert tree_digest(catalogue) != tree_digest(tmp_path / "other")
+
+
+def test_validate_passes_then_names_every_planted_problem(catalogue, tmp_path):
+    assert invoke("data", "validate", str(catalogue)).exit_code == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(catalogue, broken)
+    (broken / "images" / "p0010_v0.png").unlink()
+    lines = (broken / "products.jsonl").read_text().splitlines()
+    lines[20] = '{"id": "p0020", "title": '  # malformed JSON on line 21
+    lines.append(lines[30])  # duplicate id
+    (broken / "products.jsonl").write_text("\n".join(lines) + "\n")
+    result = invoke("data", "validate", str(broken))
+    assert result.exit_code == 2
+    out = result.output
+    assert "products.jsonl:11: field 'images[0]': image file 'images/p0010_v0.png' not found (id p0010)" in out
+    assert "products.jsonl:21: malformed JSON" in out
+    assert re.search(r"products\.jsonl:201: field 'id': duplicate product id 'p0030' \(first defined on line 31\)", out)
+
+
+def test_recipe_validate_and_show():
+    result = invoke("recipe", "validate", TINY)
+    assert result.exit_code == 0 and "ok" in result.output
+    shown = invoke("recipe", "show", TINY, "--set", "sft.learning_rate=1e-4", "--set", "model.heads.embed_dim=32")
+    assert shown.exit_code == 0
+    assert re.search(r"learning_rate: 0\.0001\b", shown.output)
+    assert re.search(r"embed_dim: 32\b", shown.output)
+
+
+def test_recipe_misspelt_key_suggests_the_right_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {TINY}\nsft:\n  learnig_rate: 1.0e-4\n")
+    result = invoke("recipe", "validate", str(bad))
+    assert result.exit_code == 2
+    assert "unknown key 'sft.learnig_rate'" in result.output
+    assert "did you mean 'sft.learning_rate'" in result.output
+    assert str(bad) in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,185 @@
+"""MoonEmbedder: identity at init, gradients reach every trainable part, FIRE under checkpointing, artifacts."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.inputs import EmbedItem
+from moon_rl.recipe import Recipe
+
+
+def tiny_recipe(**model_updates) -> Recipe:
+    recipe = Recipe()
+    heads = recipe.model.heads.model_copy(update={"embed_dim": 64})
+    model = recipe.model.model_copy(update={"heads": heads, **model_updates})
+    return recipe.model_copy(update={"model": model})
+
+
+def heads_switched(recipe: Recipe, fusion: bool, fire: bool) -> Recipe:
+    heads = recipe.model.heads
+    heads = heads.model_copy(update={"fusion": heads.fusion.model_copy(update={"enabled": fusion}),
+                                     "fire": heads.fire.model_copy(update={"enabled": fire})})
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"heads": heads})})
+
+
+def image(rgb, size=(112, 112)) -> Image.Image:
+    return Image.new("RGB", size, rgb)
+
+
+RECORDS = [
+    "red striped cotton shirt",
+    image((200, 30, 30)),
+    {"text": "blue dotted dress", "image": image((30, 30, 200), (96, 128))},
+    EmbedItem(text="Title: two views", images=[image((10, 200, 10)), image((200, 200, 10))], kind="product"),
+]
+
+
+def randomise_heads(embedder: MoonEmbedder, scale: float = 0.05) -> None:
+    """Fresh heads are the identity; give their zero-init output layers weights so tests exercise them."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in embedder.heads.named_parameters():
+            if name.startswith(("fusion.out", "fire.up")):
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def full_embedder() -> MoonEmbedder:
+    return MoonEmbedder.from_recipe(tiny_recipe(lora=None))
+
+
+def test_fresh_heads_are_identity():
+    base = tiny_recipe(lora=None)
+    on = MoonEmbedder.from_recipe(heads_switched(base, True, True))
+    off = MoonEmbedder.from_recipe(heads_switched(base, False, False), model=on.model, processor=on.processor)
+    assert on.heads.fusion is not None and on.heads.fire is not None
+    assert off.heads.fusion is None and off.heads.fire is None
+    diff = np.abs(on.encode(RECORDS) - off.encode(RECORDS)).max()
+    assert diff < 1e-6
+    off.taps.remove()
+
+
+def test_text_image_and_multi_image_inputs(full_embedder):
+    vectors = full_embedder.encode(RECORDS, batch_size=2)
+    assert vectors.shape == (4, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The image-only and multi-image rows really see their pixels: other pixels, other vectors.
+    moved = full_embedder.encode([image((30, 200, 30))])[0]
+    assert np.abs(moved - vectors[1]).max() > 1e-4
+    # A batch embeds each row as it would alone (sorting by length, padding and batching are invisible).
+    alone = np.stack([full_embedder.encode([r])[0] for r in RECORDS])
+    np.testing.assert_allclose(vectors, alone, atol=2e-5)
+
+
+def test_left_and_right_padding_give_the_same_vectors(full_embedder):
+    randomise_heads(full_embedder)
+    left = full_embedder.encode(RECORDS, padding_side="left")
+    right = full_embedder.encode(RECORDS, padding_side="right")
+    np.testing.assert_allclose(left, right, atol=1e-5)
+
+
+def _contrastive_loss(embedder: MoonEmbedder) -> torch.Tensor:
+    queries = [EmbedItem(text=t) for t in ("red shirt", "blue dress", "green hat")]
+    products = [EmbedItem(text=f"Title: {t}", images=[image(c)], kind="product")
+                for t, c in (("shirt", (200, 0, 0)), ("dress", (0, 0, 200)), ("hat", (0, 200, 0)))]
+    q = embedder(embedder.prepare(queries))
+    p = embedder(embedder.prepare(products))
+    logits = q @ p.T / 0.05
+    return F.cross_entropy(logits, torch.arange(3))
+
+
+def test_one_step_reaches_heads_fire_and_lora():
+    embedder = MoonEmbedder.from_recipe(tiny_recipe())  # LoRA on (the default for pretrained backbones)
+    embedder.train()
+    params = {n: p for n, p in embedder.named_parameters() if p.requires_grad}
+    groups = {
+        "lora": [n for n in params if "lora_" in n],
+        "fusion": [n for n in params if n.startswith("heads.fusion")],
+        "fire": [n for n in params if n.startswith("heads.fire")],
+        "proj": [n for n in params if n.startswith("heads.proj")],
+    }
+    assert all(groups.values()), groups
+    assert not any("visual" in n for n in groups["lora"]), "LoRA must not touch the vision tower"
+    assert not any("lm_head" in n for n in groups["lora"])
+    before = embedder.encode(RECORDS)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    for step in range(2):
+        optimizer.zero_grad()
+        _contrastive_loss(embedder).backward()
+        nonzero = {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        for group, names in groups.items():
+            assert nonzero & set(names), f"step {step}: no gradient reached {group}"
+        if step == 1:
+            # Zero-initialised output layers (fusion.out, fire.up, lora_B) block upstream gradients only at step 0.
+            assert nonzero == set(params), sorted(set(params) - nonzero)
+        optimizer.step()
+    after = embedder.encode(RECORDS)
+    assert np.abs(after - before).max() > 1e-3
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_fire_is_idempotent_under_gradient_checkpointing(use_reentrant):
+    embedder = MoonEmbedder.from_recipe(tiny_recipe(lora=None))
+    randomise_heads(embedder, scale=0.5)
+    embedder.train()
+    for module in embedder.modules():  # dropout off: compare two identical computations
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+    def run():
+        embedder.zero_grad()
+        loss = _contrastive_loss(embedder)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    loss_plain, grads_plain = run()
+    embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    loss_ckpt, grads_ckpt = run()
+    assert embedder.model.model.language_model.gradient_checkpointing
+    torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-6, rtol=1e-6)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    fire_grad = sum(g.abs().sum() for n, g in grads_plain.items() if n.startswith("heads.fire"))
+    assert fire_grad > 0
+
+
+def test_save_load_round_trip(tmp_path):
+    embedder = MoonEmbedder.from_recipe(tiny_recipe())  # LoRA: the adapter is saved, the base rebuilt
+    randomise_heads(embedder)
+    with torch.no_grad():
+        for name, param in embedder.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    expected = embedder.encode(RECORDS)
+    embedder.save(tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"adapter", "processor", "heads.safetensors", "heads_config.json", "moon_rl.json", "recipe.yaml"} <= files
+    assert not list((tmp_path / "m").rglob("*.bin")) and not list((tmp_path / "m").rglob("*.pt"))
+    loaded = MoonEmbedder.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.encode(RECORDS), expected)
+
+
+def test_reason_mode_generates_then_embeds(full_embedder):
+    vectors, traces = full_embedder.encode(RECORDS[:2], mode="reason", return_completions=True)
+    assert vectors.shape == (2, 64)
+    assert all(isinstance(t, str) and t for t in traces)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_qlora_4bit_embeds_on_cpu():
+    from moon_rl.recipe import QuantSpec
+
+    embedder = MoonEmbedder.from_recipe(tiny_recipe(quantization=QuantSpec(bits=4, compute_dtype="float32")))
+    assert any("4bit" in type(m).__name__ for m in embedder.model.modules())
+    vectors = embedder.encode(RECORDS)
+    assert vectors.shape == (4, 64) and np.isfinite(vectors).all()

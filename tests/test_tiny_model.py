@@ -1,0 +1,89 @@
+"""The builtin tiny VLM: offline build + load, a real multimodal processor, forward and generate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from moon_rl.modeling import tiny
+from moon_rl.modeling.loading import load_model, load_processor
+from moon_rl.recipe import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny.builtin_model_dir(tiny.TINY_VL, size="tiny")
+
+
+def test_forward_and_generate_on_image_and_text(model_dir):
+    processor = load_processor(model_dir)
+    assert type(processor).__name__ == "Qwen2_5_VLImageOnlyProcessor"
+    assert processor.image_processor is not None
+    model = load_model(model_dir, ModelSpec()).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 0.5e6 < n_params < 1.5e6  # "about 1M parameters"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red striped shirt"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.new("RGB", (112, 112), (200, 30, 30))], return_tensors="pt")
+    image_id = model.config.image_token_id
+    assert (inputs["input_ids"] == image_id).sum() == 16  # 112x112 px -> 8x8 patches -> 2x2 merge -> 16 tokens
+    with torch.no_grad():
+        out = model(**inputs)
+        assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.get_text_config().vocab_size)
+        assert torch.isfinite(out.logits).all()
+        generated = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+def test_tokenizer_knows_catalogue_words_and_chat_tokens(model_dir):
+    from moon_rl.data.synthetic import BRANDS, CATEGORIES, COLOURS, MATERIALS, PATTERNS
+
+    tokenizer = load_processor(model_dir).tokenizer
+    for word in [*COLOURS, *PATTERNS, *CATEGORIES, *MATERIALS, *BRANDS]:
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"{word!r} is split into {tokenizer.convert_ids_to_tokens(ids)}"
+    for token in ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<think>", "</think>"]:
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    # Think tags survive skip_special_tokens (TRL decodes completions that way; format rewards must see them).
+    ids = tokenizer("<think>red</think>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>red</think>"
+
+
+def test_build_is_deterministic_and_cached(tmp_path, model_dir):
+    again = tiny.build_tiny_vl(tmp_path / "again", size="tiny", seed=0)
+    for name in ("model.safetensors", "tokenizer.json"):
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (model_dir, again)]
+        assert digest[0] == digest[1], name
+    assert tiny.builtin_model_dir(tiny.TINY_VL, size="tiny") == model_dir  # second use: from the cache
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a network-less namespace")
+def test_loads_with_no_network_at_all(model_dir, tmp_path):
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("unshare -n is not permitted here")
+    script = textwrap.dedent("""
+        import socket
+        try:
+            socket.create_connection(("pypi.org", 443), timeout=2)
+            raise SystemExit("network reachable: the test would prove nothing")
+        except OSError:
+            pass
+        from moon_rl.modeling.loading import load_backbone
+        from moon_rl.recipe import ModelSpec
+        model, processor = load_backbone(ModelSpec(lora=None))
+        print("OK", type(model).__name__, type(processor).__name__)
+    """)
+    env = {**os.environ, "MOON_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK Qwen2_5_VLForConditionalGeneration Qwen2_5_VLImageOnlyProcessor" in result.stdout
