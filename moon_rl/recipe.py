@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 import typing
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -41,6 +41,7 @@ from pydantic import field_validator as _field_validator
 from pydantic_core import PydanticCustomError
 
 from moon_rl.errors import RecipeError
+from moon_rl.recipe_yaml import RecipeDumper, RecipeLoader
 
 if TYPE_CHECKING:
     from moon_rl.training.configs import MoonGRPOConfig, MoonSFTConfig
@@ -78,54 +79,6 @@ DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_p
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-# ---- YAML 1.2 floats (`1e-4`) and booleans (true/false only), duplicate keys rejected
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-# YAML 1.2 floats: PyYAML's YAML 1.1 resolver needs a dot, so `1e-4` would be the string "1e-4".
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-# YAML 1.1 also reads yes/no/on/off as booleans, which turns TRL's `save_strategy: no` into False.
-_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats and booleans, failing on duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
-                )
-            if isinstance(key, Hashable):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _RecipeDumper(yaml.SafeDumper):
-    """SafeDumper that also quotes strings our loader would read as floats (e.g. the string "1e-4")."""
-
-
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT_TAG, _BOOL_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
-_RecipeLoader.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
-# The dumper keeps YAML 1.1's resolvers too, so it quotes "no" and "1e-4" alike: any reader gets strings back.
-_RecipeDumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
 
 
 # ---- Schema
@@ -500,7 +453,7 @@ class Recipe(_Section):
         if self._files:
             header.append(f"# From: {' <- '.join(reversed(self._files))}")
         header += [f"# --set {override}" for override in self._overrides]
-        body = yaml.dump(self.model_dump(), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True, width=120)
+        body = yaml.dump(self.model_dump(), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True, width=120)
         return "\n".join(header) + "\n" + body
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -542,7 +495,7 @@ def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
     except OSError as exc:
         raise RecipeError(f"{shown}: cannot read recipe: {exc.strerror or exc}") from exc
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
+        data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{shown}:{mark.line + 1}" if mark is not None else shown
@@ -617,7 +570,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
             f"{OVERRIDE_SOURCE}: expected KEY=VALUE with a dotted KEY (e.g. sft.learning_rate=1e-4), got {text!r}"
         )
     try:
-        value = yaml.load(raw.strip(), Loader=_RecipeLoader) if raw.strip() else ""  # a SafeLoader subclass
+        value = yaml.load(raw.strip(), Loader=RecipeLoader) if raw.strip() else ""  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise RecipeError(f"{OVERRIDE_SOURCE}: value of {key!r} is not valid YAML ({raw!r}): {exc}") from exc
     return tuple(key.split(".")), value
