@@ -28,7 +28,14 @@ from moon_rl.errors import MoonError
 from moon_rl.inference.generation import hf_generate
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
 from moon_rl.modeling.inputs import EmbedItem, ImageLoader, PromptBatch, assemble, to_item, tokenize_prompts
-from moon_rl.modeling.taps import BackboneTaps, ForwardRecord, backbone_of, decoder_layers_of, unwrap_hf_model
+from moon_rl.modeling.taps import (
+    BackboneTaps,
+    ForwardRecord,
+    backbone_of,
+    compact,
+    decoder_layers_of,
+    unwrap_hf_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +142,12 @@ class MoonEmbedder(nn.Module):
         readout = hidden[rows, batch["readout_index"].to(hidden.device)]
         if self.heads.fusion is None:
             return self.heads(readout)
-        image_tokens, image_mask = record.visual_grid(self.image_token_id)
+        image_tokens, image_mask = record.visual_tokens(self.image_token_id)
         input_ids = batch["input_ids"].to(hidden.device)
         text_mask = (batch["prompt_mask"].to(hidden.device) & batch["attention_mask"].to(hidden.device).bool()
                      & ~torch.isin(input_ids, self._special_ids.to(hidden.device)))
-        return self.heads(readout, image_tokens, image_mask, record.token_embeds, text_mask)
+        text_tokens, text_mask = compact(record.token_embeds, text_mask)
+        return self.heads(readout, image_tokens, image_mask, text_tokens, text_mask)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings (B, embed_dim) of a prepared batch, with gradients (one backbone forward, no LM head)."""

@@ -39,16 +39,31 @@ class ForwardRecord:
     def image_mask(self, image_token_id: int) -> torch.Tensor | None:
         return None if self.input_ids is None else self.input_ids == image_token_id
 
-    def visual_grid(self, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw visual tokens scattered to their sequence positions (B, L, H) and the image-position mask (B, L)."""
-        mask = self.image_mask(image_token_id)
+    def visual_tokens(self, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's raw visual tokens, left-aligned and padded (B, K, H), and their mask (B, K); K >= 1."""
         hidden = self.last_hidden
-        grid = hidden.new_zeros(hidden.shape)
-        if self.visual is not None and mask.any():
+        counts = self.image_mask(image_token_id).sum(dim=1)
+        if self.visual is None:
+            counts = torch.zeros_like(counts)
+        width = max(int(counts.max()), 1)
+        grid = hidden.new_zeros((hidden.shape[0], width, hidden.shape[-1]))
+        mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+        if self.visual is not None and int(counts.sum()):
+            # Image features come in image-token order, row after row: exactly the order of `mask`'s True cells.
             grid = grid.masked_scatter(mask[..., None], self.visual.to(grid.dtype))
-        else:
-            mask = torch.zeros_like(mask)
         return grid, mask
+
+
+def compact(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only the masked-in positions of each row, left-aligned: (B, L, H) -> (B, K, H), K = max count (>= 1).
+
+    Attention over the few real keys instead of the whole padded sequence (what fusion reads is short).
+    """
+    counts = mask.sum(dim=1)
+    width = max(int(counts.max()), 1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    picked = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+    return picked, torch.arange(width, device=mask.device)[None, :] < counts[:, None]
 
 
 def unwrap_hf_model(model: nn.Module) -> nn.Module:

@@ -1,0 +1,173 @@
+"""Catalogue embedding pipeline and nearest-product search: files, vectors, bad rows, model round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from moon_rl.data.catalogue import Catalogue, load_catalogue
+from moon_rl.data.synthetic import SynthOptions, synthesize
+from moon_rl.errors import DataError, MoonError
+from moon_rl.inference.pipeline import embed_catalogue, run_embed
+from moon_rl.inference.search import EmbeddingIndex, format_results, search
+from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for
+from moon_rl.modeling.heads import MoonHeads
+from moon_rl.modeling.loading import load_backbone
+
+N_PRODUCTS = 40
+OUTPUT_FILES = {"embeddings.parquet", "index.faiss", "ids.json", "embed.json"}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> MoonEmbedder:
+    spec = NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
+              attn_implementation="sdpa", quantization=None, lora=None, image_min_pixels=56 * 56,
+              image_max_pixels=112 * 112,
+              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4), fire=NS(enabled=True, layers=None, rank=8)))
+    model, processor = load_backbone(spec)
+    return MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)),
+                        meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def catalogue_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("catalogue") / "synthetic"
+    synthesize(out, SynthOptions(n_products=N_PRODUCTS, seed=0, image_size=112))
+    return out
+
+
+@pytest.fixture(scope="module")
+def catalogue(catalogue_dir) -> Catalogue:
+    return load_catalogue(catalogue_dir)
+
+
+@pytest.fixture(scope="module")
+def embedded(embedder, catalogue, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("embed") / "index"
+    embed_catalogue(embedder, catalogue, out, batch_size=8, show_progress=False)
+    return out
+
+
+def test_parquet_matches_encode(embedded, embedder, catalogue):
+    table = pq.read_table(embedded / "embeddings.parquet")
+    assert set(table.column_names) == {"id", "vector"}
+    ids = table.column("id").to_pylist()
+    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    assert sorted(ids) == sorted(catalogue.products) and len(ids) == N_PRODUCTS
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    products = [catalogue.products[pid] for pid in ids]
+    expected = embedder.encode(products, mode="direct", batch_size=8, load_image=catalogue.image)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert json.loads((embedded / "ids.json").read_text()) == ids
+    manifest = json.loads((embedded / "embed.json").read_text())
+    assert manifest["count"] == N_PRODUCTS and manifest["dim"] == 64 and manifest["mode"] == "direct"
+    assert manifest["skipped"] == [] and manifest["items_per_s"] > 0
+
+
+def test_index_search_ranks_own_vector_first(embedded):
+    index = EmbeddingIndex.load(embedded)
+    table = pq.read_table(embedded / "embeddings.parquet")
+    ids = table.column("id").to_pylist()
+    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    rows = [0, 7, len(ids) - 1]
+    for row, hits in zip(rows, index.search_vectors(vectors[rows], k=5), strict=True):
+        assert len(hits) == 5
+        scores = [score for _, score in hits]
+        assert scores == sorted(scores, reverse=True)
+        assert hits[0][0] == ids[row] and hits[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert len(index.search_vectors(vectors[:1], k=1000)[0]) == len(ids)  # k is capped at the catalogue size
+
+
+def test_search_text_query(embedded, embedder):
+    results = search(embedded, text="red striped cotton shirt", image=None, k=3, embedder=embedder)
+    assert len(results) == 3 and [s for _, s in results] == sorted((s for _, s in results), reverse=True)
+    lines = format_results(results).splitlines()
+    assert len(lines) == 4 and lines[1].split()[0] == "1" and lines[1].split()[1] == results[0][0]
+    assert f"{results[0][1]:.4f}" in lines[1]
+
+
+def test_search_errors(tmp_path, embedded, embedder):
+    with pytest.raises(MoonError, match="does not exist"):
+        search(tmp_path / "nope", text="shirt", image=None, embedder=embedder)
+    broken = tmp_path / "broken"
+    shutil.copytree(embedded, broken)
+    (broken / "ids.json").unlink()
+    with pytest.raises(MoonError, match=r"broken.*missing ids\.json"):
+        search(broken, text="shirt", image=None, embedder=embedder)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(embedded, corrupt)
+    (corrupt / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(MoonError, match=r"index\.faiss.*not a readable FAISS index"):
+        search(corrupt, text="shirt", image=None, embedder=embedder)
+    with pytest.raises(MoonError, match="needs a query"):
+        search(embedded, text=None, image=None, embedder=embedder)
+
+
+@pytest.fixture
+def corrupt_catalogue(tmp_path, catalogue_dir) -> tuple[Path, str]:
+    folder = tmp_path / "cat"
+    shutil.copytree(catalogue_dir, folder)
+    catalogue = load_catalogue(folder)
+    bad = list(catalogue.products.values())[5]
+    (folder / bad.images[0]).write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return folder, bad.id
+
+
+def test_corrupt_image_stops_and_writes_nothing(tmp_path, embedder, corrupt_catalogue):
+    folder, bad_id = corrupt_catalogue
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=rf"product '{bad_id}'.*(corrupt|not an image)"):
+        embed_catalogue(embedder, load_catalogue(folder), out, batch_size=16, show_progress=False)
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_corrupt_image_skipped(tmp_path, embedder, corrupt_catalogue):
+    folder, bad_id = corrupt_catalogue
+    summary = embed_catalogue(embedder, load_catalogue(folder), tmp_path / "out", batch_size=16, skip_bad=True,
+                              show_progress=False)
+    assert summary.count == N_PRODUCTS - 1 and [pid for pid, _ in summary.skipped] == [bad_id]
+    assert f"skipped 1 bad products: '{bad_id}'" in summary.summary()
+    assert {p.name for p in summary.out.iterdir()} >= OUTPUT_FILES
+    ids = json.loads((summary.out / "ids.json").read_text())
+    assert bad_id not in ids and len(ids) == N_PRODUCTS - 1
+    assert json.loads((summary.out / "embed.json").read_text())["skipped"][0]["id"] == bad_id
+
+
+def test_run_embed_untrained_recipe_model_round_trip(tmp_path, catalogue_dir):
+    """run_embed with no model folder; search rebuilds the same untrained model from the saved recipe."""
+    from moon_rl.recipe import load_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model:\n  lora: null\n  heads:\n    embed_dim: 32\nembed:\n  batch_size: 16\n")
+    recipe = load_recipe(recipe_file)
+    out = tmp_path / "embed"
+    summary = run_embed(recipe, model_dir=None, catalogue=str(catalogue_dir), out=out, mode=None, skip_bad=False,
+                        show_progress=False)
+    assert summary.count == N_PRODUCTS and summary.dim == 32 and (out / "recipe.yaml").is_file()
+    assert json.loads((out / "embed.json").read_text())["model"]["source"] == "recipe"
+    index = EmbeddingIndex.load(out)
+    rebuilt = index.load_embedder()
+    catalogue = load_catalogue(catalogue_dir)
+    probe = [catalogue.products[pid] for pid in index.ids[:3]]
+    vectors = rebuilt.encode(probe, load_image=catalogue.image)
+    for product, hits in zip(probe, index.search_vectors(vectors, k=3), strict=True):
+        assert hits[0][0] == product.id and hits[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert len(search(out, text=probe[0].title, image=None, k=4)) == 4
+
+
+def test_model_dir_recorded_and_used(tmp_path, embedder, catalogue_dir):
+    model_dir = embedder.save(tmp_path / "model")
+    catalogue = load_catalogue(catalogue_dir)
+    out = tmp_path / "embed"
+    embed_catalogue(MoonEmbedder.load(model_dir), catalogue, out, batch_size=16, show_progress=False,
+                    model_dir=model_dir)
+    assert json.loads((out / "embed.json").read_text())["model"]["dir"] == str(model_dir.resolve())
+    image = catalogue_dir / next(iter(catalogue.products.values())).images[0]
+    results = search(out, text=None, image=image, k=2)
+    assert len(results) == 2 and results[0][1] >= results[1][1]
