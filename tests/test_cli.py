@@ -91,3 +91,27 @@ def test_recipe_misspelt_key_suggests_the_right_one(tmp_path):
     assert "did you mean 'sft.learning_rate'" in result.output
     assert str(bad) in result.output
     assert "Traceback" not in result.output
+
+
+def test_embed_search_and_export_verbs(catalogue, tmp_path):
+    out = tmp_path / "embed"
+    result = invoke("embed", TINY, "--catalogue", str(catalogue), "--out", str(out),
+                    "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.exit_code == 0, result.output
+    assert {"embeddings.parquet", "index.faiss", "ids.json", "embed.json"} <= {p.name for p in out.iterdir()}
+    found = invoke("search", str(out), "red striped cotton shirt", "-k", "5")
+    assert found.exit_code == 0, found.output
+    rows = [line for line in found.output.splitlines() if re.match(r"\s*\d+\s+p\d{4}\s+-?\d\.\d{4}", line)]
+    assert len(rows) == 5, found.output
+    missing = invoke("search", str(tmp_path / "nope"), "shirt")
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.recipe import load_recipe
+
+    model_dir = MoonEmbedder.from_recipe(load_recipe(TINY)).save(tmp_path / "model")
+    exported = invoke("export", "sentence-transformers", str(model_dir), str(tmp_path / "st"))
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "st" / "modules.json").is_file()
+    bad = invoke("export", "sentence-transformers", str(tmp_path / "embed"), str(tmp_path / "st2"))
+    assert bad.exit_code == 2 and "moon_rl.json" in bad.output
