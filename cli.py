@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -18,6 +19,8 @@ import typer
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers 5.23 deprecates `gradient_checkpointing`, which TRL's configs set by default: not the user's to act on.
+warnings.filterwarnings("ignore", message=".*`gradient_checkpointing` is deprecated", category=FutureWarning)
 
 app = typer.Typer(
     name="moon-rl",
