@@ -183,3 +183,16 @@ def test_qlora_4bit_embeds_on_cpu():
     assert any("4bit" in type(m).__name__ for m in embedder.model.modules())
     vectors = embedder.encode(RECORDS)
     assert vectors.shape == (4, 64) and np.isfinite(vectors).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the message shown without vllm")
+def test_vllm_backend_without_vllm_is_a_clear_error(full_embedder):
+    from moon_rl.errors import MoonError
+
+    full_embedder.generation_backend = "vllm"
+    try:
+        with pytest.raises(MoonError, match=r"vllm is not installed.*moon-rl\[vllm\]"):
+            full_embedder.encode(RECORDS[:1], mode="reason")
+        assert full_embedder.encode(RECORDS[:1], mode="direct").shape == (1, 64)  # direct mode never generates
+    finally:
+        full_embedder.generation_backend = "hf"

@@ -293,9 +293,7 @@ def run_embed(
         )
         embedder = MoonEmbedder.from_recipe(recipe)
     mode = mode or recipe.embed.mode
-    if mode == "reason" and recipe.embed.generation_backend != "hf":
-        logger.warning("embed.generation_backend=%r: catalogue embedding generates with transformers (hf)",
-                       recipe.embed.generation_backend)
+    embedder.generation_backend = recipe.embed.generation_backend
     cat = load_catalogue(catalogue or recipe.data.catalogue, synthetic=_synth_options(recipe))
     out = Path(out) if out is not None else Path(recipe.output_dir) / "embed"
     return embed_catalogue(

@@ -98,6 +98,9 @@ class MoonEmbedder(nn.Module):
         special = set(tokenizer.all_special_ids) | {self.image_token_id, self.readout_id, self.pad_id}
         self.register_buffer("_special_ids", torch.tensor(sorted(special)), persistent=False)
         self.taps = BackboneTaps(model, heads, self.image_token_id)
+        #: "hf" (transformers generate) or "vllm" (GPU; needs vllm installed and a full-weight model folder).
+        self.generation_backend = "hf"
+        self._vllm = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -162,6 +165,11 @@ class MoonEmbedder(nn.Module):
     ) -> list[list[int]]:
         """Reasoning completions (token ids, without the end-of-turn token) for `items`."""
         prompts = prompts or tokenize_prompts(self.processor, items)
+        if self.generation_backend == "vllm":
+            return self._vllm_generator().generate(
+                prompts.prompt_ids, [item.images for item in items], max_new_tokens=max_new_tokens or self.max_new_tokens,
+                temperature=temperature if do_sample else 0.0,
+            )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -171,6 +179,17 @@ class MoonEmbedder(nn.Module):
             )
         finally:
             self.model.train(was_training)
+
+    def _vllm_generator(self):
+        """vLLM engine over this model's full weights (FIRE is not applied inside vLLM; the read-out forward has it)."""
+        from moon_rl.inference.generation import VLLMGenerator
+
+        if self._vllm is None:
+            if hasattr(self.model, "peft_config"):
+                raise MoonError("embed.generation_backend 'vllm' needs a full-weight model: vLLM cannot load a LoRA "
+                                "adapter folder; export a merged model (moon-rl export sentence-transformers) or use 'hf'")
+            self._vllm = VLLMGenerator(unwrap_hf_model(self.model).name_or_path)
+        return self._vllm
 
     @torch.inference_mode()
     def encode(
