@@ -19,6 +19,8 @@ import typer
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Per-file "Loading weights" bars of transformers/hub drown moon-rl's own progress bars on small models.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # transformers 5.23 deprecates `gradient_checkpointing`, which TRL's configs set by default: not the user's to act on.
 warnings.filterwarnings("ignore", message=".*`gradient_checkpointing` is deprecated", category=FutureWarning)
 
