@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
@@ -31,6 +31,7 @@ from moon_rl.data.sources import (
     DEFAULT_MAX_PIXELS,
     TABLE_SUFFIXES,
     Problem,
+    Row,
     iter_rows,
     iter_text_lines,
     load_image,
@@ -189,19 +190,26 @@ class _Scan:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+RecordT = TypeVar("RecordT", Product, Pair)
+
+
+def _parse_row(row: Row, model: type[RecordT]) -> tuple[RecordT | None, list[tuple[str | None, str]]]:
+    """The row as a `model` record, or None with its `(field, reason)` problems (reading errors first)."""
+    if row.errors:
+        return None, list(row.errors)
+    try:
+        return model.model_validate(row.data), []
+    except ValidationError as exc:
+        return None, describe_errors(exc, model)
+
+
 def _scan_products(layout: CatalogueLayout, scan: _Scan, report: ProblemSink, decode: bool, max_pixels: int) -> None:
     name = layout.products.name
     first_line: dict[str, int | None] = {}
     n_rows = 0
     for row in iter_rows(layout.products):
         n_rows += 1
-        problems = list(row.errors)
-        product = None
-        if not problems:
-            try:
-                product = Product.model_validate(row.data)
-            except ValidationError as exc:
-                problems = describe_errors(exc, Product)
+        product, problems = _parse_row(row, Product)
         if product is None:
             for fld, reason in problems:
                 report(Problem(name, row.line, fld, row.id_hint, reason))
@@ -260,13 +268,7 @@ def _scan_pairs(layout: CatalogueLayout, scan: _Scan, report: ProblemSink, decod
         pairs: list[Pair] = []
         gallery = (set(scan.galleries[split]) | scan.invalid_ids) if split in scan.galleries else None
         for row in iter_rows(path):
-            problems = list(row.errors)
-            pair = None
-            if not problems:
-                try:
-                    pair = Pair.model_validate(row.data)
-                except ValidationError as exc:
-                    problems = describe_errors(exc, Pair)
+            pair, problems = _parse_row(row, Pair)
             if pair is None:
                 for fld, reason in problems:
                     report(Problem(path.name, row.line, fld, None, reason))
