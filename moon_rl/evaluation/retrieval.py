@@ -1,0 +1,359 @@
+"""Retrieval evaluation: Recall@k, MRR@10 and nDCG@10 of an embedder on a catalogue split's hard gallery.
+
+Each pair of a split is one query; its anchor kind names the task it belongs to (`text->product`, `image->product`,
+`multimodal->product`, `product->product`) and its positive is the one relevant gallery product. The gallery is
+`Catalogue.gallery(split)`: for the synthetic catalogue, the test products with their look-alike families, so a
+model must tell a product from its near-duplicates.
+
+Queries are always embedded in `direct` mode; only the gallery products are embedded once per mode, because reasoning
+is a property of how the catalogue is indexed (offline, once) while a search query must be answered at once.
+
+    results = evaluate_embedder(embedder, catalogue, split="test", modes=("direct", "reason"))
+    print(format_table({"moon-rl": results}, ks=(1, 5, 10)))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moon_rl.data.catalogue import Catalogue
+from moon_rl.data.records import Product, Query
+from moon_rl.errors import DataError
+
+__all__ = [
+    "TASKS",
+    "RetrievalTask",
+    "build_retrieval_tasks",
+    "chance_metrics",
+    "evaluate_embedder",
+    "format_table",
+    "retrieval_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Task names, in the order tables list them.
+TASKS: tuple[str, ...] = ("text->product", "image->product", "multimodal->product", "product->product")
+#: MRR and nDCG are reported at this cutoff (the usual BEIR / MTEB / sentence-transformers choice).
+RANK_CUTOFF = 10
+#: Keys of an `evaluate_embedder` result that are not modes.
+RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples"})
+# Scores are computed this many queries at a time, so a large gallery never needs a full (queries x gallery) matrix.
+_QUERY_CHUNK = 1024
+# Records are handed to `encode` this many at a time: it decodes all images of a call up front.
+_ENCODE_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------------------------------------- metrics
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # A zero vector stays zero (scores 0 with everything) instead of becoming NaN.
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def positive_ranks(
+    query_vecs: np.ndarray, gallery_vecs: np.ndarray, positives: Sequence[int], exclude: Sequence[int] | None = None
+) -> np.ndarray:
+    """0-based rank of each query's positive in its cosine-sorted gallery.
+
+    Ties are broken deterministically: among equal scores the lower gallery index ranks first, so
+    rank = #(score > s_pos) + #(score == s_pos and index < pos). This is the order a stable sort by descending score
+    gives, and the one sentence-transformers' `InformationRetrievalEvaluator` uses when corpus ids sort like indices.
+
+    Args:
+        query_vecs (`np.ndarray` of shape `(Q, D)`): query embeddings.
+        gallery_vecs (`np.ndarray` of shape `(G, D)`): gallery embeddings.
+        positives (`Sequence[int]`): for each query, the gallery index of its relevant item.
+        exclude (`Sequence[int]`, *optional*): for each query, a gallery index to leave out of the ranking (the query
+            product itself in `product->product`), or -1 for none.
+
+    Returns:
+        `np.ndarray` of shape `(Q,)`, int64.
+    """
+    queries = np.asarray(query_vecs, dtype=np.float64)
+    gallery = np.asarray(gallery_vecs, dtype=np.float64)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"expected (Q, D) queries and (G, D) gallery, got {queries.shape} and {gallery.shape}")
+    pos = np.asarray(positives, dtype=np.int64)
+    if pos.shape != (len(queries),):
+        raise ValueError(f"expected {len(queries)} positives (one per query), got shape {pos.shape}")
+    if len(pos) and (pos.min() < 0 or pos.max() >= len(gallery)):
+        raise ValueError(f"positive gallery indices must be in [0, {len(gallery)}), got [{pos.min()}, {pos.max()}]")
+    skip = np.full(len(pos), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if skip.shape != pos.shape or np.any(skip == pos):
+        raise ValueError("`exclude` needs one gallery index (or -1) per query, never the query's positive")
+    # Float64 cosine: rounding cannot create or break ties between distinct float32 vectors.
+    queries, gallery = _l2_normalise(queries), _l2_normalise(gallery)
+    index = np.arange(len(gallery))
+    ranks = np.empty(len(pos), dtype=np.int64)
+    for start in range(0, len(pos), _QUERY_CHUNK):
+        rows = slice(start, start + _QUERY_CHUNK)
+        scores = queries[rows] @ gallery.T
+        target = np.take_along_axis(scores, pos[rows, None], axis=1)
+        ahead = (scores > target) | ((scores == target) & (index[None, :] < pos[rows, None]))
+        excluded = np.nonzero(skip[rows] >= 0)[0]
+        ahead[excluded, skip[rows][excluded]] = False
+        ranks[rows] = ahead.sum(axis=1)
+    return ranks
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`recall@k` for each k, `mrr@10` and `ndcg@10` from 0-based positive ranks (one relevant item per query)."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("cannot compute retrieval metrics over zero queries")
+    out = {f"recall@{k}": float(np.mean(ranks < k)) for k in ks}
+    hit = ranks < RANK_CUTOFF
+    out[f"mrr@{RANK_CUTOFF}"] = float(np.mean(np.where(hit, 1.0 / (ranks + 1), 0.0)))
+    # One relevant item: the ideal DCG is 1, so nDCG is the positive's discount 1 / log2(rank + 2).
+    out[f"ndcg@{RANK_CUTOFF}"] = float(np.mean(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0)))
+    return out
+
+
+def retrieval_metrics(
+    query_vecs: np.ndarray, gallery_vecs: np.ndarray, positives: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+    *, exclude: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Cosine-similarity retrieval metrics with one relevant gallery item per query.
+
+    Pure numpy and vectorised. Rows need not be normalised (they are, in float64, before scoring). Ties are broken
+    deterministically: among equal scores the lower gallery index ranks first (see `positive_ranks`).
+
+    Args:
+        query_vecs (`np.ndarray` of shape `(Q, D)`): query embeddings.
+        gallery_vecs (`np.ndarray` of shape `(G, D)`): gallery embeddings.
+        positives (`Sequence[int]`): the gallery index of each query's relevant item.
+        ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): cutoffs of `recall@k`.
+        exclude (`Sequence[int]`, *optional*): per query, a gallery index left out of the ranking, or -1.
+
+    Returns:
+        `dict[str, float]`: `recall@k` for each k (the hit rate: the positive is among the top k), `mrr@10` and
+        `ndcg@10`, each a mean over queries in [0, 1].
+
+    Example:
+        ```python
+        >>> g = np.eye(3, dtype=np.float32)
+        >>> retrieval_metrics(g, g, [0, 1, 2], ks=(1,))
+        {'recall@1': 1.0, 'mrr@10': 1.0, 'ndcg@10': 1.0}
+        ```
+    """
+    return metrics_from_ranks(positive_ranks(query_vecs, gallery_vecs, positives, exclude), ks)
+
+
+def chance_metrics(gallery_size: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected metrics of a random ranking of `gallery_size` items (the positive's rank is uniform)."""
+    if gallery_size < 1:
+        raise ValueError(f"gallery_size must be >= 1, got {gallery_size}")
+    ranks = np.arange(gallery_size)
+    return metrics_from_ranks(ranks, ks)
+
+
+# ------------------------------------------------------------------------------------------------------------ tasks
+@dataclass
+class RetrievalTask:
+    """The queries of one anchor kind of a split, with their positives' positions in the split's gallery.
+
+    Attributes:
+        name (`str`): one of `TASKS`.
+        queries (`list[Query | Product]`): what is embedded as the query (inline anchors, or anchor products).
+        positives (`list[int]`): per query, the index of its positive in `Catalogue.gallery(split)`.
+        exclude (`list[int]`): per query, a gallery index left out of the ranking (-1 for none): a product anchor
+            that is itself in the gallery would otherwise retrieve itself.
+        pair_indices (`list[int]`): per query, its pair's position in `catalogue.pairs[split]`.
+    """
+
+    name: str
+    queries: list[Query | Product] = field(default_factory=list)
+    positives: list[int] = field(default_factory=list)
+    exclude: list[int] = field(default_factory=list)
+    pair_indices: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def _task_name(anchor: str | Query) -> str:
+    if isinstance(anchor, str):
+        return "product->product"
+    if anchor.text and anchor.image is not None:
+        return "multimodal->product"
+    return "text->product" if anchor.text else "image->product"
+
+
+def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTask]:
+    """Group a split's pairs into retrieval tasks by anchor kind, against the split's (hard) gallery.
+
+    Args:
+        catalogue (`Catalogue`): a loaded catalogue.
+        split (`str`): a split with pairs, e.g. `"test"`.
+
+    Returns:
+        `list[RetrievalTask]`: the non-empty tasks, in `TASKS` order; queries keep the pairs' order.
+
+    Raises:
+        `DataError`: the split is missing or has no pairs, a positive is not in the gallery (it could never be
+            retrieved), or a product anchor is its own positive.
+    """
+    if not catalogue.pairs.get(split):
+        raise DataError(f"catalogue has no pairs for split {split!r} (splits: {', '.join(catalogue.pairs) or 'none'})")
+    pairs = catalogue.pairs[split]
+    gallery = {pid: i for i, pid in enumerate(catalogue.gallery(split))}
+    tasks = {name: RetrievalTask(name) for name in TASKS}
+    for number, pair in enumerate(pairs):
+        if pair.positive not in gallery:
+            raise DataError(
+                f"split {split!r}, pair {number}: positive {pair.positive!r} is not in the {split!r} gallery "
+                f"({len(gallery)} products), so it cannot be retrieved"
+            )
+        if isinstance(pair.anchor, str):
+            if pair.anchor == pair.positive:
+                raise DataError(f"split {split!r}, pair {number}: product anchor {pair.anchor!r} is its own positive")
+            if pair.anchor not in catalogue.products:
+                raise DataError(f"split {split!r}, pair {number}: unknown anchor product id {pair.anchor!r}")
+            query: Query | Product = catalogue.products[pair.anchor]
+            skip = gallery.get(pair.anchor, -1)
+        else:
+            query, skip = pair.anchor, -1
+        task = tasks[_task_name(pair.anchor)]
+        task.queries.append(query)
+        task.positives.append(gallery[pair.positive])
+        task.exclude.append(skip)
+        task.pair_indices.append(number)
+    return [task for task in tasks.values() if task.queries]
+
+
+# ------------------------------------------------------------------------------------------------------- embedding
+def _encode(embedder: Any, records: Sequence[Any], mode: str, catalogue: Catalogue, batch_size: int,
+            show_progress: bool) -> tuple[np.ndarray, list[str]]:
+    """Vectors, and in `reason` mode the decoded reasoning of every record (else an empty list)."""
+    vectors, traces = [], []
+    for i in range(0, len(records), _ENCODE_CHUNK):
+        out = embedder.encode(records[i:i + _ENCODE_CHUNK], mode=mode, batch_size=batch_size,
+                              load_image=catalogue.image, show_progress=show_progress,
+                              return_completions=mode == "reason")
+        if mode == "reason":
+            out, chunk_traces = out
+            traces += chunk_traces
+        vectors.append(out)
+    return np.concatenate(vectors, axis=0), traces
+
+
+_WELL_FORMED = re.compile(r"^<think>(?:(?!</?think>).)+</think>$", re.S)
+
+
+def well_formed_rate(traces: Sequence[str]) -> float:
+    """Share of completions that are exactly one non-empty `<think>...</think>` block, closed before the turn ends.
+
+    A completion that ran out of tokens (no end of turn) ends mid-thought and does not match.
+    """
+    return sum(bool(_WELL_FORMED.match(t.strip())) for t in traces) / max(len(traces), 1)
+
+
+def evaluate_embedder(
+    embedder: Any, catalogue: Catalogue, split: str = "test", modes: Sequence[str] = ("direct",),
+    ks: Sequence[int] = (1, 5, 10), batch_size: int = 32, show_progress: bool = False,
+) -> dict[str, Any]:
+    """Retrieval metrics of an embedder on every task of a split, for each gallery embedding mode.
+
+    Queries are embedded once, in `direct` mode, whatever `modes` says: queries never reason (a search has to be
+    answered at once; reasoning is spent offline on the catalogue). The gallery is embedded once per mode, so
+    `reason` means "the products reason first".
+
+    Args:
+        embedder (`MoonEmbedder`): anything with `MoonEmbedder.encode`'s signature.
+        catalogue (`Catalogue`): a loaded catalogue with pairs for `split`.
+        split (`str`, *optional*, defaults to `"test"`): the split to evaluate (`recipe.data.test_split`).
+        modes (`Sequence[str]`, *optional*, defaults to `("direct",)`): gallery modes, `"direct"` and/or `"reason"`.
+        ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): `recall@k` cutoffs (`recipe.eval.k`).
+        batch_size (`int`, *optional*, defaults to `32`): encode batch size (`recipe.eval.batch_size`).
+        show_progress (`bool`, *optional*, defaults to `False`): progress bars while embedding.
+
+    Returns:
+        `dict`: `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each mode, plus
+        `"gallery_size"` (int), `"n_queries"` (`{task: int}`), `"chance"` (`{task: metrics}` of a random ranking;
+        recall@1 = 1 / gallery_size) and `"split"`.
+
+    Raises:
+        `DataError`: see `build_retrieval_tasks`.
+    """
+    tasks = build_retrieval_tasks(catalogue, split)
+    gallery_ids = catalogue.gallery(split)
+    gallery_products = [catalogue.products[pid] for pid in gallery_ids]
+    # All tasks' queries in one encode call: fewer, fuller batches.
+    all_queries = [q for task in tasks for q in task.queries]
+    logger.info("evaluating split %r: %d queries, gallery of %d products, modes %s",
+                split, len(all_queries), len(gallery_ids), list(modes))
+    query_vecs, _ = _encode(embedder, all_queries, "direct", catalogue, batch_size, show_progress)
+    bounds = np.cumsum([0] + [len(task) for task in tasks])
+    results: dict[str, Any] = {}
+    for mode in modes:
+        gallery_vecs, traces = _encode(embedder, gallery_products, mode, catalogue, batch_size, show_progress)
+        if mode == "reason":
+            results["reason_format_rate"] = well_formed_rate(traces)
+            results["reason_examples"] = traces[:3]
+        results[mode] = {
+            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.positives, ks,
+                                         exclude=task.exclude)
+            for i, task in enumerate(tasks)
+        }
+    results["gallery_size"] = len(gallery_ids)
+    results["n_queries"] = {task.name: len(task) for task in tasks}
+    # product->product leaves the anchor out of the ranking when it is in the gallery: one candidate fewer.
+    results["chance"] = {
+        task.name: chance_metrics(len(gallery_ids) - int(any(s >= 0 for s in task.exclude)), ks) for task in tasks
+    }
+    results["split"] = split
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------ table
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def result_modes(result: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The `{mode: {task: metrics}}` part of an `evaluate_embedder`-shaped result."""
+    return {key: value for key, value in result.items() if key not in RESULT_INFO_KEYS and isinstance(value, Mapping)}
+
+
+def format_table(
+    results: Mapping[str, Mapping[str, Any]], ks: Sequence[int] = (1, 5, 10), *, include_chance: bool = True
+) -> str:
+    """A markdown table of retrieval results: one row per (model, mode), columns task x metric.
+
+    Args:
+        results (`Mapping[str, dict]`): model name -> an `evaluate_embedder`-shaped result (`{mode: {task: metrics}}`,
+            extra keys such as `gallery_size` ignored). A task's metrics may be None (not applicable, e.g. image
+            tasks of a text-only model) and a metric may be missing (e.g. a ceiling known only at R@1): shown as `–`.
+        ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): the `recall@k` columns (R@k); MRR@10 follows.
+        include_chance (`bool`, *optional*, defaults to `True`): add a `chance` row from the first result that has
+            a `"chance"` entry.
+
+    Returns:
+        `str`: the table, without a trailing newline.
+    """
+    rows: list[tuple[str, str, Mapping[str, Any]]] = []
+    for model, result in results.items():
+        rows += [(model, mode, per_task) for mode, per_task in result_modes(result).items()]
+    chance = next((r["chance"] for r in results.values() if isinstance(r.get("chance"), Mapping)), None)
+    if include_chance and chance is not None:
+        rows.append(("chance", "–", chance))
+    present = {task for _, _, per_task in rows for task in per_task}
+    tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))
+    metrics = [(f"R@{k}", f"recall@{k}") for k in ks] + [("MRR", f"mrr@{RANK_CUTOFF}")]
+    header = ["model", "mode"] + [f"{task} {label}" for task in tasks for label, _ in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for model, mode, per_task in rows:
+        cells = [model, mode]
+        for task in tasks:
+            task_metrics = per_task.get(task) or {}
+            cells += [_fmt(task_metrics.get(key)) for _, key in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

