@@ -30,6 +30,7 @@ app = typer.Typer(
     "Examples:\n\n"
     "  moon-rl data synth runs/catalogue --n-products 200 --seed 0\n\n"
     "  moon-rl recipe validate recipes/tiny-cpu.yaml\n\n"
+    "  moon-rl sft recipes/tiny-cpu.yaml\n\n"
     "  moon-rl embed recipes/tiny-cpu.yaml --catalogue runs/catalogue --out runs/embed\n\n"
     "  moon-rl search runs/embed \"red striped shirt\" -k 5",
     no_args_is_help=True,
@@ -144,6 +145,22 @@ def recipe_validate(recipe: RecipeArg, set_: SetOption = None) -> None:
 def recipe_show(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Print the resolved recipe (extends and --set applied, defaults filled in)."""
     typer.echo(_load(recipe, set_).to_yaml(), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@app.command("sft")
+@_user_errors
+def sft(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
+) -> None:
+    """Stage 1: reasoning SFT + InfoNCE. Writes <output_dir>/sft/final and metrics.json."""
+    from moon_rl.training.sft import run_sft
+
+    final = run_sft(_load(recipe, set_), resume=resume, overwrite=overwrite)
+    typer.echo(f"SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------------- embed

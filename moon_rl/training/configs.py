@@ -126,6 +126,10 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             Weight of the direct-vs-direct InfoNCE term.
         image_contrastive_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the InfoNCE term on image-only anchor pairs.
+        hard_negatives (`int`, *optional*, defaults to `1`):
+            Explicit hard negatives per pair (the first ones of the pair's `negatives`, e.g. look-alikes differing in
+            one attribute), embedded in direct mode and added to the direct-vs-direct InfoNCE term as extra candidates.
+            `0` turns them off.
 
     Example:
 
@@ -135,6 +139,16 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
     0.05
     ```
     """
+
+    hard_negatives: int = field(
+        default=1,
+        metadata={"help": "Hard negatives per pair (from the pair's `negatives`) added to the direct InfoNCE term."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hard_negatives, bool) or not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
+            raise ValueError(f"`hard_negatives` must be an integer >= 0, got {self.hard_negatives!r}.")
+        super().__post_init__()
 
 
 @dataclass

@@ -1,0 +1,235 @@
+"""Stage 1: `MoonSFTTrainer` — LM loss on the reasoning trace + InfoNCE, both embedding modes in one space.
+
+Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
+
+* `compute_loss`: the collator (training/sft_data.py) packs, per pair, the product with its `<think>` trace, the anchor
+  (a text query or another photo, direct mode), the product in direct mode and its hard negatives into ONE batch. TRL's
+  own fused-LM-head forward gives the LM loss on the traces; the backbone hooks (modeling/taps.py) give every row's
+  read-out from that same forward. Added: `contrastive_weight * (InfoNCE(anchor, reason-mode product)
+  + direct_contrastive_weight * InfoNCE(anchor, direct product, hard negatives))`, image-only anchors weighted by
+  `image_contrastive_weight`, divided by the gradient-accumulation steps as TRL does for its auxiliary loss.
+* `create_optimizer`: the heads (fusion, FIRE, projection) live outside the HF model and get their own parameter
+  group with `model.heads.learning_rate`.
+* `_save` / `_save_checkpoint`: checkpoints also hold the heads, and a completion marker written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from moon_rl.cache import atomic_write_text
+from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.training.checkpoint import (
+    FINAL_DIR,
+    check_output_dir,
+    latest_checkpoint,
+    load_heads,
+    mark_complete,
+    save_heads,
+)
+from moon_rl.training.configs import MoonSFTConfig
+from moon_rl.training.losses import info_nce
+
+logger = logging.getLogger(__name__)
+
+
+def _global_count(n: int, device: torch.device) -> int:
+    """Rows of a subset over all processes (every process must call InfoNCE, or none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    count = torch.tensor([n], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+class HeadsGradients(TrainerCallback):
+    """Gradient bookkeeping for the heads, which live outside the (DDP-wrapped) HF model.
+
+    `Trainer` zeroes only `model`'s gradients after each optimizer step, and DDP averages only `model`'s gradients;
+    without this callback the heads' gradients would accumulate across steps and differ across processes.
+    """
+
+    def __init__(self, heads: torch.nn.Module):
+        self.heads = heads
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.heads.zero_grad(set_to_none=True)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for param in self.heads.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad)
+                param.grad /= dist.get_world_size()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.heads.zero_grad(set_to_none=True)
+
+
+class MoonSFTTrainer(SFTTrainer):
+    """TRL `SFTTrainer` whose loss adds MOON3.0's contrastive term on read-outs of the policy's own forward.
+
+    Args:
+        embedder (`MoonEmbedder`): backbone (trained by TRL as `model`) + heads (trained in their own group).
+        args (`MoonSFTConfig`): TRL's SFT fields plus the contrastive ones.
+        heads_learning_rate (`float`): learning rate of the heads' parameter group.
+        **kwargs: passed to `SFTTrainer` (train_dataset, data_collator, callbacks, ...).
+    """
+
+    def __init__(self, embedder: MoonEmbedder, args: MoonSFTConfig, *, heads_learning_rate: float, **kwargs: Any):
+        self.embedder = embedder
+        self.heads_learning_rate = heads_learning_rate
+        callbacks = [*(kwargs.pop("callbacks", None) or []), HeadsGradients(embedder.heads)]
+        super().__init__(model=embedder.model, args=args, processing_class=embedder.processor, callbacks=callbacks,
+                         **kwargs)
+        embedder.heads.to(self.accelerator.device)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        heads = [p for p in self.embedder.heads.parameters() if p.requires_grad]
+        if heads and not any(any(p is q for q in heads) for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": heads, "lr": self.heads_learning_rate, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        layout = inputs.pop("moon")
+        with self.embedder.taps.capture() as records:
+            lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], **layout}
+        embeddings = self.embedder.embed_record(records[-1], batch)
+        contrastive, metrics = self._contrastive_loss(embeddings, layout)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["lm_loss"].append(float(lm_loss.detach()))
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        # As TRL does for its auxiliary loss: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
+        steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
+        return lm_loss + self.args.contrastive_weight * contrastive / steps
+
+    def _contrastive_loss(self, embeddings: torch.Tensor, layout: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        n, k = int(layout["n_pairs"]), int(layout["hard_negatives"])
+        reason, anchor, direct = embeddings[:n], embeddings[n:2 * n], embeddings[2 * n:3 * n]
+        negatives = embeddings[3 * n:].view(n, k, -1) if k else None
+        image_only = layout["image_only"].to(embeddings.device)
+        ids = layout["positive_ids"]
+        cfg = self.args
+        total = embeddings.new_zeros(())
+        metrics: dict[str, float] = {}
+        for subset, weight, tag in ((~image_only, 1.0, "text"), (image_only, cfg.image_contrastive_weight, "image")):
+            rows = subset.nonzero().flatten()
+            if _global_count(len(rows), embeddings.device) == 0 or weight == 0:
+                continue
+            sub_ids = [ids[i] for i in rows.tolist()]
+            reason_term = info_nce(anchor[rows], reason[rows], temperature=cfg.contrastive_temperature,
+                                   positive_ids=sub_ids)
+            direct_term = info_nce(
+                anchor[rows], direct[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
+                hard_negatives=None if negatives is None else negatives[rows],
+                hard_negative_mask=None if negatives is None else layout["negative_mask"].to(rows.device)[rows],
+            )
+            total = total + weight * (reason_term.loss + cfg.direct_contrastive_weight * direct_term.loss)
+            metrics[f"infonce/{tag}_reason"] = float(reason_term.global_loss)
+            metrics[f"infonce/{tag}_direct"] = float(direct_term.global_loss)
+            metrics[f"retrieval_acc/{tag}_reason"] = float(reason_term.accuracy)
+            metrics[f"retrieval_acc/{tag}_direct"] = float(direct_term.accuracy)
+        metrics["infonce"] = float(total.detach())
+        return total, metrics
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Full-weight checkpoints reload through `from_pretrained`.
+
+        transformers saves Qwen-VL weights under their original checkpoint names (`visual.*`, `model.layers.*`) and
+        `from_pretrained` maps them back, but `Trainer._load_from_checkpoint` loads the raw state dict: every key
+        misses and the run would silently resume from the initial weights. PEFT adapters load fine the usual way.
+        """
+        if hasattr(self.model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reloaded = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype)
+        missing, unexpected = self.model.load_state_dict(reloaded.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        return None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        save_heads(self.embedder.heads, output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            mark_complete(folder, self.state.global_step)
+
+
+def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+    """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
+
+    Returns the folder of the trained model (`<output_dir>/sft/final`).
+    """
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+
+    args = recipe.sft_config()
+    out = Path(args.output_dir)
+    check_output_dir(out, overwrite=overwrite, resume=resume)
+    # The collator hands TRL ready tensors and the extra "moon" layout; TRL must neither tokenise nor drop columns.
+    args.remove_unused_columns = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    torch.manual_seed(args.seed)
+    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
+    without_trace = sum(1 for ex in examples if not catalogue.products[ex.positive].reasoning)
+    logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
+                   "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
+    embedder = MoonEmbedder.from_recipe(recipe)
+    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives)
+    trainer = MoonSFTTrainer(
+        embedder, args, heads_learning_rate=recipe.model.heads.learning_rate,
+        train_dataset=Dataset.from_dict({"pair": list(range(len(examples)))}), data_collator=collator,
+    )
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        load_heads(embedder.heads, checkpoint)
+        logger.warning("resuming from %s", checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    final = out / FINAL_DIR
+    if trainer.args.should_save:
+        embedder.save(final)
+        _write_log_history(trainer, out)
+        if evaluate:
+            _write_metrics(recipe, embedder, catalogue, out, train_seconds)
+    return final
+
+
+def _synth_options(recipe: Any):
+    from moon_rl.data.synthetic import SynthOptions
+
+    return SynthOptions(**recipe.data.synthetic.model_dump())
+
+
+def _write_log_history(trainer: SFTTrainer, out: Path) -> None:
+    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+
+
+def _write_metrics(recipe: Any, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
+    """Test-split retrieval of the trained model next to the untrained one and MiniLM, plus the trace format rate."""
+    from moon_rl.evaluation.report import evaluation_summary
+
+    summary = evaluation_summary(recipe, embedder, catalogue)
+    summary["train_seconds"] = round(train_seconds, 1)
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    logger.warning("SFT metrics written to %s", out / "metrics.json")

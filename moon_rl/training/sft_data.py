@@ -1,0 +1,118 @@
+"""SFT batches: every view of a pair in ONE model forward, so the policy's own forward yields all embeddings.
+
+A row of the SFT dataset is one training pair (anchor -> product). The collator lays out, in one padded batch:
+
+    [ product + "<think>trace</think>" | anchor (direct) | product (direct) | hard negatives (direct) ]
+      ^ LM loss on the trace; its read-out is the reason-mode product embedding
+
+One forward (through the DDP-wrapped model, so gradient sync is exact) gives the LM loss and, via the backbone hooks,
+the read-out of every row. Products without a `reasoning` trace get no LM targets: their first row is the direct
+prompt, trained by the contrastive term only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moon_rl.data.catalogue import Catalogue
+from moon_rl.data.records import Pair, Query
+from moon_rl.errors import DataError
+from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.inputs import EmbedItem, to_item, tokenize_prompts
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One training pair, resolved: anchor item kind and the product ids involved."""
+
+    pair_index: int
+    anchor: str | Query
+    positive: str
+    negatives: tuple[str, ...]
+
+    @property
+    def image_only(self) -> bool:
+        return isinstance(self.anchor, Query) and not self.anchor.text
+
+
+def sft_examples(catalogue: Catalogue, split: str, max_pairs: int | None = None) -> list[SFTExample]:
+    """The split's pairs as examples (in file order, truncated to `max_pairs`)."""
+    pairs: list[Pair] = catalogue.pairs.get(split, [])
+    if not pairs:
+        raise DataError(f"catalogue {catalogue.base_dir}: split {split!r} has no pairs to train on "
+                        f"(splits with pairs: {', '.join(catalogue.splits) or 'none'})")
+    examples = [SFTExample(i, p.anchor, p.positive, tuple(p.negatives)) for i, p in enumerate(pairs)]
+    return examples[:max_pairs] if max_pairs else examples
+
+
+class MoonSFTCollator:
+    """Turns a list of `{"pair": index}` rows into one model batch plus the layout `MoonSFTTrainer` reads back.
+
+    Args:
+        embedder (`MoonEmbedder`): for the processor, prompt layout and read-out token.
+        catalogue (`Catalogue`): products and images.
+        examples (`list[SFTExample]`): indexed by the dataset's `pair` column.
+        hard_negatives (`int`): direct-mode hard negatives per pair (missing ones are masked).
+    """
+
+    def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int):
+        self.embedder = embedder
+        self.catalogue = catalogue
+        self.examples = examples
+        self.hard_negatives = hard_negatives
+        self._trace_ids: dict[str, list[int]] = {}
+
+    def _product_item(self, product_id: str) -> EmbedItem:
+        return to_item(self.catalogue.products[product_id], self.catalogue.image, self.embedder.max_images)
+
+    def _anchor_item(self, anchor: str | Query) -> EmbedItem:
+        if isinstance(anchor, str):
+            return self._product_item(anchor)
+        return to_item(anchor, self.catalogue.image, self.embedder.max_images)
+
+    def _trace(self, product_id: str) -> list[int]:
+        if product_id not in self._trace_ids:
+            trace = self.catalogue.products[product_id].reasoning
+            self._trace_ids[product_id] = self.embedder.tokenize_reasoning([trace])[0]
+        return self._trace_ids[product_id]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [self.examples[int(row["pair"])] for row in rows]
+        n, k = len(examples), self.hard_negatives
+        negative_ids: list[str | None] = []
+        for ex in examples:
+            chosen = [nid for nid in ex.negatives if nid in self.catalogue.products][:k]
+            negative_ids.extend(chosen + [None] * (k - len(chosen)))
+        # A missing negative slot still needs a row; it re-embeds the positive and is masked out of the loss.
+        negative_items = [self._product_item(nid or ex.positive)
+                          for ex, nid in zip([e for e in examples for _ in range(k)], negative_ids, strict=True)]
+        products = [self._product_item(ex.positive) for ex in examples]
+        items = products + [self._anchor_item(ex.anchor) for ex in examples] + products + negative_items
+        traces = [self._trace(ex.positive) for ex in examples]
+        completions = traces + [[] for _ in range(len(items) - n)]
+        prompts = tokenize_prompts(self.embedder.processor, items)
+        batch = self.embedder.prepare(items, completions, prompts=prompts)
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for row in range(n):
+            if traces[row]:
+                # Targets: the trace and the read-out token that closes the turn (the model learns to stop).
+                targets = batch["attention_mask"][row].bool() & ~batch["prompt_mask"][row]
+                labels[row, targets] = batch["input_ids"][row, targets]
+        model_inputs = {k2: v for k2, v in batch.items() if k2 not in ("prompt_mask", "readout_index")}
+        model_inputs["labels"] = labels
+        model_inputs["moon"] = {
+            "prompt_mask": batch["prompt_mask"],
+            "readout_index": batch["readout_index"],
+            "n_pairs": torch.tensor(n),
+            "hard_negatives": torch.tensor(k),
+            "negative_mask": torch.tensor([nid is not None for nid in negative_ids], dtype=torch.bool).view(n, k),
+            "image_only": torch.tensor([ex.image_only for ex in examples], dtype=torch.bool),
+            "has_trace": torch.tensor([bool(t) for t in traces], dtype=torch.bool),
+            "positive_ids": list(ex.positive for ex in examples),
+        }
+        return model_inputs

@@ -1,0 +1,118 @@
+"""MoonSFTTrainer: one forward gives LM loss + every read-out; heads train in their own group; checkpoints resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moon_rl.errors import MoonError
+from moon_rl.recipe import Recipe, load_recipe
+from moon_rl.training.checkpoint import HEADS_FILE, MARKER_FILE, latest_checkpoint
+
+
+def small_recipe(tmp_path, *overrides: str) -> Recipe:
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "model: {lora: null, heads: {embed_dim: 32}}\n"
+        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
+        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
+        "      lr_scheduler_type: constant,  # the interrupted run (max_steps 2) must see the same learning rates\n"
+        "      max_steps: 4, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
+        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        "eval: {modes: [direct], baselines: []}\n"
+    )
+    return load_recipe(base, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from moon_rl.training.sft import run_sft
+
+    tmp = tmp_path_factory.mktemp("sft")
+    recipe = small_recipe(tmp)
+    final = run_sft(recipe)
+    return recipe, final
+
+
+def test_collator_packs_all_views_in_one_batch(tmp_path):
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft import _synth_options
+    from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    batch = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1)([{"pair": 0}, {"pair": 1}])
+    layout = batch["moon"]
+    assert batch["input_ids"].shape[0] == 2 * 4  # product+trace, anchor, product direct, 1 hard negative
+    labels = batch["labels"]
+    # LM targets only on the first n rows, only after the prompt: the trace and the closing read-out token.
+    assert (labels[2:] == IGNORE_INDEX).all()
+    for row in range(2):
+        targets = labels[row][labels[row] != IGNORE_INDEX]
+        text = embedder.processor.tokenizer.decode(targets)
+        assert text.startswith("<think>") and text.endswith("</think><|im_end|>")
+        assert batch["input_ids"][row, layout["readout_index"][row]] == embedder.readout_id
+    assert layout["image_only"].tolist() == [ex.image_only for ex in examples[:2]]
+    assert layout["positive_ids"] == [examples[0].positive, examples[1].positive]
+
+
+def test_training_logs_changes_heads_and_saves(trained):
+    recipe, final = trained
+    out = final.parent
+    history = json.loads((out / "log_history.json").read_text())
+    logged = {k for entry in history for k in entry}
+    assert {"loss", "lm_loss", "infonce", "retrieval_acc/text_direct", "retrieval_acc/image_direct"} <= logged
+    from moon_rl.modeling.embedder import MoonEmbedder
+
+    fresh = MoonEmbedder.from_recipe(recipe)
+    loaded = MoonEmbedder.load(final)
+    for name, param in fresh.heads.named_parameters():
+        assert not torch.equal(param, loaded.heads.state_dict()[name]), f"head parameter {name} did not train"
+    changed = [n for n, p in fresh.model.named_parameters()
+               if not torch.equal(p, loaded.model.state_dict()[n])]
+    assert len(changed) > 0.9 * len(list(fresh.model.parameters()))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["results"]["trained"]["direct"]["text->product"]["recall@1"] <= 1.0
+    assert "| trained | direct |" in metrics["table"]
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        assert (ckpt / HEADS_FILE).is_file() and (ckpt / MARKER_FILE).is_file()
+    assert latest_checkpoint(out) == out / "checkpoint-4"
+
+
+def test_finished_run_is_refused_without_overwrite(trained):
+    from moon_rl.training.sft import run_sft
+
+    recipe, _ = trained
+    with pytest.raises(MoonError, match="already holds a finished run"):
+        run_sft(recipe)
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_path, trained):
+    from moon_rl.training.sft import run_sft
+
+    recipe, straight = trained
+    interrupted = small_recipe(tmp_path, "sft.max_steps=2")
+    run_sft(interrupted, evaluate=False)
+    out = tmp_path / "run" / "sft"
+    (out / "final" / "moon_rl.json").unlink()  # as if killed after the checkpoint, before the final model
+    (out / "checkpoint-2" / MARKER_FILE).unlink()  # and a half-written checkpoint is never resumed
+    with pytest.raises(MoonError, match="no complete checkpoint"):
+        run_sft(small_recipe(tmp_path), resume=True)
+    from moon_rl.training.checkpoint import mark_complete
+
+    mark_complete(out / "checkpoint-2", 2)
+    final = run_sft(small_recipe(tmp_path), resume=True, evaluate=False)
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [e["step"] for e in history if "loss" in e]
+    assert steps == [1, 2, 3, 4]  # restored history, then steps 3 and 4 only
+    resumed = load_file(str(final / "heads.safetensors"))
+    reference = load_file(str(straight / "heads.safetensors"))
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
