@@ -116,3 +116,25 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_pat
     reference = load_file(str(straight / "heads.safetensors"))
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_hard_negatives_rotate_over_dataset_rows(tmp_path):
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft import _synth_options
+    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    examples = sft_examples(catalogue, "train")
+    collator = MoonSFTCollator(MoonEmbedder.from_recipe(recipe), catalogue, examples, hard_negatives=1)
+    pair = next(i for i, ex in enumerate(examples) if len(ex.negatives) >= 2)
+    n = len(examples)
+    assert collator.rotations == max(len(ex.negatives) for ex in examples)
+    assert len(collator.dataset_rows()) == n * collator.rotations
+    first = collator([{"pair": pair}])
+    second = collator([{"pair": pair + n}])
+    # Same pair, same anchor; the hard-negative row (the last) shows another look-alike.
+    assert first["moon"]["positive_ids"] == second["moon"]["positive_ids"]
+    assert torch.equal(first["input_ids"][:3], second["input_ids"][:3])
+    assert not torch.equal(first["pixel_values"], second["pixel_values"])

@@ -125,10 +125,13 @@ class MoonSFTTrainer(SFTTrainer):
         ids = layout["positive_ids"]
         cfg = self.args
         total = embeddings.new_zeros(())
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"pairs/global": 0.0}
         for subset, weight, tag in ((~image_only, 1.0, "text"), (image_only, cfg.image_contrastive_weight, "image")):
             rows = subset.nonzero().flatten()
-            if _global_count(len(rows), embeddings.device) == 0 or weight == 0:
+            global_rows = _global_count(len(rows), embeddings.device)
+            # In-batch negatives come from every process: the candidates of each row are the global subset.
+            metrics["pairs/global"] += global_rows
+            if global_rows == 0 or weight == 0:
                 continue
             sub_ids = [ids[i] for i in rows.tolist()]
             reason_term = info_nce(anchor[rows], reason[rows], temperature=cfg.contrastive_temperature,
@@ -197,7 +200,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=recipe.model.heads.learning_rate,
-        train_dataset=Dataset.from_dict({"pair": list(range(len(examples)))}), data_collator=collator,
+        train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
     )
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:

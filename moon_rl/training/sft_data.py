@@ -81,12 +81,25 @@ class MoonSFTCollator:
             self._trace_ids[product_id] = self.embedder.tokenize_reasoning([trace])[0]
         return self._trace_ids[product_id]
 
+    @property
+    def rotations(self) -> int:
+        """Dataset rows per pair: each row of a pair starts its hard negatives at another offset of `negatives`."""
+        return max(1, max((len(ex.negatives) for ex in self.examples), default=1)) if self.hard_negatives else 1
+
+    def dataset_rows(self) -> list[int]:
+        """Row ids for the training dataset: every pair once per rotation, so one pass sees every hard negative."""
+        return list(range(len(self.examples) * self.rotations))
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        examples = [self.examples[int(row["pair"])] for row in rows]
+        # Row r is pair r % n with its hard negatives rotated by r // n: deterministic (resumable) yet varied.
+        n_pairs = len(self.examples)
+        picks = [(self.examples[int(row["pair"]) % n_pairs], int(row["pair"]) // n_pairs) for row in rows]
+        examples = [ex for ex, _ in picks]
         n, k = len(examples), self.hard_negatives
         negative_ids: list[str | None] = []
-        for ex in examples:
-            chosen = [nid for nid in ex.negatives if nid in self.catalogue.products][:k]
+        for ex, offset in picks:
+            known = [nid for nid in ex.negatives if nid in self.catalogue.products]
+            chosen = (known[offset % len(known):] + known[:offset % len(known)])[:k] if known else []
             negative_ids.extend(chosen + [None] * (k - len(chosen)))
         # A missing negative slot still needs a row; it re-embeds the positive and is masked out of the loss.
         negative_items = [self._product_item(nid or ex.positive)
