@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -55,10 +56,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to train into a folder that holds a finished run, unless `overwrite` (resume continues unfinished ones)."""
-    final = Path(output_dir) / FINAL_DIR
+    """Refuse to train into a folder that holds a finished run, unless `overwrite` (resume continues unfinished ones).
+
+    With `overwrite` (and no `resume`) the stage folder is cleared first, so no stale checkpoint of the old run can be
+    resumed from later.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / FINAL_DIR
+    if overwrite and resume:
+        raise MoonError("--overwrite and --resume contradict each other: choose one")
     if (final / "moon_rl.json").is_file() and not overwrite:
         raise MoonError(f"{output_dir} already holds a finished run ({final}); pass --overwrite to train again "
                         "into it, or choose another output_dir")
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
     if resume and latest_checkpoint(output_dir) is None:
         raise MoonError(f"--resume: no complete checkpoint under {output_dir} (looked for checkpoint-N/{MARKER_FILE})")
