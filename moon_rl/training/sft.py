@@ -8,9 +8,7 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
   read-out from that same forward. Added: `contrastive_weight * (InfoNCE(anchor, reason-mode product)
   + direct_contrastive_weight * InfoNCE(anchor, direct product, hard negatives))`, image-only anchors weighted by
   `image_contrastive_weight`, divided by the gradient-accumulation steps as TRL does for its auxiliary loss.
-* `create_optimizer`: the heads (fusion, FIRE, projection) live outside the HF model and get their own parameter
-  group with `model.heads.learning_rate`.
-* `_save` / `_save_checkpoint`: checkpoints also hold the heads, and a completion marker written last.
+* heads, optimizer group, checkpoints and resume: `MoonTrainerMixin` (training/common.py).
 """
 
 from __future__ import annotations
@@ -22,62 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from datasets import Dataset
-from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.training.checkpoint import (
-    FINAL_DIR,
-    check_output_dir,
-    latest_checkpoint,
-    load_heads,
-    mark_complete,
-    save_heads,
-)
+from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir, latest_checkpoint, load_heads
+from moon_rl.training.common import MoonTrainerMixin, global_count
 from moon_rl.training.configs import MoonSFTConfig
 from moon_rl.training.losses import info_nce
 
 logger = logging.getLogger(__name__)
 
 
-def _global_count(n: int, device: torch.device) -> int:
-    """Rows of a subset over all processes (every process must call InfoNCE, or none)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return n
-    count = torch.tensor([n], device=device)
-    dist.all_reduce(count)
-    return int(count.item())
-
-
-class HeadsGradients(TrainerCallback):
-    """Gradient bookkeeping for the heads, which live outside the (DDP-wrapped) HF model.
-
-    `Trainer` zeroes only `model`'s gradients after each optimizer step, and DDP averages only `model`'s gradients;
-    without this callback the heads' gradients would accumulate across steps and differ across processes.
-    """
-
-    def __init__(self, heads: torch.nn.Module):
-        self.heads = heads
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.heads.zero_grad(set_to_none=True)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for param in self.heads.parameters():
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
-                param.grad /= dist.get_world_size()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.heads.zero_grad(set_to_none=True)
-
-
-class MoonSFTTrainer(SFTTrainer):
+class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
     """TRL `SFTTrainer` whose loss adds MOON3.0's contrastive term on read-outs of the policy's own forward.
 
     Args:
@@ -88,19 +44,9 @@ class MoonSFTTrainer(SFTTrainer):
     """
 
     def __init__(self, embedder: MoonEmbedder, args: MoonSFTConfig, *, heads_learning_rate: float, **kwargs: Any):
-        self.embedder = embedder
-        self.heads_learning_rate = heads_learning_rate
-        callbacks = [*(kwargs.pop("callbacks", None) or []), HeadsGradients(embedder.heads)]
-        super().__init__(model=embedder.model, args=args, processing_class=embedder.processor, callbacks=callbacks,
-                         **kwargs)
+        self._init_moon(embedder, heads_learning_rate, kwargs)
+        super().__init__(model=embedder.model, args=args, processing_class=embedder.processor, **kwargs)
         embedder.heads.to(self.accelerator.device)
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        heads = [p for p in self.embedder.heads.parameters() if p.requires_grad]
-        if heads and not any(any(p is q for q in heads) for g in optimizer.param_groups for p in g["params"]):
-            optimizer.add_param_group({"params": heads, "lr": self.heads_learning_rate, "weight_decay": 0.0})
-        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         layout = inputs.pop("moon")
@@ -128,7 +74,7 @@ class MoonSFTTrainer(SFTTrainer):
         metrics: dict[str, float] = {"pairs/global": 0.0}
         for subset, weight, tag in ((~image_only, 1.0, "text"), (image_only, cfg.image_contrastive_weight, "image")):
             rows = subset.nonzero().flatten()
-            global_rows = _global_count(len(rows), embeddings.device)
+            global_rows = global_count(len(rows), embeddings.device)
             # In-batch negatives come from every process: the candidates of each row are the global subset.
             metrics["pairs/global"] += global_rows
             if global_rows == 0 or weight == 0:
@@ -148,33 +94,6 @@ class MoonSFTTrainer(SFTTrainer):
             metrics[f"retrieval_acc/{tag}_direct"] = float(direct_term.accuracy)
         metrics["infonce"] = float(total.detach())
         return total, metrics
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Full-weight checkpoints reload through `from_pretrained`.
-
-        transformers saves Qwen-VL weights under their original checkpoint names (`visual.*`, `model.layers.*`) and
-        `from_pretrained` maps them back, but `Trainer._load_from_checkpoint` loads the raw state dict: every key
-        misses and the run would silently resume from the initial weights. PEFT adapters load fine the usual way.
-        """
-        if hasattr(self.model, "peft_config"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reloaded = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype)
-        missing, unexpected = self.model.load_state_dict(reloaded.state_dict(), strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        return None
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
-        save_heads(self.embedder.heads, output_dir or self.args.output_dir)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            mark_complete(folder, self.state.global_step)
-
 
 def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
     """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
