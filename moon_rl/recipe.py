@@ -332,7 +332,7 @@ class Recipe(_Section):
 
     def grpo_init_path(self, config: MoonGRPOConfig) -> Path:
         """The model folder GRPO starts from: `config.init_from`, or this recipe's SFT stage output when None."""
-        return Path(config.init_from) if config.init_from is not None else self.stage_dir("sft")
+        return Path(config.init_from) if config.init_from is not None else self.stage_dir("sft") / "final"
 
     def sft_config(self, output_dir: str | os.PathLike[str] | None = None) -> MoonSFTConfig:
         """Build the `MoonSFTConfig` of the `sft` section.

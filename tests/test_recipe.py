@@ -212,7 +212,7 @@ class TestTinyCpu:
             {"name": "format", "weight": 0.2, "args": {}},
         ]
         assert grpo.generation_batch_size // grpo.num_generations >= grpo.min_distinct_anchors
-        assert recipe.grpo_init_path(grpo) == Path("runs/tiny-cpu/sft")
+        assert recipe.grpo_init_path(grpo) == Path("runs/tiny-cpu/sft/final")
 
     def test_config_errors_name_the_file(self) -> None:
         problems = load_recipe(TINY, ["grpo.contrastive_temperature=0"]).check()

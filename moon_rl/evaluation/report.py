@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def evaluation_summary(
     recipe: Any, embedder: MoonEmbedder, catalogue: Catalogue, *, baseline_embedder: MoonEmbedder | None = None,
-    label: str = "trained",
+    label: str = "trained", others: dict[str, MoonEmbedder] | None = None,
 ) -> dict[str, Any]:
     """Test-split retrieval of `embedder` and the recipe's baselines, as one JSON-able dict with a markdown table.
 
@@ -26,11 +26,14 @@ def evaluation_summary(
         baseline_embedder (`MoonEmbedder`, *optional*): the "untrained" baseline; default: a fresh model from the
             recipe (builtin backbones and heads are deterministic, so it is the model training started from).
         label (`str`, *optional*, defaults to `"trained"`): the name of `embedder`'s rows.
+        others (`dict[str, MoonEmbedder]`, *optional*): more models to report beside it (e.g. "before GRPO").
     """
     spec = recipe.eval
     split = recipe.data.test_split
     results: dict[str, Any] = {}
     results[label] = evaluate_embedder(embedder, catalogue, split, spec.modes, spec.k, spec.batch_size)
+    for name, other in (others or {}).items():
+        results[name] = evaluate_embedder(other, catalogue, split, spec.modes, spec.k, spec.batch_size)
     if "untrained" in spec.baselines:
         baseline = baseline_embedder or MoonEmbedder.from_recipe(recipe)
         results["untrained"] = evaluate_embedder(baseline, catalogue, split, spec.modes, spec.k, spec.batch_size)

@@ -266,8 +266,11 @@ class MoonEmbedder(nn.Module):
         }
 
     @classmethod
-    def load(cls, path: str | Path, *, model_spec: Any = None) -> MoonEmbedder:
-        """Restore an embedder written by `save` (safetensors only; no pickle)."""
+    def load(cls, path: str | Path, *, model_spec: Any = None, trainable: bool = False) -> MoonEmbedder:
+        """Restore an embedder written by `save` (safetensors only; no pickle).
+
+        `trainable=True` keeps a LoRA adapter trainable (to continue training it, e.g. GRPO after SFT).
+        """
         from moon_rl.modeling.loading import load_model, load_processor, resolve_model_path
 
         path = Path(path)
@@ -285,7 +288,7 @@ class MoonEmbedder(nn.Module):
             from peft import PeftModel
 
             base = load_model(resolve_model_path(model_spec), model_spec)
-            model = PeftModel.from_pretrained(base, str(path / "adapter"))
+            model = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
         heads = MoonHeads(HeadsConfig(**json.loads((path / "heads_config.json").read_text())))
         heads.load_state_dict(load_file(str(path / "heads.safetensors")))
         meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"]}
@@ -293,7 +296,7 @@ class MoonEmbedder(nn.Module):
             meta["recipe"] = (path / "recipe.yaml").read_text()
         embedder = cls(model, processor, heads, readout_token=manifest["readout_token"],
                        max_images=manifest["max_images"], max_new_tokens=manifest["max_new_tokens"], meta=meta)
-        return embedder.eval()
+        return embedder.train() if trainable else embedder.eval()
 
 
 def model_spec_for(path: Path, manifest: dict[str, Any]) -> Any:

@@ -107,16 +107,18 @@ def tokenize_prompts(processor: Any, items: Sequence[EmbedItem]) -> PromptBatch:
 
 def assemble(
     prompts: PromptBatch, completions: Sequence[Sequence[int]], readout_id: int, pad_id: int, image_token_id: int,
-    padding_side: Literal["left", "right"] = "left",
+    padding_side: Literal["left", "right"] = "left", append_readout: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for prompt + completion + read-out token, padded; also `prompt_mask` and `readout_index`.
 
     A completion that already ends with the read-out token (the model emitted its end of turn) is not given a second.
+    With `append_readout=False` the sequences are taken as they are and read out at their last token (GRPO: a
+    truncated completion has no end of turn, and the loss forward cannot add one).
     """
     seqs, prompt_lens = [], []
     for prompt, completion in zip(prompts.prompt_ids, completions, strict=True):
         completion = list(completion)
-        if not completion or completion[-1] != readout_id:
+        if append_readout and (not completion or completion[-1] != readout_id):
             completion.append(readout_id)
         seqs.append(prompt + completion)
         prompt_lens.append(len(prompt))

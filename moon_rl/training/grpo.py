@@ -1,0 +1,260 @@
+"""Stage 2: `MoonGRPOTrainer` — GRPO with retrieval-rank rewards plus InfoNCE on the policy's own read-outs.
+
+Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM included, is inherited unchanged):
+
+* `_calculate_rewards`: one no-grad forward embeds every sampled completion (prompt + completion, read out at its
+  last token: the end of turn, or the last sampled token of a truncated completion, which is flagged). The pairs'
+  queries are embedded in direct mode as candidates, gathered across processes. Reward functions (rewards/) get
+  `embeddings`, `candidates`, `positive_index`, `truncated` and `attributes` on top of TRL's keyword arguments and
+  every dataset column.
+* `_generate_and_score_completions`: the output dict also carries each row's positive (its query's embedding,
+  detached) and pair id, so they follow the rows through TRL's shuffle and micro-batch split.
+* `compute_loss`: GRPO loss + `contrastive_weight` x InfoNCE(read-out of each completion from the policy's own loss
+  forward, captured by the backbone hooks; positive = its query embedding; negatives = the other rows' queries),
+  divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward.
+* heads, optimizer group, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
+  the HF model, so the weights TRL syncs to vLLM never include them (`vllm_synced_names` shows what would be sent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from trl import GRPOTrainer
+
+from moon_rl.cache import atomic_write_text
+from moon_rl.errors import MoonError
+from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble
+from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir, latest_checkpoint, load_heads
+from moon_rl.training.common import MoonTrainerMixin
+from moon_rl.training.configs import MoonGRPOConfig
+from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce
+
+logger = logging.getLogger(__name__)
+
+
+class ContextReward:
+    """A reward function called with moon-rl's per-batch context (embeddings, candidates, ...) as extra kwargs."""
+
+    def __init__(self, fn: Callable[..., list[float | None]], context: Callable[[], dict[str, Any]], name: str):
+        self.fn = fn
+        self.context = context
+        self.__name__ = name  # TRL logs rewards under their callable's name
+
+    def __call__(self, completions: list, **kwargs: Any) -> list[float | None]:
+        return self.fn(completions, **{**kwargs, **self.context()})
+
+
+class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
+    """TRL `GRPOTrainer` with retrieval rewards on reasoning-then-embed read-outs and a joint InfoNCE term.
+
+    Args:
+        embedder (`MoonEmbedder`): the policy (`embedder.model`, trained by TRL) and its heads.
+        reward_funcs (`list[tuple[str, Callable]]`): `(name, fn)` with fn following rewards/'s contract.
+        args (`MoonGRPOConfig`): TRL's GRPO fields plus moon-rl's.
+        query_item (`Callable[[int], EmbedItem]`): the query (positive) of a pair, by the dataset's `pair` column.
+        heads_learning_rate (`float`): learning rate of the heads' parameter group.
+        **kwargs: passed to `GRPOTrainer` (train_dataset, callbacks, ...).
+    """
+
+    def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[tuple[str, Callable]], args: MoonGRPOConfig, *,
+                 query_item: Callable[[int], EmbedItem], heads_learning_rate: float, **kwargs: Any):
+        self._init_moon(embedder, heads_learning_rate, kwargs)
+        self.query_item = query_item
+        self._reward_context: dict[str, Any] = {}
+        self._positives: dict[str, torch.Tensor] = {}
+        wrapped = [ContextReward(fn, lambda: self._reward_context, name) for name, fn in reward_funcs]
+        reward_weights = [float(entry["weight"]) for entry in args.rewards]
+        if len(reward_weights) == len(wrapped):
+            args.reward_weights = reward_weights
+        super().__init__(model=embedder.model, reward_funcs=wrapped, args=args, processing_class=embedder.processor,
+                         **kwargs)
+        embedder.heads.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ rewards
+    @torch.no_grad()
+    def _embed_completions(self, prompts: list, completion_ids_list: list[list[int]]) -> tuple[torch.Tensor, list]:
+        """Read-outs of prompt + completion, exactly the tokens (and read-out position) of the loss forward."""
+        prompt_ids, _, fields = self._tokenize_prompts(prompts)
+        # TRL tokenises without `return_tensors`: image fields may come back as numpy arrays.
+        pixels, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
+        batch_prompts = PromptBatch([list(p) for p in prompt_ids],
+                                    None if pixels is None else torch.as_tensor(np.asarray(pixels)),
+                                    None if grid is None else torch.as_tensor(np.asarray(grid)))
+        batch = assemble(batch_prompts, completion_ids_list, self.embedder.readout_id, self.embedder.pad_id,
+                         self.embedder.image_token_id, append_readout=False)
+        truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
+        return self.embedder(batch), truncated
+
+    @torch.no_grad()
+    def _candidates(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Direct-mode embeddings of the generation batch's queries (all processes), their pair ids, and local rows."""
+        local = sorted(set(pairs))
+        items = [self.query_item(p) for p in local]
+        vectors = self.embedder(self.embedder.prepare(items)) if items else None
+        device = self.accelerator.device
+        ids = gather_ids(torch.tensor(local, dtype=torch.long, device=device))
+        vectors = gather_with_grad(vectors)
+        order = {}
+        for row, pid in enumerate(ids.tolist()):
+            order.setdefault(pid, row)  # a pair sampled on two processes is one candidate
+        keep = torch.tensor(sorted(order.values()), device=device)
+        candidates, candidate_ids = vectors[keep], ids[keep]
+        position = {pid: i for i, pid in enumerate(candidate_ids.tolist())}
+        positive_index = torch.tensor([position[p] for p in pairs], device=device)
+        return candidates, candidate_ids, positive_index
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        embeddings, truncated = self._embed_completions(prompts, completion_ids_list)
+        pairs = [int(x["pair"]) for x in inputs]
+        candidates, _, positive_index = self._candidates(pairs)
+        scores = embeddings @ candidates.T
+        ranks = 1 + (scores > scores.gather(1, positive_index[:, None])).sum(1)
+        self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
+        self._log_metric("completions/truncated", float(np.mean(truncated)))
+        self._positives = {"moon_positive": candidates[positive_index].detach(),
+                           "moon_pair": torch.tensor(pairs, device=embeddings.device)}
+        self._reward_context = {
+            "embeddings": embeddings, "candidates": candidates, "positive_index": positive_index,
+            "truncated": truncated, "attributes": [json.loads(x.get("attributes_json") or "{}") for x in inputs],
+        }
+        try:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self._reward_context = {}
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        output.update(self._positives)  # (B, ...) tensors: shuffled and split with the other rows
+        return output
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positives, pair_ids = inputs.pop("moon_positive"), inputs.pop("moon_pair")
+        with self.embedder.taps.capture() as records:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.contrastive_weight == 0:
+            return loss
+        embeddings = self.completion_embeddings(records, inputs)
+        term = info_nce(embeddings, positives, temperature=self.args.contrastive_temperature, positive_ids=pair_ids,
+                        symmetric=False)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["infonce"].append(float(term.global_loss))
+        self._metrics[mode]["retrieval_acc"].append(float(term.accuracy))
+        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        return loss + self.args.contrastive_weight * term.loss / steps
+
+    def completion_embeddings(self, records: list, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings of the loss forward's rows, read out at each completion's last token."""
+        width = inputs["prompt_ids"].shape[1]
+        completion_mask = inputs["completion_mask"]
+        rows = []
+        start = 0
+        for record in records:  # TRL may split the micro-batch into chunks: one record each
+            n = record.last_hidden.shape[0]
+            chunk_mask = completion_mask[start:start + n]
+            batch = {
+                "input_ids": record.input_ids,
+                "attention_mask": torch.cat([inputs["prompt_mask"][start:start + n], chunk_mask], dim=1),
+                "prompt_mask": torch.cat([inputs["prompt_mask"][start:start + n].bool(),
+                                          torch.zeros_like(chunk_mask, dtype=torch.bool)], dim=1),
+                "readout_index": width + chunk_mask.sum(1) - 1,
+            }
+            rows.append(self.embedder.embed_record(record, batch))
+            start += n
+        return torch.cat(rows)
+
+    def vllm_synced_names(self) -> list[str]:
+        """Names of the parameters TRL would push to vLLM (what `VLLMGeneration` iterates): never the heads."""
+        return [name for name, _ in self.model.named_parameters()]
+
+
+def _check_distinct_anchors(args: MoonGRPOConfig) -> None:
+    per_generation = args.generation_batch_size // args.num_generations
+    if per_generation < args.min_distinct_anchors:
+        raise MoonError(
+            f"grpo: each generation batch holds {per_generation} distinct anchors (generation_batch_size "
+            f"{args.generation_batch_size} / num_generations {args.num_generations}), fewer than min_distinct_anchors "
+            f"{args.min_distinct_anchors}: retrieval rewards need negatives. Raise per_device_train_batch_size or "
+            "steps_per_generation, or lower num_generations"
+        )
+
+
+def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Dataset:
+    """One row per training pair: the product prompt (TRL inserts the images), images, pair id, attributes."""
+    from moon_rl.modeling.inputs import to_item
+
+    rows = []
+    for i, ex in enumerate(examples):
+        product = catalogue.products[ex.positive]
+        item = to_item(product, catalogue.image, embedder.max_images)
+        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "images": item.images, "pair": i,
+                     "product_id": product.id, "attributes_json": json.dumps(product.attributes, sort_keys=True)})
+    return Dataset.from_list(rows)
+
+
+def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+    """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.modeling.inputs import to_item
+    from moon_rl.training.sft import _synth_options
+    from moon_rl.training.sft_data import sft_examples
+    from rewards import build_rewards
+
+    args = recipe.grpo_config()
+    _check_distinct_anchors(args)
+    out = Path(args.output_dir)
+    check_output_dir(out, overwrite=overwrite, resume=resume)
+    init = recipe.grpo_init_path(args)
+    if (init / "moon_rl.json").is_file():
+        embedder = MoonEmbedder.load(init, trainable=True)
+    else:
+        logger.warning("grpo: no trained model at %s; starting from the recipe's base model", init)
+        embedder = MoonEmbedder.from_recipe(recipe).train()
+    embedder.meta["recipe"] = recipe.to_yaml()
+    torch.manual_seed(args.seed)
+    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
+    base_dir = Path(recipe.files[-1]).parent if recipe.files else None
+    rewards = [(entry["name"].rsplit(":", 1)[-1], fn)
+               for entry, (fn, _) in zip(args.rewards, build_rewards(args.rewards, base_dir=base_dir), strict=True)]
+
+    def query_item(pair: int) -> EmbedItem:
+        return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
+
+    trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item,
+                              heads_learning_rate=recipe.model.heads.learning_rate,
+                              train_dataset=grpo_dataset(embedder, catalogue, examples))
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        load_heads(embedder.heads, checkpoint)
+        logger.warning("resuming from %s", checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    final = out / FINAL_DIR
+    if trainer.args.should_save:
+        embedder.save(final)
+        atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+        if evaluate:
+            _write_metrics(recipe, embedder, init, catalogue, out, seconds)
+    return final
+
+
+def _write_metrics(recipe: Any, embedder: MoonEmbedder, init: Path, catalogue: Any, out: Path, seconds: float) -> None:
+    """Test metrics after GRPO beside the model GRPO started from (and the recipe's baselines)."""
+    from moon_rl.evaluation.report import evaluation_summary
+
+    before = {"before GRPO": MoonEmbedder.load(init)} if (init / "moon_rl.json").is_file() else {}
+    summary = evaluation_summary(recipe, embedder, catalogue, label="after GRPO", others=before)
+    summary["train_seconds"] = round(seconds, 1)
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))

@@ -1,0 +1,149 @@
+"""MoonGRPOTrainer: reward and loss see the same embedding, rewards get moon-rl's context, heads never reach vLLM."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moon_rl.recipe import load_recipe
+
+
+def grpo_recipe(tmp_path, *overrides: str):
+    path = tmp_path / "grpo.yaml"
+    path.write_text(
+        "model: {lora: null, heads: {embed_dim: 32}}\n"
+        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "       max_completion_length: 8, learning_rate: 1.0e-3, beta: 0.0, max_steps: 2, logging_steps: 1,\n"
+        "       save_steps: 100, gradient_checkpointing: false, temperature: 1.0, disable_tqdm: true,\n"
+        "       rewards: [{name: retrieval_rank}], contrastive_weight: 0.5}\n"
+        "eval: {modes: [direct], baselines: []}\n"
+    )
+    return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+class RecordingReward:
+    """Retrieval rank, and remembers what it was called with."""
+
+    __name__ = "recording"
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, completions, embeddings, candidates, positive_index, **kwargs):
+        self.calls.append({"embeddings": embeddings.clone(), "candidates": candidates, "positive_index": positive_index,
+                           **kwargs})
+        scores = embeddings @ candidates.T
+        positive = scores.gather(1, positive_index[:, None])
+        return (1.0 / (1 + (scores > positive).sum(1)).float()).tolist()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.modeling.inputs import to_item
+    from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset
+    from moon_rl.training.sft import _synth_options
+    from moon_rl.training.sft_data import sft_examples
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    recipe = grpo_recipe(tmp)
+    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe).train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # exercise fusion and FIRE: fresh ones are the identity
+        for name, param in embedder.heads.named_parameters():
+            if name.startswith(("fusion.out", "fire.up")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    reward = RecordingReward()
+    trainer = MoonGRPOTrainer(
+        embedder, [("recording", reward)], recipe.grpo_config(),
+        query_item=lambda pair: to_item(examples[pair].anchor, catalogue.image, embedder.max_images),
+        heads_learning_rate=1e-3, train_dataset=grpo_dataset(embedder, catalogue, examples),
+    )
+    return SimpleNamespace(recipe=recipe, trainer=trainer, reward=reward, examples=examples, catalogue=catalogue)
+
+
+def generation_batch(setup, pairs):
+    dataset = setup.trainer.train_dataset
+    return [dataset[p] for p in pairs for _ in range(setup.trainer.num_generations)]
+
+
+def test_rewards_receive_embeddings_candidates_and_columns(setup):
+    setup.reward.calls.clear()
+    output = setup.trainer._generate_and_score_completions(generation_batch(setup, [0, 1, 2, 3]))
+    call = setup.reward.calls[-1]
+    assert call["embeddings"].shape == (8, 32)
+    assert call["candidates"].shape == (4, 32)  # the 4 distinct queries of the generation batch
+    assert call["positive_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(call["truncated"]) == 8 and all(isinstance(t, bool) for t in call["truncated"])
+    assert call["pair"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert call["attributes"][0] == setup.catalogue.products[setup.examples[0].positive].attributes
+    torch.testing.assert_close(call["candidates"].norm(dim=1), torch.ones(4))
+    assert output["moon_positive"].shape == (8, 32) and output["moon_pair"].tolist() == call["pair"]
+
+
+def test_reward_and_loss_embeddings_are_the_same_function_of_the_same_tokens(setup):
+    trainer = setup.trainer
+    setup.reward.calls.clear()
+    output = trainer._generate_and_score_completions(generation_batch(setup, [4, 5, 6, 7]))
+    seen = {}
+    original = trainer.completion_embeddings
+
+    def spy(records, inputs):
+        seen["loss"] = original(records, inputs)
+        return seen["loss"]
+
+    trainer.completion_embeddings = spy
+    trainer.current_gradient_accumulation_steps = 1  # set by `train()`; this test calls the loss directly
+    try:
+        loss = trainer.compute_loss(trainer.model, dict(output))
+    finally:
+        trainer.completion_embeddings = original
+    assert torch.isfinite(loss)
+    reward_embeddings = setup.reward.calls[-1]["embeddings"]
+    assert (reward_embeddings - seen["loss"].detach()).abs().max() < 1e-5
+
+
+def test_truncated_completions_are_read_at_their_last_token_and_flagged(setup):
+    setup.reward.calls.clear()
+    setup.trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11]))
+    call = setup.reward.calls[-1]
+    eos = setup.trainer.eos_token_ids
+    for ids, flag in zip(call["completion_ids"], call["truncated"], strict=True):
+        assert flag == (ids[-1] not in eos)
+    assert any(call["truncated"])  # an untrained model rarely stops within 8 tokens
+
+
+def test_heads_never_reach_the_weights_synced_to_vllm(setup):
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    trainer = setup.trainer
+    stub = SimpleNamespace(model=trainer.model,
+                           _dist=SimpleNamespace(is_fsdp=False, gather_params=lambda params: nullcontext()))
+    stub._fix_param_name_to_vllm = lambda name, extra_prefixes=None: VLLMGeneration._fix_param_name_to_vllm(
+        stub, name, extra_prefixes)
+    synced = list(VLLMGeneration._iter_named_params(stub))  # TRL's own iterator, no vLLM needed
+    assert len(synced) == len(list(trainer.model.parameters()))
+    synced_ptrs = {tensor.data_ptr() for _, tensor in synced}
+    assert not any(p.data_ptr() in synced_ptrs for p in trainer.embedder.heads.parameters())
+    assert not any(part in name for name, _ in synced for part in ("fusion", "fire", "heads"))
+    assert sorted(trainer.vllm_synced_names()) == sorted(name for name, _ in synced)
+
+
+def test_heads_have_their_own_optimizer_group_and_train(setup):
+    trainer = setup.trainer
+    before = {n: p.detach().clone() for n, p in trainer.embedder.heads.named_parameters()}
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    heads = {id(p) for p in trainer.embedder.heads.parameters()}
+    assert any({id(p) for p in g["params"]} == heads and g["lr"] <= 1e-3 for g in groups)
+    changed = [n for n, p in trainer.embedder.heads.named_parameters() if not torch.equal(p, before[n])]
+    assert "proj.weight" in changed
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"infonce", "retrieval/mrr", "rewards/recording/mean", "completions/mean_length"} <= logged
