@@ -1,0 +1,43 @@
+"""Pluggable GRPO rewards for moon-rl.
+
+A reward follows TRL's contract, `fn(completions, **kwargs) -> list[float | None]` (one value per completion,
+`None` excludes it), and is a pure function of tensors and columns, testable without a trainer. Importing this
+package registers the built-ins:
+
+- `retrieval_rank`: reciprocal rank of the positive among the candidates,
+- `retrieval_margin` (`temperature`): positive similarity minus a softmax-weighted mean of the negatives',
+- `format`: exactly one well-formed `<think>...</think>` block, not truncated,
+- `attribute_recall`: fraction of the product's attribute values the reasoning names,
+- `length` (`budget`, `penalty`): a token budget with a truncation penalty.
+
+Recipes name rewards through `resolve_reward` / `build_rewards` (registered name, entry point in group
+`moon_rl.rewards`, `package.module:fn` or `path/to/file.py:fn`); `@reward("name")` registers your own.
+"""
+
+from rewards.registry import (
+    ENTRY_POINT_GROUP,
+    RewardError,
+    RewardFunc,
+    available_rewards,
+    build_rewards,
+    resolve_reward,
+    reward,
+)
+from rewards.retrieval import RetrievalMargin, retrieval_rank
+from rewards.text import FormatReward, Length, attribute_recall, completion_text
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "FormatReward",
+    "Length",
+    "RetrievalMargin",
+    "RewardError",
+    "RewardFunc",
+    "attribute_recall",
+    "available_rewards",
+    "build_rewards",
+    "completion_text",
+    "reward",
+    "resolve_reward",
+    "retrieval_rank",
+]

@@ -1,0 +1,520 @@
+"""Tests of rewards/: built-ins on hand-made tensors with exact answers, and every way a name resolves."""
+
+from __future__ import annotations
+
+import doctest
+import functools
+import importlib.metadata
+import math
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rewards
+from moon_rl.errors import RecipeError
+from rewards import (
+    FormatReward,
+    Length,
+    RetrievalMargin,
+    RewardError,
+    attribute_recall,
+    available_rewards,
+    build_rewards,
+    resolve_reward,
+    retrieval_rank,
+)
+from rewards import registry as registry_module
+from rewards import retrieval as retrieval_module
+from rewards import text as text_module
+
+BUILTINS = ["attribute_recall", "format", "length", "retrieval_margin", "retrieval_rank"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    """Each test registers into a copy, so test rewards never leak into other tests."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+
+
+def _retrieval_batch() -> dict[str, torch.Tensor]:
+    # Three unit candidates; each completion's similarities are (0.8, 0.6, 0.0) in some order, so the positives
+    # (rows 0, 1, 2) rank 1st, 2nd and 3rd.
+    candidates = torch.eye(3)
+    embeddings = torch.tensor([[0.8, 0.6, 0.0], [0.8, 0.6, 0.0], [0.8, 0.6, 0.0]])
+    return {"embeddings": embeddings, "candidates": candidates, "positive_index": torch.tensor([0, 1, 2])}
+
+
+# --- retrieval_rank -------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_rank_is_the_reciprocal_rank_and_logs_the_mrr():
+    logged: list[tuple[str, float]] = []
+    out = retrieval_rank(["a", "b", "c"], **_retrieval_batch(), log_metric=lambda k, v: logged.append((k, v)))
+    assert out == [1.0, 0.5, 1 / 3]
+    assert logged == [("retrieval/mrr", (1.0 + 0.5 + 1 / 3) / 3)]
+
+
+def test_retrieval_rank_counts_only_strictly_better_candidates():
+    # Candidates 0 and 1 tie with the positive (1); candidate 2 beats it: rank 2, not 3.
+    candidates = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    embeddings = torch.tensor([[0.6, 0.8]])
+    out = retrieval_rank(["a"], embeddings=embeddings, candidates=candidates, positive_index=torch.tensor([1]))
+    assert out == [0.5]
+
+
+def test_retrieval_rank_ignores_unused_kwargs_and_accepts_conversational_completions():
+    completions = [[{"role": "assistant", "content": "<think>x</think>"}]] * 3
+    out = retrieval_rank(completions, **_retrieval_batch(), prompts=["p"] * 3, trainer_state=None, colour=["r"] * 3)
+    assert out == [1.0, 0.5, 1 / 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "needs embeddings, candidates, positive_index"),
+        ({"positive_index": torch.tensor([0, 1])}, "3 completions"),
+        ({"candidates": torch.eye(4)}, "same D"),
+        ({"positive_index": torch.tensor([0, 1, 3])}, "out of range"),
+    ],
+)
+def test_retrieval_rewards_reject_missing_or_inconsistent_tensors(kwargs, message):
+    batch = _retrieval_batch() if kwargs else {}
+    batch.update(kwargs)
+    for fn in (retrieval_rank, RetrievalMargin()):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fn(["a", "b", "c"], **batch)
+
+
+# --- retrieval_margin -----------------------------------------------------------------------------------------------
+
+
+def test_retrieval_margin_by_hand_with_two_negatives():
+    # Similarities to the candidates: positive 0.6, negatives 0.0 and 0.8.
+    candidates = torch.tensor([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.8, 0.6, 0.0]])
+    embeddings = torch.tensor([[1.0, 0.0, 0.0]])
+    tau = 0.5
+    w_low, w_high = math.exp(0.0 / tau), math.exp(0.8 / tau)
+    expected = 0.6 - (0.0 * w_low + 0.8 * w_high) / (w_low + w_high)
+    out = RetrievalMargin(temperature=tau)(
+        ["a"], embeddings=embeddings, candidates=candidates, positive_index=torch.tensor([0])
+    )
+    assert out == pytest.approx([expected], abs=1e-7)
+
+
+def test_retrieval_margin_is_the_gap_to_the_hardest_negative_at_low_temperature():
+    out = RetrievalMargin(temperature=1e-4)(["a", "b", "c"], **_retrieval_batch())
+    assert out == pytest.approx([0.8 - 0.6, 0.6 - 0.8, 0.0 - 0.8], abs=1e-6)
+
+
+def test_retrieval_margin_without_negatives_is_none():
+    out = RetrievalMargin()(
+        ["a", "b"], embeddings=torch.eye(2)[:, :1], candidates=torch.ones(1, 1), positive_index=torch.tensor([0, 0])
+    )
+    assert out == [None, None]
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), True, "0.1"])
+def test_retrieval_margin_rejects_bad_temperatures(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        RetrievalMargin(temperature=temperature)
+
+
+# --- format ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "truncated", "expected"),
+    [
+        ("<think>A red wool scarf.</think>", False, 1.0),
+        ("\n<think>\nmulti\nline\n</think>\n\n", False, 1.0),
+        ("<think>A red wool scarf.</think>", True, 0.0),  # cut by the length limit
+        ("<think></think>", False, 0.0),  # empty
+        ("<think>  \n </think>", False, 0.0),  # blank
+        ("<think>a <think>b</think> c</think>", False, 0.0),  # nested
+        ("<think>a</think><think>b</think>", False, 0.0),  # two blocks
+        ("<think>a</think> b</think>", False, 0.0),  # extra closing tag
+        ("<think>a</think> the answer", False, 0.0),  # text after the block
+        ("before <think>a</think>", False, 0.0),  # text before the block
+        ("<think>never closed", False, 0.0),
+        ("no tags at all", False, 0.0),
+        ("", False, 0.0),
+    ],
+)
+def test_format_table(completion, truncated, expected):
+    fmt = FormatReward()
+    assert fmt([completion], truncated=[truncated]) == [expected]
+    # The same completion in TRL's conversational form.
+    assert fmt([[{"role": "assistant", "content": completion}]], truncated=[truncated]) == [expected]
+
+
+def test_format_without_truncated_flags_treats_nothing_as_truncated():
+    assert FormatReward()(["<think>a</think>", "b"]) == [1.0, 0.0]
+
+
+def test_format_reads_multipart_content():
+    completion = [
+        {"role": "assistant", "content": [{"type": "text", "text": "<think>a"}, {"type": "text", "text": "</think>"}]}
+    ]
+    assert FormatReward()([completion]) == [1.0]
+
+
+# --- attribute_recall -----------------------------------------------------------------------------------------------
+
+
+def test_attribute_recall_exact_fractions():
+    completions = [
+        "<think>A RED scarf in navy  blue, size 100%.</think>",
+        "<think>A redwood box.</think>",
+        "<think>anything</think>",
+        "<think>anything</think>",
+        [{"role": "assistant", "content": "<think>Wool, red.</think>"}],
+    ]
+    attributes = [
+        {"color": "red", "trim": "navy blue", "fill": "100%", "material": "wool"},  # 3 of 4
+        {"color": "red", "material": "oak"},  # "red" must not match "redwood"
+        {},
+        None,
+        {"color": "red", "material": "wool", "size": None, "brand": " "},  # struct padding and blanks are skipped
+    ]
+    assert attribute_recall(completions, attributes=attributes) == [0.75, 0.0, None, None, 1.0]
+
+
+def test_attribute_recall_two_of_four_is_a_half():
+    attributes = [{"color": "red", "material": "wool", "size": "XL", "brand": "Acme"}]
+    assert attribute_recall(["<think>Acme makes this red thing.</think>"], attributes=attributes) == [0.5]
+
+
+def test_attribute_recall_without_an_attributes_column_is_none():
+    assert attribute_recall(["<think>a</think>", "b"], prompts=["p", "q"]) == [None, None]
+
+
+def test_attribute_recall_does_not_match_the_think_tag():
+    assert attribute_recall(["<think>blue</think>"], attributes=[{"style": "think"}]) == [0.0]
+
+
+# --- length ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "truncated", "expected"),
+    [(0, False, 1.0), (4, False, 1.0), (5, False, 0.75), (6, False, 0.5), (8, False, 0.0), (20, False, 0.0)]
+    + [(3, True, -2.0), (20, True, -2.0)],
+)
+def test_length_budget_and_truncation_penalty(tokens, truncated, expected):
+    length = Length(budget=4, penalty=2.0)
+    assert length(["x"], completion_ids=[list(range(tokens))], truncated=[truncated]) == [expected]
+
+
+def test_length_reads_tensor_ids_and_defaults():
+    assert Length()(["x", "y"], completion_ids=[torch.arange(64), torch.arange(96)]) == [1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"), ({"penalty": -1}, "penalty")]
+)
+def test_length_rejects_bad_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Length(**kwargs)
+
+
+# --- registry: names ------------------------------------------------------------------------------------------------
+
+
+def test_builtins_are_registered_on_import():
+    assert set(BUILTINS) <= set(available_rewards())
+
+
+def test_decorator_registers_functions_and_classes():
+    @rewards.reward("test_constant")
+    def constant(completions, **kwargs):
+        return [0.25] * len(completions)
+
+    @rewards.reward("test_scaled")
+    class Scaled:
+        def __init__(self, scale: float = 1.0):
+            self.scale = scale
+
+        def __call__(self, completions, **kwargs):
+            return [self.scale] * len(completions)
+
+    assert {"test_constant", "test_scaled"} <= set(available_rewards())
+    assert resolve_reward("test_constant")(["a"]) == [0.25]
+    scaled = resolve_reward("test_scaled", {"scale": 3.0})
+    assert isinstance(scaled, Scaled) and scaled(["a", "b"]) == [3.0, 3.0]
+    assert scaled.__name__ == "test_scaled"
+
+
+def test_duplicate_name_is_an_error():
+    @rewards.reward("test_taken")
+    def first(completions, **kwargs):
+        return []
+
+    with pytest.raises(RewardError, match=re.escape("'test_taken' is already registered by")):
+
+        @rewards.reward("test_taken")
+        def second(completions, **kwargs):
+            return []
+
+
+def test_registering_the_same_function_again_is_allowed():
+    # A module reload re-runs its decorators with new objects of the same qualified name.
+    def fn(completions, **kwargs):
+        return []
+
+    rewards.reward("test_reloaded")(fn)
+    rewards.reward("test_reloaded")(functools.wraps(fn)(lambda completions, **kwargs: []))
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", None])
+def test_registered_names_must_be_plain(bad):
+    with pytest.raises(RewardError, match="Reward name must be"):
+        rewards.reward(bad)
+
+
+def test_unknown_name_lists_available_rewards_and_suggests_the_closest():
+    with pytest.raises(RecipeError) as info:
+        resolve_reward("retreival_rank")
+    message = str(info.value)
+    assert "Unknown reward 'retreival_rank'. Did you mean 'retrieval_rank'?" in message
+    assert f"Available rewards: {', '.join(sorted(available_rewards()))}." in message
+    assert "'package.module:fn' or 'path/to/file.py:fn'" in message
+
+
+def test_dotted_name_without_colon_suggests_the_module_form():
+    with pytest.raises(RewardError, match=re.escape("write my_pkg.scores:fn")):
+        resolve_reward("my_pkg.scores.fn")
+
+
+# --- registry: modules, files, entry points -------------------------------------------------------------------------
+
+USER_REWARDS = """
+from rewards import reward
+
+
+def keyword_count(completions, keyword="red", **kwargs):
+    return [float(str(c).count(keyword)) for c in completions]
+
+
+class Scaled:
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def __call__(self, completions, **kwargs):
+        return [self.scale] * len(completions)
+
+
+def no_kwargs(completions):
+    return [0.0] * len(completions)
+
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module `moon_rl_test_user_rewards` importable from tmp_path."""
+    name = "moon_rl_test_user_rewards"
+    (tmp_path / f"{name}.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_module_colon_function(user_module):
+    fn = resolve_reward(f"{user_module}:keyword_count", {"keyword": "b"})
+    assert fn(["abb", "a"]) == [2.0, 0.0]
+    assert fn.__name__ == "keyword_count"
+    scaled = resolve_reward(f"{user_module}:Scaled", {"scale": 2})
+    assert scaled(["a"]) == [2] and scaled.__name__ == "Scaled"
+    assert pickle.loads(pickle.dumps(fn))(["b"]) == [1.0]
+
+
+def test_module_errors(user_module):
+    with pytest.raises(RewardError, match=re.escape("Cannot import module 'no_such_module_xyz'")):
+        resolve_reward("no_such_module_xyz:fn")
+    with pytest.raises(RewardError, match=re.escape("has no function 'keyword_cont'. Did you mean 'keyword_count'?")):
+        resolve_reward(f"{user_module}:keyword_cont")
+    with pytest.raises(RewardError, match="is not callable"):
+        resolve_reward(f"{user_module}:NOT_CALLABLE")
+    with pytest.raises(RewardError, match=re.escape("must accept **kwargs")):
+        resolve_reward(f"{user_module}:no_kwargs")
+
+
+def test_file_colon_function_relative_to_base_dir(tmp_path):
+    folder = tmp_path / "recipes"
+    (folder / "shared").mkdir(parents=True)
+    (folder / "shared" / "team.py").write_text(USER_REWARDS)
+    fn = resolve_reward("shared/team.py:keyword_count", {"keyword": "z"}, base_dir=folder)
+    assert fn(["zz"]) == [2.0] and fn.__name__ == "keyword_count"
+    # The absolute form, and a second load reuses the module (same function object).
+    again = resolve_reward(f"{folder / 'shared' / 'team.py'}:keyword_count")
+    assert again.func is fn.func
+    assert pickle.loads(pickle.dumps(fn))(["z"]) == [1.0]
+
+
+def test_file_with_the_same_stem_in_two_folders_loads_both(tmp_path):
+    for sub, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "r.py").write_text(f"def score(completions, **kwargs):\n    return [{value}]\n")
+    assert resolve_reward("a/r.py:score", base_dir=tmp_path)(["x"]) == [1.0]
+    assert resolve_reward("b/r.py:score", base_dir=tmp_path)(["x"]) == [2.0]
+
+
+def test_file_errors_name_the_file_and_function(tmp_path):
+    (tmp_path / "ok.py").write_text(USER_REWARDS)
+    (tmp_path / "broken.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "syntax.py").write_text("def f(:\n")
+    with pytest.raises(
+        RewardError,
+        match=re.escape(
+            f"Reward file 'missing.py' (from 'missing.py:fn') does not exist: looked for {tmp_path / 'missing.py'}"
+        ),
+    ):
+        resolve_reward("missing.py:fn", base_dir=tmp_path)
+    with pytest.raises(RewardError, match=re.escape("File 'ok.py' has no function 'nope'")):
+        resolve_reward("ok.py:nope", base_dir=tmp_path)
+    with pytest.raises(
+        RewardError,
+        match=re.escape(
+            f"Reward file {tmp_path / 'broken.py'} (from 'broken.py:f') failed to import: ModuleNotFoundError"
+        ),
+    ):
+        resolve_reward("broken.py:f", base_dir=tmp_path)
+    with pytest.raises(RewardError, match="failed to import: SyntaxError"):
+        resolve_reward("syntax.py:f", base_dir=tmp_path)
+    # A failed import leaves nothing behind: fixing the file makes the next resolve succeed.
+    (tmp_path / "broken.py").write_text("def f(completions, **kwargs):\n    return [1.0]\n")
+    assert resolve_reward("broken.py:f", base_dir=tmp_path)(["x"]) == [1.0]
+
+
+def _fake_entry_points(*points: importlib.metadata.EntryPoint):
+    def entry_points(**params):
+        assert params == {"group": "moon_rl.rewards"}
+        return importlib.metadata.EntryPoints(points)
+
+    return entry_points
+
+
+def test_entry_point_resolution(user_module, monkeypatch):
+    point = importlib.metadata.EntryPoint("team_keywords", f"{user_module}:keyword_count", "moon_rl.rewards")
+    broken = importlib.metadata.EntryPoint("team_broken", "no_such_module_xyz:fn", "moon_rl.rewards")
+    monkeypatch.setattr(importlib.metadata, "entry_points", _fake_entry_points(point, broken))
+    assert {"team_keywords", "team_broken"} <= set(available_rewards())
+    fn = resolve_reward("team_keywords", {"keyword": "q"})
+    assert fn(["qq"]) == [2.0] and fn.__name__ == "team_keywords"
+    with pytest.raises(RewardError, match=re.escape("Entry point 'team_broken' ('no_such_module_xyz:fn', group")):
+        resolve_reward("team_broken")
+
+
+def test_registry_wins_over_entry_points(user_module, monkeypatch):
+    point = importlib.metadata.EntryPoint("format", f"{user_module}:keyword_count", "moon_rl.rewards")
+    monkeypatch.setattr(importlib.metadata, "entry_points", _fake_entry_points(point))
+    assert isinstance(resolve_reward("format"), FormatReward)
+
+
+# --- registry: args, names, pickling --------------------------------------------------------------------------------
+
+
+def test_args_are_bound_as_keywords():
+    margin = resolve_reward("retrieval_margin", {"temperature": 1e-4})
+    assert margin.temperature == 1e-4
+    assert margin(["a", "b", "c"], **_retrieval_batch()) == pytest.approx([0.2, -0.2, -0.8], abs=1e-6)
+    length = resolve_reward("length", {"budget": 2, "penalty": 0.5})
+    assert length(["a", "b"], completion_ids=[[1, 2, 3], [1]], truncated=[False, True]) == [0.5, -0.5]
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        (
+            "retrieval_margin",
+            {"temprature": 0.1},
+            "Reward 'retrieval_margin' has no argument 'temprature'; valid args: temperature.",
+        ),
+        ("retrieval_rank", {"k": 1}, "Reward 'retrieval_rank' has no argument 'k'; valid args: none."),
+        ("format", {"strict": True}, "Reward 'format' has no argument 'strict'; valid args: none."),
+        ("retrieval_rank", {"embeddings": 1}, "embeddings cannot be set in args; the trainer passes it on every call."),
+        ("length", {"budget": -3}, "Reward 'length' rejected args {'budget': -3}: `budget` must be a positive integer"),
+    ],
+)
+def test_bad_args_are_errors_naming_the_reward_and_valid_args(name, args, message):
+    with pytest.raises(RewardError, match=re.escape(message)):
+        resolve_reward(name, args)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_bound_builtins_have_readable_names_and_pickle(name):
+    args = {"retrieval_margin": {"temperature": 0.1}, "length": {"budget": 8}}.get(name, {})
+    fn = resolve_reward(name, args)
+    restored = pickle.loads(pickle.dumps(fn))
+    assert fn.__name__ == restored.__name__ == name
+    batch = {
+        "embeddings": torch.tensor([[0.6, 0.8]]),
+        "candidates": torch.eye(2),
+        "positive_index": torch.tensor([0]),
+        "completion_ids": [[1]],
+        "attributes": [{"c": "red"}],
+    }
+    assert restored(["<think>red</think>"], **batch) == fn(["<think>red</think>"], **batch)
+
+
+def test_trl_logs_bound_builtins_under_their_registered_names():
+    from trl.trainer.utils import get_callable_name
+
+    assert [get_callable_name(resolve_reward(n, {})) for n in BUILTINS] == BUILTINS
+
+
+def test_build_rewards_weights_defaults_and_duplicate_names():
+    built = build_rewards(
+        [
+            {"name": "retrieval_rank"},
+            {"name": "length", "weight": -0.5, "args": {"budget": 16}},
+            {"name": "length", "weight": 2, "args": {"budget": 32}},
+        ]
+    )
+    assert [(fn.__name__, weight) for fn, weight in built] == [
+        ("retrieval_rank", 1.0),
+        ("length", -0.5),
+        ("length_2", 2.0),
+    ]
+    assert [fn.budget for fn, _ in built[1:]] == [16, 32]
+
+
+def test_build_rewards_reports_every_bad_entry_at_once():
+    with pytest.raises(RewardError) as info:
+        build_rewards(
+            [
+                {"name": "retrieval_rank"},
+                {"name": "formt"},
+                {"name": "length", "weight": "heavy"},
+                {"name": "retrieval_margin", "args": {"tau": 1}},
+                "format",
+            ]
+        )
+    lines = str(info.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "rewards[1] (formt)",
+        "rewards[2] (length)",
+        "rewards[3] (retrieval_margin)",
+        "rewards[4]",
+    ]
+    assert "Did you mean 'format'?" in lines[0]
+
+
+def test_rewards_do_not_import_the_training_package():
+    # Rewards are pure functions of tensors and columns, testable without the trainers; a fresh interpreter shows what
+    # `import rewards` really pulls in.
+    code = "import sys, rewards; print(sorted(m for m in sys.modules if m.startswith('moon_rl')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['moon_rl', 'moon_rl.errors']"
+
+
+@pytest.mark.parametrize("module", [registry_module, retrieval_module, text_module])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
