@@ -31,6 +31,7 @@ app = typer.Typer(
     "  moon-rl data synth runs/catalogue --n-products 200 --seed 0\n\n"
     "  moon-rl recipe validate recipes/tiny-cpu.yaml\n\n"
     "  moon-rl sft recipes/tiny-cpu.yaml\n\n"
+    "  moon-rl grpo recipes/tiny-cpu.yaml\n\n"
     "  moon-rl embed recipes/tiny-cpu.yaml --catalogue runs/catalogue --out runs/embed\n\n"
     "  moon-rl search runs/embed \"red striped shirt\" -k 5",
     no_args_is_help=True,
@@ -161,6 +162,21 @@ def sft(
 
     final = run_sft(_load(recipe, set_), resume=resume, overwrite=overwrite)
     typer.echo(f"SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+
+
+@app.command("grpo")
+@_user_errors
+def grpo(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
+) -> None:
+    """Stage 2: GRPO with retrieval-rank rewards + InfoNCE, from the SFT model. Writes <output_dir>/grpo/final."""
+    from moon_rl.training.grpo import run_grpo
+
+    final = run_grpo(_load(recipe, set_), resume=resume, overwrite=overwrite)
+    typer.echo(f"GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------------- embed

@@ -225,8 +225,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     base_dir = Path(recipe.files[-1]).parent if recipe.files else None
-    rewards = [(entry["name"].rsplit(":", 1)[-1], fn)
-               for entry, (fn, _) in zip(args.rewards, build_rewards(args.rewards, base_dir=base_dir), strict=True)]
+    rewards = [(getattr(fn, "__name__", "reward"), fn) for fn, _ in build_rewards(args.rewards, base_dir=base_dir)]
 
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
