@@ -62,14 +62,19 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         reward_funcs (`list[tuple[str, Callable]]`): `(name, fn)` with fn following rewards/'s contract.
         args (`MoonGRPOConfig`): TRL's GRPO fields plus moon-rl's.
         query_item (`Callable[[int], EmbedItem]`): the query (positive) of a pair, by the dataset's `pair` column.
+        related_pairs (`Callable[[int], list[int]]`, *optional*): pairs whose queries join the candidates as hard
+            negatives (e.g. the same kind of query for the pair's look-alike products). Without them a small
+            generation batch of random products is ranked almost perfectly and the reward stops discriminating.
         heads_learning_rate (`float`): learning rate of the heads' parameter group.
         **kwargs: passed to `GRPOTrainer` (train_dataset, callbacks, ...).
     """
 
     def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[tuple[str, Callable]], args: MoonGRPOConfig, *,
-                 query_item: Callable[[int], EmbedItem], heads_learning_rate: float, **kwargs: Any):
+                 query_item: Callable[[int], EmbedItem], heads_learning_rate: float,
+                 related_pairs: Callable[[int], list[int]] | None = None, **kwargs: Any):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         self.query_item = query_item
+        self.related_pairs = related_pairs
         self._reward_context: dict[str, Any] = {}
         self._positives: dict[str, torch.Tensor] = {}
         wrapped = [ContextReward(fn, lambda: self._reward_context, name) for name, fn in reward_funcs]
@@ -97,8 +102,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _candidates(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Direct-mode embeddings of the generation batch's queries (all processes), their pair ids, and local rows."""
-        local = sorted(set(pairs))
+        """Direct-mode embeddings of the generation batch's queries (all processes) and their related pairs' queries,
+        the candidates' pair ids, and each row's positive index."""
+        related = [r for p in set(pairs) for r in self.related_pairs(p)] if self.related_pairs else []
+        local = sorted(set(pairs) | set(related))
         items = [self.query_item(p) for p in local]
         vectors = self.embedder(self.embedder.prepare(items)) if items else None
         device = self.accelerator.device
@@ -189,6 +196,25 @@ def _check_distinct_anchors(args: MoonGRPOConfig) -> None:
         )
 
 
+def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
+    """For a pair, the pairs with the same kind of query (text / image / product) for its hard-negative products."""
+
+    def kind(ex: Any) -> str:
+        if isinstance(ex.anchor, str):
+            return "product"
+        return "image" if ex.image_only else ("text" if ex.anchor.image is None else "multimodal")
+
+    by_product: dict[tuple[str, str], int] = {}
+    for i, ex in enumerate(examples):
+        by_product.setdefault((ex.positive, kind(ex)), i)
+
+    def related(pair: int) -> list[int]:
+        ex = examples[pair]
+        return [by_product[(neg, kind(ex))] for neg in ex.negatives if (neg, kind(ex)) in by_product]
+
+    return related
+
+
 def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Dataset:
     """One row per training pair: the product prompt (TRL inserts the images), images, pair id, attributes."""
     from moon_rl.modeling.inputs import to_item
@@ -230,7 +256,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
 
-    trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item,
+    trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
                               heads_learning_rate=recipe.model.heads.learning_rate,
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
     checkpoint = latest_checkpoint(out) if resume else None
