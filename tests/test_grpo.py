@@ -147,3 +147,44 @@ def test_heads_have_their_own_optimizer_group_and_train(setup):
     assert "proj.weight" in changed
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"infonce", "retrieval/mrr", "rewards/recording/mean", "completions/mean_length"} <= logged
+
+
+def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
+    import json
+
+    from moon_rl.training.checkpoint import HEADS_FILE, MARKER_FILE
+    from moon_rl.training.grpo import run_grpo
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(completions, completion_ids, **kwargs):\n"
+        "    return [1.0 / (1 + len(ids)) for ids in completion_ids]\n"
+    )
+    grpo_recipe(tmp_path)  # writes grpo.yaml
+    (tmp_path / "with_file_reward.yaml").write_text(
+        "extends: grpo.yaml\n"
+        "grpo: {save_steps: 1, rewards: [{name: 'my_rewards.py:brevity', weight: 0.1}, {name: retrieval_rank}]}\n"
+    )
+
+    def recipe(*overrides):
+        return load_recipe(tmp_path / "with_file_reward.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
+
+    final = run_grpo(recipe(), evaluate=False)  # no SFT model: starts from the base
+    out = final.parent
+    history = json.loads((out / "log_history.json").read_text())
+    logged = {k for entry in history for k in entry}
+    assert {"rewards/brevity/mean", "rewards/retrieval_rank/mean", "retrieval/mrr", "infonce"} <= logged
+    assert (out / "checkpoint-2" / HEADS_FILE).is_file() and (out / "checkpoint-2" / MARKER_FILE).is_file()
+    # Interrupted after step 2: resume with a longer budget continues at step 3.
+    (final / "moon_rl.json").unlink()
+    run_grpo(recipe("grpo.max_steps=3"), resume=True, evaluate=False)
+    steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
+    assert steps == [1, 2, 3]
+
+
+def test_too_few_distinct_anchors_is_a_clear_error(tmp_path):
+    from moon_rl.errors import MoonError
+    from moon_rl.training.grpo import run_grpo
+
+    recipe = grpo_recipe(tmp_path, "grpo.per_device_train_batch_size=4", "grpo.num_generations=2")
+    with pytest.raises(MoonError, match="distinct anchors.*per_device_train_batch_size"):
+        run_grpo(recipe)
