@@ -33,7 +33,7 @@ from trl import GRPOTrainer
 from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble
+from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble, tokenize_prompts
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir, latest_checkpoint, load_heads
 from moon_rl.training.common import MoonTrainerMixin
 from moon_rl.training.configs import MoonGRPOConfig
@@ -86,44 +86,57 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         embedder.heads.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ rewards
+    def _local_candidate_pairs(self, pairs: list[int]) -> list[int]:
+        """This process's candidate pairs: its rows' pairs and their related (look-alike) pairs."""
+        related = [r for p in set(pairs) for r in self.related_pairs(p)] if self.related_pairs else []
+        return sorted(set(pairs) | set(related))
+
     @torch.no_grad()
-    def _embed_completions(self, prompts: list, completion_ids_list: list[list[int]]) -> tuple[torch.Tensor, list]:
-        """Read-outs of prompt + completion, exactly the tokens (and read-out position) of the loss forward."""
+    def _reward_forward(self, prompts: list, completion_ids_list: list[list[int]], candidate_pairs: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """ONE no-grad forward for the completions' read-outs and the local candidates' direct embeddings.
+
+        Completions are read out at their last token, exactly the tokens (and position) of the loss forward; the
+        candidate queries get their end-of-turn appended (direct mode). One forward instead of two: on small batches
+        the per-forward overhead, not the token count, dominates.
+        """
         prompt_ids, _, fields = self._tokenize_prompts(prompts)
         # TRL tokenises without `return_tensors`: image fields may come back as numpy arrays.
         pixels, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
-        batch_prompts = PromptBatch([list(p) for p in prompt_ids],
-                                    None if pixels is None else torch.as_tensor(np.asarray(pixels)),
-                                    None if grid is None else torch.as_tensor(np.asarray(grid)))
-        batch = assemble(batch_prompts, completion_ids_list, self.embedder.readout_id, self.embedder.pad_id,
+        queries = tokenize_prompts(self.embedder.processor, [self.query_item(p) for p in candidate_pairs])
+        pixel_parts = [torch.as_tensor(np.asarray(x)) for x in (pixels, queries.pixel_values) if x is not None]
+        grid_parts = [torch.as_tensor(np.asarray(x)) for x in (grid, queries.image_grid_thw) if x is not None]
+        merged = PromptBatch([list(p) for p in prompt_ids] + queries.prompt_ids,
+                             torch.cat(pixel_parts) if pixel_parts else None,
+                             torch.cat(grid_parts) if grid_parts else None)
+        completions = list(completion_ids_list) + [[self.embedder.readout_id]] * len(candidate_pairs)
+        batch = assemble(merged, completions, self.embedder.readout_id, self.embedder.pad_id,
                          self.embedder.image_token_id, append_readout=False)
+        vectors = self.embedder(batch)
+        n = len(completion_ids_list)
         truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
-        return self.embedder(batch), truncated
+        return vectors[:n], vectors[n:], truncated
 
     @torch.no_grad()
-    def _candidates(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Direct-mode embeddings of the generation batch's queries (all processes) and their related pairs' queries,
-        the candidates' pair ids, and each row's positive index."""
-        related = [r for p in set(pairs) for r in self.related_pairs(p)] if self.related_pairs else []
-        local = sorted(set(pairs) | set(related))
-        items = [self.query_item(p) for p in local]
-        vectors = self.embedder(self.embedder.prepare(items)) if items else None
+    def _gather_candidates(self, local_pairs: list[int], local_vectors: torch.Tensor, pairs: list[int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates of every process (a pair sampled on two processes counts once) and each row's positive."""
         device = self.accelerator.device
-        ids = gather_ids(torch.tensor(local, dtype=torch.long, device=device))
-        vectors = gather_with_grad(vectors)
-        order = {}
+        ids = gather_ids(torch.tensor(local_pairs, dtype=torch.long, device=device))
+        vectors = gather_with_grad(local_vectors)
+        order: dict[int, int] = {}
         for row, pid in enumerate(ids.tolist()):
-            order.setdefault(pid, row)  # a pair sampled on two processes is one candidate
+            order.setdefault(pid, row)
         keep = torch.tensor(sorted(order.values()), device=device)
         candidates, candidate_ids = vectors[keep], ids[keep]
         position = {pid: i for i, pid in enumerate(candidate_ids.tolist())}
-        positive_index = torch.tensor([position[p] for p in pairs], device=device)
-        return candidates, candidate_ids, positive_index
+        return candidates, torch.tensor([position[p] for p in pairs], device=device)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        embeddings, truncated = self._embed_completions(prompts, completion_ids_list)
         pairs = [int(x["pair"]) for x in inputs]
-        candidates, _, positive_index = self._candidates(pairs)
+        local_pairs = self._local_candidate_pairs(pairs)
+        embeddings, local_candidates, truncated = self._reward_forward(prompts, completion_ids_list, local_pairs)
+        candidates, positive_index = self._gather_candidates(local_pairs, local_candidates, pairs)
         scores = embeddings @ candidates.T
         ranks = 1 + (scores > scores.gather(1, positive_index[:, None])).sum(1)
         self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
