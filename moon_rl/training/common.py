@@ -7,6 +7,9 @@ right (zeroed after each step, averaged across processes) and puts them into eve
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,11 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.training.checkpoint import mark_complete, save_heads
+from moon_rl.training.checkpoint import FINAL_DIR, latest_checkpoint, load_heads, mark_complete, save_heads
+
+logger = logging.getLogger(__name__)
 
 
 def global_count(n: int, device: torch.device) -> int:
@@ -101,3 +107,20 @@ class MoonTrainerMixin:
             mark_complete(folder, self.state.global_step)
 
 
+
+
+def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: bool) -> float | None:
+    """Train (from the newest complete checkpoint with `resume`), then, on the saving process, write the final model
+    (`out/final`) and `out/log_history.json`. Returns the training seconds there, None on the other processes."""
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        load_heads(embedder.heads, checkpoint)
+        logger.warning("resuming from %s", checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    if not trainer.args.should_save:
+        return None
+    embedder.save(out / FINAL_DIR)
+    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    return seconds

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble, tokenize_prompts
-from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir, latest_checkpoint, load_heads
-from moon_rl.training.common import MoonTrainerMixin
+from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
+from moon_rl.training.common import MoonTrainerMixin, train_and_save
 from moon_rl.training.configs import MoonGRPOConfig
 from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce
 
@@ -272,20 +271,10 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
                               heads_learning_rate=recipe.model.heads.learning_rate,
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        load_heads(embedder.heads, checkpoint)
-        logger.warning("resuming from %s", checkpoint)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
-    final = out / FINAL_DIR
-    if trainer.args.should_save:
-        embedder.save(final)
-        atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-        if evaluate:
-            _write_metrics(recipe, embedder, init, catalogue, out, seconds)
-    return final
+    seconds = train_and_save(trainer, embedder, out, resume=resume)
+    if seconds is not None and evaluate:
+        _write_metrics(recipe, embedder, init, catalogue, out, seconds)
+    return out / FINAL_DIR
 
 
 def _write_metrics(recipe: Any, embedder: MoonEmbedder, init: Path, catalogue: Any, out: Path, seconds: float) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from trl import SFTTrainer
 
 from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir, latest_checkpoint, load_heads
-from moon_rl.training.common import MoonTrainerMixin, global_count
+from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
+from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save
 from moon_rl.training.configs import MoonSFTConfig
 from moon_rl.training.losses import info_nce
 
@@ -121,30 +120,16 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
         embedder, args, heads_learning_rate=recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
     )
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        load_heads(embedder.heads, checkpoint)
-        logger.warning("resuming from %s", checkpoint)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    final = out / FINAL_DIR
-    if trainer.args.should_save:
-        embedder.save(final)
-        _write_log_history(trainer, out)
-        if evaluate:
-            _write_metrics(recipe, embedder, catalogue, out, train_seconds)
-    return final
+    seconds = train_and_save(trainer, embedder, out, resume=resume)
+    if seconds is not None and evaluate:
+        _write_metrics(recipe, embedder, catalogue, out, seconds)
+    return out / FINAL_DIR
 
 
 def _synth_options(recipe: Any):
     from moon_rl.data.synthetic import SynthOptions
 
     return SynthOptions(**recipe.data.synthetic.model_dump())
-
-
-def _write_log_history(trainer: SFTTrainer, out: Path) -> None:
-    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
 def _write_metrics(recipe: Any, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
