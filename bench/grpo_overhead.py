@@ -48,14 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from moon_rl.data.catalogue import load_catalogue  # noqa: E402
+from moon_rl.data.catalogue import load_recipe_catalogue  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder  # noqa: E402
 from moon_rl.modeling.inputs import EmbedItem, to_item  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
 from moon_rl.recipe import load_recipe  # noqa: E402
 from moon_rl.training import grpo as moon_grpo  # noqa: E402
 from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset, lookalike_pairs  # noqa: E402
-from moon_rl.training.sft import _synth_options  # noqa: E402
 from moon_rl.training.sft_data import sft_examples  # noqa: E402
 from rewards import build_rewards  # noqa: E402
 
@@ -165,7 +164,7 @@ def build(args: argparse.Namespace, out: Path) -> NS:
         "grpo.disable_tqdm=true",
         "grpo.rewards=[{name: retrieval_rank, weight: 1.0}]",
     ])
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     embedder = MoonEmbedder.from_recipe(recipe).train()
     stock_model, _ = load_backbone(recipe.model)  # same builtin folder: same weights, no hooks

@@ -43,16 +43,15 @@ class RecordingReward:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
     from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset
-    from moon_rl.training.sft import _synth_options
     from moon_rl.training.sft_data import sft_examples
 
     tmp = tmp_path_factory.mktemp("grpo")
     recipe = grpo_recipe(tmp)
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, "train")
     embedder = MoonEmbedder.from_recipe(recipe).train()
     gen = torch.Generator().manual_seed(0)

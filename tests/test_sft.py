@@ -38,13 +38,12 @@ def trained(tmp_path_factory):
 
 
 def test_collator_packs_all_views_in_one_batch(tmp_path):
-    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
-    from moon_rl.training.sft import _synth_options
     from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
 
     recipe = small_recipe(tmp_path)
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, "train")
     embedder = MoonEmbedder.from_recipe(recipe)
     batch = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1)([{"pair": 0}, {"pair": 1}])
@@ -119,13 +118,12 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_pat
 
 
 def test_hard_negatives_rotate_over_dataset_rows(tmp_path):
-    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
-    from moon_rl.training.sft import _synth_options
     from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
 
     recipe = small_recipe(tmp_path)
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, "train")
     collator = MoonSFTCollator(MoonEmbedder.from_recipe(recipe), catalogue, examples, hard_negatives=1)
     pair = next(i for i, ex in enumerate(examples) if len(ex.negatives) >= 2)

@@ -369,3 +369,8 @@ def load_catalogue(
     """
     folder = resolve_catalogue_path(path, synthetic)
     return scan_catalogue(find_layout(folder), _raise, max_pixels=max_pixels)
+
+
+def load_recipe_catalogue(data: Any, path: str | Path | None = None) -> Catalogue:
+    """The catalogue a recipe's `data` section names (or `path` instead), with its `synthetic` options applied."""
+    return load_catalogue(path or data.catalogue, synthetic=SynthOptions(**data.synthetic.model_dump()))

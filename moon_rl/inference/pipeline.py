@@ -25,9 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moon_rl.cache import atomic_dir, atomic_write_text
-from moon_rl.data.catalogue import Catalogue, load_catalogue
+from moon_rl.data.catalogue import Catalogue, load_recipe_catalogue
 from moon_rl.data.records import Product
-from moon_rl.data.synthetic import SynthOptions
 from moon_rl.errors import DataError, MoonError
 from moon_rl.modeling.embedder import MODES, MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, product_text, to_item
@@ -261,12 +260,6 @@ def _manifest(
     }
 
 
-def _synth_options(recipe: Any) -> SynthOptions:
-    spec = recipe.data.synthetic
-    return SynthOptions(n_products=spec.n_products, seed=spec.seed, image_size=spec.image_size,
-                        test_fraction=spec.test_fraction, lookalikes=spec.lookalikes)
-
-
 def run_embed(
     recipe: Any, *, model_dir: Path | None, catalogue: str | None, out: Path | None, mode: str | None,
     skip_bad: bool, show_progress: bool = True,
@@ -294,7 +287,7 @@ def run_embed(
         embedder = MoonEmbedder.from_recipe(recipe)
     mode = mode or recipe.embed.mode
     embedder.generation_backend = recipe.embed.generation_backend
-    cat = load_catalogue(catalogue or recipe.data.catalogue, synthetic=_synth_options(recipe))
+    cat = load_recipe_catalogue(recipe.data, catalogue)
     out = Path(out) if out is not None else Path(recipe.output_dir) / "embed"
     return embed_catalogue(
         embedder, cat, out, mode=mode, batch_size=recipe.embed.batch_size, skip_bad=skip_bad,

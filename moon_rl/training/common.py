@@ -107,8 +107,6 @@ class MoonTrainerMixin:
             mark_complete(folder, self.state.global_step)
 
 
-
-
 def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: bool) -> float | None:
     """Train (from the newest complete checkpoint with `resume`), then, on the saving process, write the final model
     (`out/final`) and `out/log_history.json`. Returns the training seconds there, None on the other processes."""

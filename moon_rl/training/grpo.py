@@ -242,9 +242,8 @@ def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Data
 
 def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
     """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
-    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.inputs import to_item
-    from moon_rl.training.sft import _synth_options
     from moon_rl.training.sft_data import sft_examples
     from rewards import build_rewards
 
@@ -260,7 +259,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
         embedder = MoonEmbedder.from_recipe(recipe).train()
     embedder.meta["recipe"] = recipe.to_yaml()
     torch.manual_seed(args.seed)
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     base_dir = Path(recipe.files[-1]).parent if recipe.files else None
     rewards = [(getattr(fn, "__name__", "reward"), fn) for fn, _ in build_rewards(args.rewards, base_dir=base_dir)]

@@ -94,12 +94,13 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         metrics["infonce"] = float(total.detach())
         return total, metrics
 
+
 def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
     """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
 
     Returns the folder of the trained model (`<output_dir>/sft/final`).
     """
-    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
 
     args = recipe.sft_config()
@@ -109,7 +110,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     args.remove_unused_columns = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     torch.manual_seed(args.seed)
-    catalogue = load_catalogue(recipe.data.catalogue, synthetic=_synth_options(recipe))
+    catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     without_trace = sum(1 for ex in examples if not catalogue.products[ex.positive].reasoning)
     logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
@@ -124,12 +125,6 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     if seconds is not None and evaluate:
         _write_metrics(recipe, embedder, catalogue, out, seconds)
     return out / FINAL_DIR
-
-
-def _synth_options(recipe: Any):
-    from moon_rl.data.synthetic import SynthOptions
-
-    return SynthOptions(**recipe.data.synthetic.model_dump())
 
 
 def _write_metrics(recipe: Any, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
