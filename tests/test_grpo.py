@@ -132,7 +132,6 @@ def test_heads_never_reach_the_weights_synced_to_vllm(setup):
     synced_ptrs = {tensor.data_ptr() for _, tensor in synced}
     assert not any(p.data_ptr() in synced_ptrs for p in trainer.embedder.heads.parameters())
     assert not any(part in name for name, _ in synced for part in ("fusion", "fire", "heads"))
-    assert sorted(trainer.vllm_synced_names()) == sorted(name for name, _ in synced)
 
 
 def test_heads_have_their_own_optimizer_group_and_train(setup):
@@ -185,5 +184,5 @@ def test_too_few_distinct_anchors_is_a_clear_error(tmp_path):
     from moon_rl.training.grpo import run_grpo
 
     recipe = grpo_recipe(tmp_path, "grpo.per_device_train_batch_size=4", "grpo.num_generations=2")
-    with pytest.raises(MoonError, match="distinct anchors.*per_device_train_batch_size"):
+    with pytest.raises(MoonError, match=r"distinct anchor\(s\).*per_device_train_batch_size"):
         run_grpo(recipe)

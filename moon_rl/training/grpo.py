@@ -13,7 +13,7 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
   forward, captured by the backbone hooks; positive = its query embedding; negatives = the other rows' queries),
   divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward.
 * heads, optimizer group, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
-  the HF model, so the weights TRL syncs to vLLM never include them (`vllm_synced_names` shows what would be sent).
+  the HF model, so the weights TRL syncs to vLLM never include them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble, tokenize_prompts
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save
-from moon_rl.training.configs import MoonGRPOConfig
+from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
 from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce
 
 logger = logging.getLogger(__name__)
@@ -192,21 +192,6 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             start += n
         return torch.cat(rows)
 
-    def vllm_synced_names(self) -> list[str]:
-        """Names of the parameters TRL would push to vLLM (what `VLLMGeneration` iterates): never the heads."""
-        return [name for name, _ in self.model.named_parameters()]
-
-
-def _check_distinct_anchors(args: MoonGRPOConfig) -> None:
-    per_generation = args.generation_batch_size // args.num_generations
-    if per_generation < args.min_distinct_anchors:
-        raise MoonError(
-            f"grpo: each generation batch holds {per_generation} distinct anchors (generation_batch_size "
-            f"{args.generation_batch_size} / num_generations {args.num_generations}), fewer than min_distinct_anchors "
-            f"{args.min_distinct_anchors}: retrieval rewards need negatives. Raise per_device_train_batch_size or "
-            "steps_per_generation, or lower num_generations"
-        )
-
 
 def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
     """For a pair, the pairs with the same kind of query (text / image / product) for its hard-negative products."""
@@ -247,8 +232,10 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     from moon_rl.training.sft_data import sft_examples
     from rewards import build_rewards
 
+    # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
+    if problems := generation_batch_problems(recipe.grpo):
+        raise MoonError("; ".join(problems))
     args = recipe.grpo_config()
-    _check_distinct_anchors(args)
     out = Path(args.output_dir)
     check_output_dir(out, overwrite=overwrite, resume=resume)
     init = recipe.grpo_init_path(args)
