@@ -41,7 +41,7 @@ from moon_rl.data.catalogue import load_catalogue  # noqa: E402
 from moon_rl.data.synthetic import SynthOptions, synthesize  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for  # noqa: E402
 from moon_rl.modeling.heads import MoonHeads  # noqa: E402
-from moon_rl.modeling.inputs import EmbedItem, to_item, tokenize_prompts  # noqa: E402
+from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item, tokenize_prompts  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
 from moon_rl.modeling.taps import backbone_of  # noqa: E402
 
@@ -75,7 +75,7 @@ def synthetic_items(n: int, max_images: int) -> list[EmbedItem]:
 
 def encode_batches(items: list[EmbedItem], batch_size: int) -> list[list[EmbedItem]]:
     """The batches `MoonEmbedder.encode` forms (same sort key), so that both sides see identical tensors."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].text or "")))
+    order = sorted(range(len(items)), key=lambda i: batch_order_key(items[i]))
     return [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
 
 

@@ -196,3 +196,15 @@ def test_vllm_backend_without_vllm_is_a_clear_error(full_embedder):
         assert full_embedder.encode(RECORDS[:1], mode="direct").shape == (1, 64)  # direct mode never generates
     finally:
         full_embedder.generation_backend = "hf"
+
+
+def test_batch_order_key_needs_no_image_and_matches_the_item():
+    from moon_rl.data.records import Product
+    from moon_rl.modeling.inputs import batch_order_key, to_item
+
+    product = Product(id="p1", title="shirt", description="cotton", images=["a.png", "b.png"])
+    assert batch_order_key(product, max_images=1) == (1, len("Title: shirt\nDescription: cotton"))
+    loader = lambda ref: image((1, 2, 3))  # noqa: E731 - decoding happens only in to_item
+    for record in (*RECORDS, product):
+        item = to_item(record, loader, max_images=1)
+        assert batch_order_key(record, max_images=1) == batch_order_key(item), record

@@ -47,8 +47,6 @@ RANK_CUTOFF = 10
 RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples"})
 # Scores are computed this many queries at a time, so a large gallery never needs a full (queries x gallery) matrix.
 _QUERY_CHUNK = 1024
-# Records are handed to `encode` this many at a time: it decodes all images of a call up front.
-_ENCODE_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -233,16 +231,9 @@ def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTas
 def _encode(embedder: Any, records: Sequence[Any], mode: str, catalogue: Catalogue, batch_size: int,
             show_progress: bool) -> tuple[np.ndarray, list[str]]:
     """Vectors, and in `reason` mode the decoded reasoning of every record (else an empty list)."""
-    vectors, traces = [], []
-    for i in range(0, len(records), _ENCODE_CHUNK):
-        out = embedder.encode(records[i:i + _ENCODE_CHUNK], mode=mode, batch_size=batch_size,
-                              load_image=catalogue.image, show_progress=show_progress,
-                              return_completions=mode == "reason")
-        if mode == "reason":
-            out, chunk_traces = out
-            traces += chunk_traces
-        vectors.append(out)
-    return np.concatenate(vectors, axis=0), traces
+    out = embedder.encode(records, mode=mode, batch_size=batch_size, load_image=catalogue.image,
+                          show_progress=show_progress, return_completions=mode == "reason")
+    return out if mode == "reason" else (out, [])
 
 
 _WELL_FORMED = re.compile(r"^<think>(?:(?!</?think>).)+</think>$", re.S)

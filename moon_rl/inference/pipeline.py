@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.data.catalogue import Catalogue, load_recipe_catalogue
-from moon_rl.data.records import Product
 from moon_rl.errors import DataError, MoonError
 from moon_rl.modeling.embedder import MODES, MoonEmbedder
-from moon_rl.modeling.inputs import EmbedItem, product_text, to_item
+from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +80,12 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
-def _batch_key(product: Product, max_images: int) -> tuple[int, int]:
-    # The same key `MoonEmbedder.encode` sorts by, so that without skips our batches are exactly its batches (same
-    # padding, bit-identical vectors) while images are still decoded only one batch at a time.
-    return min(len(product.images), max_images), len(product_text(product))
-
-
 def _loaded_batches(
     embedder: MoonEmbedder, catalogue: Catalogue, batch_size: int, skip_bad: bool, skipped: list[tuple[str, str]],
 ) -> Iterator[list[EmbedItem]]:
     """Length-sorted batches of items with their images decoded; bad rows raise or are recorded in `skipped`."""
-    products = sorted(catalogue.products.values(), key=lambda p: _batch_key(p, embedder.max_images))
+    # `encode`'s own order: without skips our batches are exactly its batches (same padding, same vectors).
+    products = sorted(catalogue.products.values(), key=lambda p: batch_order_key(p, embedder.max_images))
     pending: list[EmbedItem] = []
     for product in products:
         try:

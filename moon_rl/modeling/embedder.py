@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,15 @@ from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.inference.generation import hf_generate
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
-from moon_rl.modeling.inputs import EmbedItem, ImageLoader, PromptBatch, assemble, to_item, tokenize_prompts
+from moon_rl.modeling.inputs import (
+    EmbedItem,
+    ImageLoader,
+    PromptBatch,
+    assemble,
+    batch_order_key,
+    to_item,
+    tokenize_prompts,
+)
 from moon_rl.modeling.taps import (
     BackboneTaps,
     ForwardRecord,
@@ -195,26 +203,26 @@ class MoonEmbedder(nn.Module):
     def encode(
         self, records: Sequence[Any], mode: Mode = "direct", batch_size: int = 32, *,
         load_image: ImageLoader | None = None, show_progress: bool = False, padding_side: Literal["left", "right"] = "left",
-        return_completions: bool = False, on_error: Callable[[int, Exception], None] | None = None,
+        return_completions: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, list[str]]:
         """Embed records (Products, Queries, `{text, image}` dicts, strings, PIL images) into a float32 matrix.
 
-        Batches are sorted by prompt length (less padding); rows come back in input order. In `reason` mode the
-        model first writes its reasoning (greedy); `return_completions=True` also returns the decoded traces.
+        Batches are sorted by prompt length (less padding); rows come back in input order. Images are decoded one batch
+        at a time, so a large catalogue never sits in memory. In `reason` mode the model first writes its reasoning
+        (greedy); `return_completions=True` also returns the decoded traces.
         """
         if mode not in MODES:
             raise MoonError(f"mode must be one of {MODES}, got {mode!r}")
-        items = [to_item(r, load_image, self.max_images) for r in records]
-        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].text or "")))
-        out = np.zeros((len(items), self.heads.config.embed_dim), dtype=np.float32)
-        traces = [""] * len(items)
+        order = sorted(range(len(records)), key=lambda i: batch_order_key(records[i], self.max_images))
+        out = np.zeros((len(records), self.heads.config.embed_dim), dtype=np.float32)
+        traces = [""] * len(records)
         was_training = self.training
         self.eval()
-        bar = tqdm(total=len(items), desc=f"embed ({mode})", unit="item", disable=not show_progress)
+        bar = tqdm(total=len(records), desc=f"embed ({mode})", unit="item", disable=not show_progress)
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch_items = [items[i] for i in idx]
+                batch_items = [to_item(records[i], load_image, self.max_images) for i in idx]
                 prompts = tokenize_prompts(self.processor, batch_items)
                 completions = self.generate_reasoning(batch_items, prompts=prompts) if mode == "reason" else None
                 batch = self.prepare(batch_items, completions, padding_side=padding_side, prompts=prompts)

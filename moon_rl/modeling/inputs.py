@@ -51,6 +51,25 @@ def product_text(product: Product) -> str:
 ImageLoader = Callable[[str | bytes], Image.Image]
 
 
+def batch_order_key(record: Any, max_images: int = 4) -> tuple[int, int]:
+    """Batching order: (images shown, text length) of the item `record` becomes, computed without decoding images.
+
+    Sorting by it keeps batches' padding small; every caller that batches records uses it, so their batches agree.
+    """
+    if isinstance(record, EmbedItem):
+        return len(record.images), len(record.text or "")
+    if isinstance(record, Product):
+        return min(len(record.images), max_images), len(product_text(record))
+    if isinstance(record, str):
+        return 0, len(record)
+    if isinstance(record, Image.Image):
+        return 1, 0
+    if isinstance(record, Query | dict):
+        get = record.get if isinstance(record, dict) else lambda key: getattr(record, key)
+        return int(get("image") is not None), len(get("text") or "")
+    return 0, 0  # `to_item` reports the unsupported type
+
+
 def to_item(record: Any, load_image: ImageLoader | None = None, max_images: int = 4) -> EmbedItem:
     """Coerce a Product, Query, dict `{text, image}`, str (text query), PIL image or EmbedItem to an EmbedItem."""
     if isinstance(record, EmbedItem):
