@@ -12,7 +12,6 @@ through hooks (modeling/taps.py), so it shapes both generation and the read-out.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +43,6 @@ from moon_rl.modeling.taps import (
     decoder_layers_of,
     unwrap_hf_model,
 )
-
-logger = logging.getLogger(__name__)
 
 Mode = Literal["direct", "reason"]
 FORMAT_VERSION = 1
