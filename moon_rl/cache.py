@@ -19,11 +19,13 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it), on error removed.
 
-    A crash at any moment leaves either the old `final` or the new one, never a half-written folder. Two processes
-    building the same folder race harmlessly: the loser's rename fails and its copy is discarded.
+    A crash at any moment leaves either the old `final` or the new one, never a half-written folder. With
+    `replace=False` (deterministic cache builds) a `final` that appeared meanwhile is kept and this copy discarded:
+    two processes building the same cache entry race harmlessly, and the one already reading it is never pulled out
+    from under it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if final.exists():
+        if final.exists() and replace:
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -340,7 +340,7 @@ def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = No
     options = synthetic or SynthOptions()
     out = synthetic_cache_dir(options)
     if not (out / MANIFEST).is_file():
-        synthesize(out, options)
+        synthesize(out, options, replace=False)  # another process may be reading it
     return out
 
 

@@ -507,8 +507,8 @@ def _pairs(items: list[_Item], families: list[list[_Item]], negatives: bool) -> 
     return rows
 
 
-def synthesize(out: Path, options: SynthOptions | None = None) -> SynthReport:
-    """Write the synthetic catalogue folder `out` atomically (replacing it if present).
+def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = True) -> SynthReport:
+    """Write the synthetic catalogue folder `out` atomically (replacing it if present, unless `replace=False`).
 
     Writes `products.jsonl`, `images/<id>_v<view>.png`, `pairs_train.jsonl`, `pairs_test.jsonl`, `gallery_test.txt`
     and `catalogue.json` (options, vocabulary, families, counts and the text-only analysis).
@@ -532,7 +532,7 @@ def synthesize(out: Path, options: SynthOptions | None = None) -> SynthReport:
         raise AssertionError("synthetic catalogue: a test query's attributes match more than its positive")
     pairs = {"train": _pairs(train_items, families, True), "test": _pairs(test_items, families, False)}
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         images = tmp / "images"
         images.mkdir()
         for index, item in enumerate(items):

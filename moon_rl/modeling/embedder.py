@@ -127,12 +127,16 @@ class MoonEmbedder(nn.Module):
 
     # ------------------------------------------------------------------ batching
     def prepare(
-        self, items: Sequence[EmbedItem], completions: Sequence[Sequence[int]] | None = None,
+        self, items: Sequence[EmbedItem] | None, completions: Sequence[Sequence[int]] | None = None,
         padding_side: Literal["left", "right"] = "left", prompts: PromptBatch | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Model inputs for `items` with `completions` (token ids; empty = direct mode) and the read-out token."""
-        prompts = prompts or tokenize_prompts(self.processor, items)
-        completions = completions if completions is not None else [[] for _ in items]
+        """Model inputs for `items` (or ready `prompts`) with `completions` (token ids; empty = direct mode) and the
+        read-out token."""
+        if prompts is None:
+            if items is None:
+                raise ValueError("prepare needs `items` or tokenised `prompts`")
+            prompts = tokenize_prompts(self.processor, items)
+        completions = completions if completions is not None else [[] for _ in prompts.prompt_ids]
         return assemble(prompts, completions, self.readout_id, self.pad_id, self.image_token_id, padding_side)
 
     def tokenize_reasoning(self, traces: Sequence[str | None]) -> list[list[int]]:

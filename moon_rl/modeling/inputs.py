@@ -124,6 +124,17 @@ def tokenize_prompts(processor: Any, items: Sequence[EmbedItem]) -> PromptBatch:
     return PromptBatch(prompt_ids=ids, pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"))
 
 
+def concat_prompts(parts: Sequence[PromptBatch]) -> PromptBatch:
+    """One batch from several (e.g. cached single-item batches), in order; pixel rows follow their prompts."""
+    pixels = [p.pixel_values for p in parts if p.pixel_values is not None]
+    grids = [p.image_grid_thw for p in parts if p.image_grid_thw is not None]
+    return PromptBatch(
+        prompt_ids=[ids for p in parts for ids in p.prompt_ids],
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+    )
+
+
 def assemble(
     prompts: PromptBatch, completions: Sequence[Sequence[int]], readout_id: int, pad_id: int, image_token_id: int,
     padding_side: Literal["left", "right"] = "left", append_readout: bool = True,

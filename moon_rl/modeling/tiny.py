@@ -9,7 +9,9 @@ processor. The folder is written once into the cache (`MOON_RL_CACHE`) and later
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +82,26 @@ def builtin_model_dir(name: str = TINY_VL, size: str = "tiny", seed: int = 0) ->
         raise RecipeError(f"unknown builtin size {size!r} for {name}; available: {sorted(SIZES)}")
     folder = cache_root() / "builtin" / f"tiny-vl-{size}-seed{seed}-v{BUILD_VERSION}"
     if not (folder / "config.json").exists():
-        with atomic_dir(folder) as tmp:
-            build_tiny_vl(tmp, size=size, seed=seed)
+        # Under torchrun, transformers' save_pretrained writes the weights on global rank 0 only: rank 0 builds, the
+        # other ranks wait for it and then find the folder built.
+        with _main_process_first():
+            if not (folder / "config.json").exists():
+                with atomic_dir(folder, replace=False) as tmp:
+                    build_tiny_vl(tmp, size=size, seed=seed)
     return folder
+
+
+@contextlib.contextmanager
+def _main_process_first() -> Iterator[None]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
