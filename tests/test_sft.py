@@ -136,3 +136,38 @@ def test_hard_negatives_rotate_over_dataset_rows(tmp_path):
     assert first["moon"]["positive_ids"] == second["moon"]["positive_ids"]
     assert torch.equal(first["input_ids"][:3], second["input_ids"][:3])
     assert not torch.equal(first["pixel_values"], second["pixel_values"])
+
+
+def test_trace_noise_replaces_tokens_without_lm_targets(tmp_path):
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    clean = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=0)
+    noisy = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=0, trace_noise=0.5)
+    rows = [{"pair": i} for i in range(4)]
+    torch.manual_seed(0)
+    a = noisy(rows)
+    torch.manual_seed(0)
+    assert torch.equal(a["input_ids"], noisy(rows)["input_ids"])  # the global generator decides: resumable
+    b = clean(rows)
+    assert a["input_ids"].shape == b["input_ids"].shape  # noise replaces, never inserts
+    think = embedder.processor.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    changed = total = 0
+    for row in range(4):
+        trace = b["labels"][row] != IGNORE_INDEX
+        replaced = trace & (a["input_ids"][row] != b["input_ids"][row])
+        changed += int(replaced.sum())
+        total += int(trace.sum())
+        # Replaced tokens get no LM target, every target left is the clean one, the markers are never replaced.
+        assert (a["labels"][row][replaced] == IGNORE_INDEX).all()
+        targets = a["labels"][row] != IGNORE_INDEX
+        assert torch.equal(a["labels"][row][targets], b["labels"][row][targets])
+        assert int(targets.sum()) < int(trace.sum())
+        assert set(think) <= set(a["input_ids"][row][trace].tolist())
+        assert a["input_ids"][row, a["moon"]["readout_index"][row]] == embedder.readout_id
+    assert 0.3 < changed / total < 0.6  # about half of the inner trace tokens (a drawn token may equal the original)

@@ -130,6 +130,11 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             Explicit hard negatives per pair (the first ones of the pair's `negatives`, e.g. look-alikes differing in
             one attribute), embedded in direct mode and added to the direct-vs-direct InfoNCE term as extra candidates.
             `0` turns them off.
+        trace_noise (`float`, *optional*, defaults to `0.0`):
+            Fraction of each reasoning trace's tokens replaced, in training batches, by tokens drawn from other traces
+            (those positions get no LM target). The reason-mode read-out then learns to check the reasoning against
+            the raw image and text instead of copying it: a model's own greedy traces are noisier than the teacher's,
+            and a read-out trained on clean traces only is misled by them. `0` keeps the traces as they are.
 
     Example:
 
@@ -144,10 +149,17 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
         default=1,
         metadata={"help": "Hard negatives per pair (from the pair's `negatives`) added to the direct InfoNCE term."},
     )
+    trace_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of trace tokens replaced by tokens of other traces (no LM target there), so the "
+                  "reason-mode read-out learns not to trust the reasoning blindly. 0 = off."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.hard_negatives, bool) or not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
             raise ValueError(f"`hard_negatives` must be an integer >= 0, got {self.hard_negatives!r}.")
+        if not _is_number(self.trace_noise) or not 0.0 <= self.trace_noise < 1.0:
+            raise ValueError(f"`trace_noise` must be a number in [0, 1), got {self.trace_noise!r}; 0 turns it off.")
         super().__post_init__()
 
 

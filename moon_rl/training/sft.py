@@ -116,7 +116,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
                    "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
     embedder = MoonEmbedder.from_recipe(recipe)
-    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives)
+    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

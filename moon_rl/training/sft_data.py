@@ -58,13 +58,17 @@ class MoonSFTCollator:
         catalogue (`Catalogue`): products and images.
         examples (`list[SFTExample]`): indexed by the dataset's `pair` column.
         hard_negatives (`int`): direct-mode hard negatives per pair (missing ones are masked).
+        trace_noise (`float`): fraction of trace tokens replaced by tokens of other traces, without LM targets.
     """
 
-    def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int):
+    def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
+                 trace_noise: float = 0.0):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
         self.hard_negatives = hard_negatives
+        self.trace_noise = trace_noise
+        self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
         # Every product and anchor recurs once per epoch: its tokenised prompt and pixels are computed once. Decoding
         # and resizing images was a sixth of a tiny-model step; the cache holds a few MB for thousands of products.
@@ -92,6 +96,30 @@ class MoonSFTCollator:
             self._trace_ids[product_id] = self.embedder.tokenize_reasoning([trace])[0]
         return self._trace_ids[product_id]
 
+    def _noise_tokens(self) -> torch.Tensor:
+        """Token ids that noise may insert: every token of every training trace except the `<think>` markers."""
+        if self._noise_vocab is None:
+            ids: set[int] = set()
+            for ex in self.examples:
+                ids.update(self._trace(ex.positive)[1:-1])  # drop <think> ... </think>
+            self._noise_vocab = torch.tensor(sorted(ids) or [self.embedder.pad_id])
+        return self._noise_vocab
+
+    def _noisy(self, trace: list[int]) -> tuple[list[int], list[bool]]:
+        """`trace` with a `trace_noise` share of its inner tokens replaced, and which positions were replaced.
+
+        Draws from torch's global generator, whose state the Trainer checkpoints: a resumed run draws the same noise.
+        """
+        if not self.trace_noise or len(trace) <= 2:
+            return trace, [False] * len(trace)
+        inner = torch.rand(len(trace) - 2) < self.trace_noise
+        vocab = self._noise_tokens()
+        picks = vocab[torch.randint(len(vocab), (int(inner.sum()),))].tolist()
+        noisy, replaced, it = list(trace), [False] * len(trace), iter(picks)
+        for pos in inner.nonzero().flatten().tolist():
+            noisy[pos + 1], replaced[pos + 1] = next(it), True
+        return noisy, replaced
+
     @property
     def rotations(self) -> int:
         """Dataset rows per pair: each row of a pair starts its hard negatives at another offset of `negatives`."""
@@ -117,14 +145,19 @@ class MoonSFTCollator:
                             for ex, nid in zip([e for e in examples for _ in range(k)], negative_ids, strict=True)]
         products = [self._product_prompt(ex.positive) for ex in examples]
         parts = products + [self._anchor_prompt(ex) for ex in examples] + products + negative_prompts
-        traces = [self._trace(ex.positive) for ex in examples]
+        noised = [self._noisy(self._trace(ex.positive)) for ex in examples]
+        traces = [trace for trace, _ in noised]
         completions = traces + [[] for _ in range(len(parts) - n)]
         batch = self.embedder.prepare(None, completions, prompts=concat_prompts(parts))
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row in range(n):
             if traces[row]:
-                # Targets: the trace and the read-out token that closes the turn (the model learns to stop).
+                # Targets: the trace and the read-out token that closes the turn (the model learns to stop); never a
+                # noise token (the model must not learn to write noise).
                 targets = batch["attention_mask"][row].bool() & ~batch["prompt_mask"][row]
+                positions = targets.nonzero().flatten()
+                replaced = torch.tensor(noised[row][1] + [False] * (len(positions) - len(traces[row])))
+                targets[positions[replaced]] = False
                 labels[row, targets] = batch["input_ids"][row, targets]
         model_inputs = {k2: v for k2, v in batch.items() if k2 not in ("prompt_mask", "readout_index")}
         model_inputs["labels"] = labels
