@@ -73,6 +73,12 @@ class MoonContrastiveMixin:
             in the same embedding space as the `reason` mode.
         image_contrastive_weight (`float`, *optional*, defaults to `1.0`):
             Relative weight of the InfoNCE term on image-only anchor pairs (a product photo as the query).
+
+        > Parameters that control the heads' optimizer group
+
+        heads_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the fusion / FIRE / projection heads in this stage. `None` uses the recipe's
+            `model.heads.learning_rate`. A refining stage (GRPO after SFT) usually wants it lower.
     """
 
     contrastive_weight: float = field(
@@ -94,8 +100,15 @@ class MoonContrastiveMixin:
         default=1.0,
         metadata={"help": "Weight of the InfoNCE term on image-only anchor pairs."},
     )
+    heads_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the heads in this stage. None = the recipe's model.heads.learning_rate."},
+    )
 
     def __post_init__(self) -> None:
+        lr = self.heads_learning_rate
+        if lr is not None and (not _is_number(lr) or lr <= 0):
+            raise ValueError(f"`heads_learning_rate` must be a number > 0 or None, got {lr!r}.")
         for name in ("contrastive_weight", "direct_contrastive_weight", "image_contrastive_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:

@@ -255,7 +255,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
 
     trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
-                              heads_learning_rate=recipe.model.heads.learning_rate,
+                              heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:

@@ -118,7 +118,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     embedder = MoonEmbedder.from_recipe(recipe)
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise)
     trainer = MoonSFTTrainer(
-        embedder, args, heads_learning_rate=recipe.model.heads.learning_rate,
+        embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
     )
     seconds = train_and_save(trainer, embedder, out, resume=resume)
