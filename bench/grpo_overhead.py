@@ -233,8 +233,8 @@ def instrument(trainer: GRPOTrainer, stages: StageTimers) -> None:
     stages.wrap(trainer, "_tokenize_prompts", "  _tokenize_prompts (all calls)")
     stages.wrap(trainer, "training_step", "training_step (gen + loss + backward)")
     if isinstance(trainer, MoonGRPOTrainer):
-        stages.wrap(trainer, "_embed_completions", "    reward: completion embedding forward")
-        stages.wrap(trainer, "_candidates", "    reward: candidate (query) forward")
+        stages.wrap(trainer, "_reward_forward", "    reward: completions + candidates forward")
+        stages.wrap(trainer, "_gather_candidates", "    reward: gather candidates")
         stages.wrap(trainer, "completion_embeddings", "  loss: heads on captured read-outs")
         stages.wrap(moon_grpo, "info_nce", "  loss: InfoNCE")
         fire = trainer.embedder.heads.fire

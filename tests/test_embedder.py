@@ -208,3 +208,27 @@ def test_batch_order_key_needs_no_image_and_matches_the_item():
     for record in (*RECORDS, product):
         item = to_item(record, loader, max_images=1)
         assert batch_order_key(record, max_images=1) == batch_order_key(item), record
+
+
+def test_shared_image_features_encode_each_distinct_image_once(full_embedder):
+    from moon_rl.modeling.shared_images import shared_image_features
+    from moon_rl.modeling.taps import backbone_of
+
+    randomise_heads(full_embedder)
+    red, blue = image((200, 30, 30)), image((30, 30, 200), (96, 128))
+    items = [EmbedItem(text="Title: a", images=[red], kind="product"),
+             EmbedItem(text="Title: b", images=[blue, red], kind="product"),
+             EmbedItem(text="Title: a", images=[red], kind="product"), EmbedItem(text="no image")]
+    batch = full_embedder.prepare(items)
+    seen: list[int] = []
+    handle = backbone_of(full_embedder.model).visual.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = full_embedder(batch)
+            with shared_image_features(full_embedder.model):
+                shared = full_embedder(batch)
+    finally:
+        handle.remove()
+    assert seen == [4, 2]  # four image occurrences, two distinct images
+    torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-5)  # fusion and FIRE saw the same features
