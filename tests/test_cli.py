@@ -63,14 +63,15 @@ def test_validate_passes_then_names_every_planted_problem(catalogue, tmp_path):
     (broken / "images" / "p0010_v0.png").unlink()
     lines = (broken / "products.jsonl").read_text().splitlines()
     lines[20] = '{"id": "p0020", "title": '  # malformed JSON on line 21
-    lines.append(lines[30])  # duplicate id
+    lines.append(lines[30])  # duplicate id, after the products and their duplicate listings
     (broken / "products.jsonl").write_text("\n".join(lines) + "\n")
     result = invoke("data", "validate", str(broken))
     assert result.exit_code == 2
     out = result.output
     assert "products.jsonl:11: field 'images[0]': image file 'images/p0010_v0.png' not found (id p0010)" in out
     assert "products.jsonl:21: malformed JSON" in out
-    assert re.search(r"products\.jsonl:201: field 'id': duplicate product id 'p0030' \(first defined on line 31\)", out)
+    duplicate = rf"products\.jsonl:{len(lines)}: field 'id': duplicate product id 'p0030' \(first defined on line 31\)"
+    assert re.search(duplicate, out)
 
 
 def test_recipe_validate_and_show():
@@ -101,7 +102,7 @@ def test_embed_search_and_export_verbs(catalogue, tmp_path):
     assert {"embeddings.parquet", "index.faiss", "ids.json", "embed.json"} <= {p.name for p in out.iterdir()}
     found = invoke("search", str(out), "red striped cotton shirt", "-k", "5")
     assert found.exit_code == 0, found.output
-    rows = [line for line in found.output.splitlines() if re.match(r"\s*\d+\s+p\d{4}\s+-?\d\.\d{4}", line)]
+    rows = [line for line in found.output.splitlines() if re.match(r"\s*\d+\s+p\d{4}(-dup)?\s+-?\d\.\d{4}", line)]
     assert len(rows) == 5, found.output
     missing = invoke("search", str(tmp_path / "nope"), "shirt")
     assert missing.exit_code == 2 and "Traceback" not in missing.output

@@ -36,8 +36,9 @@ def _lines(path: Path) -> list[str]:
 def test_synthesized_catalogue_validates_clean(synth200: Path):
     report = validate_catalogue(synth200)
     assert report.ok and report.problems == []
-    assert report.n_products == 200 and report.n_pairs == {"test": 80, "train": 320}
-    assert report.summary().endswith("200 products, pairs: test 80, train 320; OK")
+    # 200 products + 40 duplicate listings (the anchors of the product->product test pairs)
+    assert report.n_products == 240 and report.n_pairs == {"test": 120, "train": 320}
+    assert report.summary().endswith("240 products, pairs: test 120, train 320; OK")
 
 
 def test_reports_exactly_the_three_planted_problems(copy: Path):
@@ -45,22 +46,22 @@ def test_reports_exactly_the_three_planted_problems(copy: Path):
     lines = _lines(copy / "products.jsonl")
     assert json.loads(lines[9])["id"] == "p0009"
     lines[9] = lines[9].rstrip().rstrip("}") + "\n"  # malformed JSON; its id is still readable
-    lines.append(lines[4])  # p0004 again, as line 201
+    lines.append(lines[4])  # p0004 again, as line 241 (after 200 products and 40 duplicate listings)
     (copy / "products.jsonl").write_text("".join(lines), encoding="utf-8")
 
     report = validate_catalogue(copy)
-    assert not report.ok and report.n_products == 199  # p0009 is out; the duplicate is not counted twice
+    assert not report.ok and report.n_products == 239  # p0009 is out; the duplicate is not counted twice
     got = [(p.file, p.line, p.field, p.id) for p in report.problems]
     assert got == [
         ("products.jsonl", 4, "images[0]", "p0003"),
         ("products.jsonl", 10, None, "p0009"),
-        ("products.jsonl", 201, "id", "p0004"),
+        ("products.jsonl", 241, "id", "p0004"),
     ]
     texts = [str(p) for p in report.problems]
     assert texts[0] == "products.jsonl:4: field 'images[0]': image file 'images/p0003_v0.png' not found (id p0003)"
     assert texts[1].startswith("products.jsonl:10: malformed JSON: ") and texts[1].endswith("(id p0009)")
     assert (
-        texts[2] == "products.jsonl:201: field 'id': duplicate product id 'p0004' (first defined on line 5) (id p0004)"
+        texts[2] == "products.jsonl:241: field 'id': duplicate product id 'p0004' (first defined on line 5) (id p0004)"
     )
     assert report.summary().endswith("; 3 problems")
     # The loader stops at the first of them, with the same text.
@@ -76,7 +77,7 @@ def test_unknown_ids_in_pairs_and_gallery_are_reported(copy: Path):
     report = validate_catalogue(copy)
     n_train = report.n_pairs["train"]
     assert [str(p) for p in report.problems] == [
-        f"gallery_test.txt:{report.n_pairs['test'] // 2 + 1}: unknown product id 'stranger' (id stranger)",
+        f"gallery_test.txt:{report.n_pairs['test'] // 3 + 1}: unknown product id 'stranger' (id stranger)",
         f"pairs_train.jsonl:{n_train}: field 'anchor': unknown product id 'ghost'",
         f"pairs_train.jsonl:{n_train}: field 'negatives[1]': unknown product id 'nobody'",
     ]
@@ -88,7 +89,7 @@ def test_positive_missing_from_an_explicit_gallery_is_reported(copy: Path):
     (copy / "gallery_test.txt").write_text("".join(gallery), encoding="utf-8")
     problems = validate_catalogue(copy).problems
     assert {(p.file, p.field) for p in problems} == {("pairs_test.jsonl", "positive")}
-    assert len(problems) == 2 and all(f"positive {dropped!r} is not in gallery_test.txt" in p.reason for p in problems)
+    assert len(problems) == 3 and all(f"positive {dropped!r} is not in gallery_test.txt" in p.reason for p in problems)
 
 
 def _write(folder: Path, name: str, content: bytes | str) -> None:

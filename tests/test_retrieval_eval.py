@@ -159,13 +159,16 @@ def test_build_tasks_on_synthetic(small_catalogue):
     tasks = build_retrieval_tasks(small_catalogue, "test")
     pairs = small_catalogue.pairs["test"]
     gallery = small_catalogue.gallery("test")
-    assert [t.name for t in tasks] == ["text->product", "image->product"]
+    assert [t.name for t in tasks] == ["text->product", "image->product", "product->product"]
     n_text = sum(1 for p in pairs if isinstance(p.anchor, Query) and p.anchor.text)
-    assert [len(t) for t in tasks] == [n_text, len(pairs) - n_text]
+    n_product = sum(1 for p in pairs if isinstance(p.anchor, str))
+    assert [len(t) for t in tasks] == [n_text, len(pairs) - n_text - n_product, n_product]
     assert sum(len(t) for t in tasks) == len(pairs)
     for task in tasks:
         for idx, pos, query in zip(task.pair_indices, task.positives, task.queries, strict=True):
-            assert gallery[pos] == pairs[idx].positive and query is pairs[idx].anchor
+            anchor = pairs[idx].anchor
+            assert gallery[pos] == pairs[idx].positive
+            assert query.id == anchor if isinstance(anchor, str) else query is anchor  # a product anchor is looked up
 
 
 def _catalogue(pairs: list[Pair], gallery: list[str] | None = None) -> Catalogue:
@@ -204,9 +207,10 @@ def test_evaluate_untrained_embedder(small_catalogue):
     results = evaluate_embedder(embedder, small_catalogue, "test", modes=("direct", "reason"), batch_size=8)
     gallery_size = len(small_catalogue.gallery("test"))
     assert results["gallery_size"] == gallery_size
-    assert results["n_queries"] == {"text->product": gallery_size, "image->product": gallery_size}
+    assert results["n_queries"] == {"text->product": gallery_size, "image->product": gallery_size,
+                                    "product->product": gallery_size}
     for mode in ("direct", "reason"):
-        assert set(results[mode]) == {"text->product", "image->product"}
+        assert set(results[mode]) == {"text->product", "image->product", "product->product"}
         for metrics in results[mode].values():
             assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
             assert all(0.0 <= v <= 1.0 for v in metrics.values())

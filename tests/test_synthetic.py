@@ -57,7 +57,8 @@ def test_vocabulary_sizes_and_single_lowercase_words():
 
 def test_catalogue_structure_families_and_splits(synth200):
     out, report = synth200
-    products = {p["id"]: p for p in _jsonl(out / "products.jsonl")}
+    listed = {p["id"]: p for p in _jsonl(out / "products.jsonl")}
+    products = {pid: p for pid, p in listed.items() if not pid.endswith("-dup")}
     manifest = json.loads((out / "catalogue.json").read_text())
     families = manifest["families"]
     assert len(products) == report.n_products == 200 and len(families) == report.n_families == 50
@@ -73,7 +74,16 @@ def test_catalogue_structure_families_and_splits(synth200):
     gallery = (out / "gallery_test.txt").read_text().split()
     assert set(gallery) == test_ids and len(gallery) == report.n_test_products == 40
     train, test = _jsonl(out / "pairs_train.jsonl"), _jsonl(out / "pairs_test.jsonl")
-    assert len(train) == 2 * 160 and len(test) == 2 * 40
+    # Test: a text query, another photo and another seller's listing (product->product) per product.
+    duplicates = [p for p in test if isinstance(p["anchor"], str)]
+    test = [p for p in test if not isinstance(p["anchor"], str)]
+    assert len(train) == 2 * 160 and len(test) == 2 * 40 and len(duplicates) == 40
+    assert len(listed) == 240 and manifest["counts"]["duplicate_listings"] == 40
+    for pair in duplicates:
+        dup, original = listed[pair["anchor"]], products[pair["positive"]]
+        assert dup["attributes"] == original["attributes"] and dup["images"] == [f"images/{pair['positive']}_v1.png"]
+        assert (dup["title"], dup["description"]) != (original["title"], original["description"])
+        assert pair["anchor"] not in gallery
     trained = {p["positive"] for p in train} | {n for p in train for n in p["negatives"]}
     assert not trained & test_ids  # look-alikes in the hard gallery are never trained on
     for pid in gallery:  # every test product has >= 3 look-alikes (same text-visible attributes) in the gallery
@@ -171,7 +181,8 @@ def test_builtin_synthetic_is_generated_once_into_the_cache(tmp_path: Path, monk
     stamp = (folder / "products.jsonl").stat().st_mtime_ns
     again = load_catalogue("builtin:synthetic", synthetic=options)
     assert (folder / "products.jsonl").stat().st_mtime_ns == stamp and again.products == catalogue.products
-    assert len(catalogue) == 40 and catalogue.splits == ["test", "train"]
+    n_test = len(catalogue.gallery("test"))  # each test product has a duplicate listing
+    assert len(catalogue) == 40 + n_test and catalogue.splits == ["test", "train"]
     assert catalogue.gallery("test") == (folder / "gallery_test.txt").read_text().split()
     assert [p.id for p in catalogue.split_products("test")] == catalogue.gallery("test")
     image = catalogue.image(catalogue.products["p0000"])

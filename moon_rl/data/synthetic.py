@@ -43,7 +43,7 @@ __all__ = [
     "vocabulary_corpus",
 ]
 
-GENERATOR_VERSION = 1  # bump whenever the output for given options changes, so cached catalogues are rebuilt
+GENERATOR_VERSION = 2  # bump whenever the output for given options changes, so cached catalogues are rebuilt
 N_VIEWS = 2
 COLOUR_NAMED_RATE = 0.15
 
@@ -249,6 +249,24 @@ def _reasoning(rng: random.Random, attrs: dict[str, str]) -> str:
     rng.shuffle(order)
     parts = [rng.choice(REASON_OPEN)] + [rng.choice(REASON_PHRASES[a]) for a in order] + [rng.choice(REASON_CLOSE)]
     return " ".join(p.format(**attrs) for p in parts if p)
+
+
+DUP_SUFFIX = "-dup"
+
+
+def _duplicate_listings(items: list[_Item], seed: int) -> list[_Item]:
+    """Another seller's listing of each item: new title and description, the item's other photo, not in any gallery.
+
+    They are the anchors of the test split's `product->product` pairs (find the catalogue's listing of a product from
+    a duplicate listing). Their texts come from their own random stream, so adding them changed nothing else.
+    """
+    rng = random.Random(f"{seed}-duplicate-listings")
+    duplicates = []
+    for item in items:
+        dup = _Item(id=f"{item.id}{DUP_SUFFIX}", family=item.family, attrs=dict(item.attrs))
+        _write_texts(dup, rng)
+        duplicates.append(dup)
+    return duplicates
 
 
 def _write_texts(item: _Item, rng: random.Random) -> None:
@@ -531,6 +549,8 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
     if not analysis["positive_unique"]:
         raise AssertionError("synthetic catalogue: a test query's attributes match more than its positive")
     pairs = {"train": _pairs(train_items, families, True), "test": _pairs(test_items, families, False)}
+    duplicates = _duplicate_listings(test_items, options.seed)
+    pairs["test"] += [{"anchor": dup.id, "positive": item.id} for dup, item in zip(duplicates, test_items, strict=True)]
     out = Path(out)
     with atomic_dir(out, replace=replace) as tmp:
         images = tmp / "images"
@@ -542,6 +562,11 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
              "category": item.attrs["category"], "attributes": {a: item.attrs[a] for a in ATTRIBUTES},
              "images": [f"images/{item.id}_v0.png"], "reasoning": item.reasoning}
             for item in items
+        ] + [
+            {"id": dup.id, "title": dup.title, "description": dup.description, "category": dup.attrs["category"],
+             "attributes": {a: dup.attrs[a] for a in ATTRIBUTES}, "images": [f"images/{item.id}_v1.png"],
+             "reasoning": dup.reasoning}
+            for dup, item in zip(duplicates, test_items, strict=True)
         ])  # fmt: skip
         for split, rows in pairs.items():
             _jsonl(tmp / f"pairs_{split}.jsonl", rows)
@@ -558,7 +583,7 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
             "families": [[item.id for item in family] for family in families],
             "test_families": test_families,
             "counts": {"products": len(items), "families": len(families), "train_products": len(train_items),
-                       "test_products": len(test_items), "pairs": {s: len(r) for s, r in pairs.items()}},
+                       "test_products": len(test_items), "duplicate_listings": len(duplicates), "pairs": {s: len(r) for s, r in pairs.items()}},
             "text_only_analysis": analysis,
         }  # fmt: skip
         (tmp / "catalogue.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
