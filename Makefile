@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	bash scripts/demo.sh $(DEMO_DIR)
+	bash scripts/demo.sh $(DEMO_DIR) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -29,9 +29,11 @@ app = typer.Typer(
     help="Reasoning-aware product embeddings: SFT + GRPO post-training of vision-language models on TRL.\n\n"
     "Examples:\n\n"
     "  moon-rl data synth runs/catalogue --n-products 200 --seed 0\n\n"
+    "  moon-rl run recipes/tiny-cpu.yaml\n\n"
     "  moon-rl recipe validate recipes/tiny-cpu.yaml\n\n"
     "  moon-rl sft recipes/tiny-cpu.yaml\n\n"
     "  moon-rl grpo recipes/tiny-cpu.yaml\n\n"
+    "  moon-rl eval recipes/tiny-cpu.yaml\n\n"
     "  moon-rl embed recipes/tiny-cpu.yaml --catalogue runs/catalogue --out runs/embed\n\n"
     "  moon-rl search runs/embed \"red striped shirt\" -k 5",
     no_args_is_help=True,
@@ -177,6 +179,54 @@ def grpo(
 
     final = run_grpo(_load(recipe, set_), resume=resume, overwrite=overwrite)
     typer.echo(f"GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------------------------------------------- eval / run
+@app.command("eval")
+@_user_errors
+def eval_(
+    recipe: RecipeArg,
+    model: Annotated[list[Path] | None, typer.Option(
+        "--model", help="Model folder to evaluate (repeatable; default: the run's finished sft/grpo models).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: <output_dir>/eval).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate models and baselines on the test split: report.md, metrics.json and PNG plots."""
+    import json
+
+    from moon_rl.evaluation.report import finished_models, main_table, run_eval
+
+    loaded = _load(recipe, set_)
+    run_dir = Path(loaded.output_dir)
+    models = finished_models(run_dir) if not model else {_model_label(m): m for m in model}
+    folder = run_eval(loaded, models, out, run_dir=run_dir)
+    results = json.loads((folder / "metrics.json").read_text())["results"]
+    typer.echo(f"{main_table(results)}\n\nreport: {folder / 'report.md'}")
+
+
+def _model_label(folder: Path) -> str:
+    """`runs/x/grpo/final` -> "grpo"; any other folder -> its name."""
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
+@app.command("run")
+@_user_errors
+def run(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished stages too.")] = False,
+) -> None:
+    """Run the recipe's stages in order (data, sft, grpo, embed, eval), skipping finished ones; print the report."""
+    import json
+
+    from moon_rl.evaluation.report import main_table
+    from moon_rl.run import run_stages
+
+    loaded = _load(recipe, set_)
+    out = run_stages(loaded, overwrite=overwrite)
+    metrics = out / "eval" / "metrics.json"
+    if metrics.is_file():
+        typer.echo(f"\n{main_table(json.loads(metrics.read_text())['results'])}\n\nreport: {out / 'eval' / 'report.md'}")
 
 
 # ---------------------------------------------------------------------------------------------------- embed

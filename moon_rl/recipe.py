@@ -223,12 +223,15 @@ class EmbedSpec(_Section):
 
 
 class EvalSpec(_Section):
-    """`moon-rl eval`: retrieval metrics and baselines."""
+    """`moon-rl eval`: retrieval, zero-shot classification / attributes, faithfulness, baselines."""
 
     modes: list[Literal["direct", "reason"]] = Field(default_factory=lambda: ["direct", "reason"], min_length=1)
     batch_size: PositiveInt = 32
     baselines: list[Literal["untrained", "minilm"]] = Field(default_factory=lambda: ["untrained", "minilm"])
     k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    # Reason mode of trained models: how much the embedding depends on its reasoning (two sampled chains per product
+    # and one read-out with swapped reasoning; about 3x the reason-mode gallery cost).
+    faithfulness: bool = True
 
     @_field_validator("modes", "baselines", "k")
     @classmethod

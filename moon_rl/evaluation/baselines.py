@@ -24,6 +24,7 @@ from moon_rl.evaluation.retrieval import (
     chance_metrics,
     retrieval_metrics,
 )
+from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
 from moon_rl.modeling.inputs import product_text
 
 __all__ = ["MINILM_NAME", "MiniLMBaseline", "evaluate_minilm", "minilm_available", "text_ceiling",
@@ -83,14 +84,17 @@ class MiniLMBaseline:
         tasks = {task.name: task for task in build_retrieval_tasks(catalogue, split)}
         gallery_ids = catalogue.gallery(split)
         per_task: dict[str, dict[str, float] | None] = {name: None for name in TASKS if name in tasks}
+        products = [catalogue.products[pid] for pid in gallery_ids]
+        gallery = self.encode([product_text(p) for p in products])
         text_task = tasks.get("text->product")
         if text_task is not None:
-            gallery = self.encode([product_text(catalogue.products[pid]) for pid in gallery_ids])
             # Text-only anchors: `Query.text` is set by construction of the task.
             queries = self.encode([query.text or "" for query in text_task.queries])
             per_task["text->product"] = retrieval_metrics(queries, gallery, text_task.positives, ks)
+        space = label_space(catalogue)
         return {
             "direct": per_task,
+            "zero_shot": {"direct": zero_shot_tasks(products, gallery, space, self.encode)} if space else {},
             "gallery_size": len(gallery_ids),
             "n_queries": {name: len(task) for name, task in tasks.items()},
             "chance": {name: chance_metrics(len(gallery_ids), ks) for name in tasks},

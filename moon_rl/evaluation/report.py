@@ -1,16 +1,28 @@
-"""Evaluation summaries written next to trained models: the model beside the untrained backbone and MiniLM."""
+"""Evaluation summaries and the `moon-rl eval` report: trained models beside the untrained backbone and MiniLM.
+
+`evaluation_summary` evaluates models and baselines into one JSON-able dict; `write_report` turns it into the report
+folder (report.md, metrics.json, PNG plots); `run_eval` is the `moon-rl eval` command.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from moon_rl.cache import atomic_write_text
 from moon_rl.data.catalogue import Catalogue
+from moon_rl.errors import MoonError
 from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_ceiling_result
-from moon_rl.evaluation.retrieval import evaluate_embedder, format_table
+from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, result_modes
 from moon_rl.modeling.embedder import MoonEmbedder
 
 logger = logging.getLogger(__name__)
+
+#: Recall@k curves run from k = 1 to this.
+CURVE_MAX_K = 10
 
 
 def evaluation_summary(
@@ -30,15 +42,20 @@ def evaluation_summary(
     """
     spec = recipe.eval
     split = recipe.data.test_split
+    # Every k up to 10 as well as the recipe's: the Recall@k curves need them; the tables show the recipe's.
+    ks = sorted(set(spec.k) | set(range(1, CURVE_MAX_K + 1)))
     results: dict[str, Any] = {}
-    results[label] = evaluate_embedder(embedder, catalogue, split, spec.modes, spec.k, spec.batch_size)
-    for name, other in (others or {}).items():
-        results[name] = evaluate_embedder(other, catalogue, split, spec.modes, spec.k, spec.batch_size)
+    trained = {label: embedder, **(others or {})}
+    for name, model in trained.items():
+        logger.warning("evaluating %s (%s)", name, ", ".join(spec.modes))
+        results[name] = evaluate_embedder(model, catalogue, split, spec.modes, ks, spec.batch_size,
+                                          faithfulness=spec.faithfulness)
     if "untrained" in spec.baselines:
+        logger.warning("evaluating the untrained backbone")
         baseline = baseline_embedder or MoonEmbedder.from_recipe(recipe)
-        results["untrained"] = evaluate_embedder(baseline, catalogue, split, spec.modes, spec.k, spec.batch_size)
+        results["untrained"] = evaluate_embedder(baseline, catalogue, split, spec.modes, ks, spec.batch_size)
     if "minilm" in spec.baselines:
-        minilm = evaluate_minilm(catalogue, split, spec.k)
+        minilm = evaluate_minilm(catalogue, split, ks)
         if minilm is not None:
             results["minilm"] = minilm
     ceiling = text_ceiling_result(catalogue, split)
@@ -48,3 +65,136 @@ def evaluation_summary(
     table = format_table(table_rows, spec.k)
     logger.warning("test split %r, gallery of %d products:\n%s", split, results[label]["gallery_size"], table)
     return {"split": split, "results": results, "text_only": text_ceiling(catalogue, split), "table": table}
+
+
+# ------------------------------------------------------------------------------------------------------------ tables
+def _cell(value: Any) -> str:
+    return "–" if not isinstance(value, int | float) else f"{value:.3f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per (model, mode): Recall@1 of every retrieval task, then zero-shot category and attribute accuracy."""
+    tasks = [t for t in TASKS if any(t in modes for r in results.values() for modes in result_modes(r).values())]
+    header = ["model", "mode", *[f"{t} R@1" for t in tasks], "category acc", "attribute acc"]
+    rows = []
+    for model, result in results.items():
+        for mode, per_task in result_modes(result).items():
+            zero_shot = (result.get("zero_shot") or {}).get(mode) or {}
+            rows.append([model, mode, *[_cell((per_task.get(t) or {}).get("recall@1")) for t in tasks],
+                         _cell((zero_shot.get("classification") or {}).get("accuracy")),
+                         _cell((zero_shot.get("attributes") or {}).get("mean"))])
+    return _markdown(header, rows)
+
+
+def zero_shot_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Zero-shot category accuracy / macro-F1 and per-attribute accuracy, one row per (model, mode)."""
+    entries = [(model, mode, found) for model, r in results.items()
+               for mode, found in (r.get("zero_shot") or {}).items() if found]
+    if not entries:
+        return None
+    attributes = sorted({a for _, _, f in entries for a in (f.get("attributes") or {}) if a != "mean"})
+    header = ["model", "mode", "category acc", "category macro-F1", *[f"{a} acc" for a in attributes], "mean attr acc"]
+    rows = []
+    for model, mode, found in entries:
+        classification, attrs = found.get("classification") or {}, found.get("attributes") or {}
+        rows.append([model, mode, _cell(classification.get("accuracy")), _cell(classification.get("macro_f1")),
+                     *[_cell(attrs.get(a)) for a in attributes], _cell(attrs.get("mean"))])
+    return _markdown(header, rows)
+
+
+def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Reason mode: chain-to-chain and reason-to-direct cosines, Recall@1 with own vs swapped reasoning."""
+    entries = [(model, r["faithfulness"]) for model, r in results.items() if r.get("faithfulness")]
+    if not entries:
+        return None
+    tasks = [t for t in TASKS if any(t in (f.get("reason") or {}) for _, f in entries)]
+    header = ["model", "chains", "cos(chain, chain)", "cos(reason, direct)",
+              *[f"{t} R@1 own / swapped" for t in tasks]]
+    rows = []
+    for model, found in entries:
+        own, swapped = found.get("reason") or {}, found.get("swapped") or {}
+        rows.append([model, str(found.get("chains_sampled_for", "–")), _cell(found.get("chain_cosine")),
+                     _cell(found.get("reason_direct_cosine")),
+                     *[f"{_cell(own.get(t))} / {_cell(swapped.get(t))}" for t in tasks]])
+    return _markdown(header, rows)
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None, models: Mapping[str, str]) -> Path:
+    """`report.md`, `metrics.json` and the PNG plots of an evaluation `summary` into `out`; returns report.md."""
+    from moon_rl.evaluation.plots import recall_curves, stage_training_curves
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = summary["results"]
+    atomic_write_text(out / "metrics.json", json.dumps({**summary, "models": dict(models)}, indent=2))
+    plots = [p for p in [recall_curves(results, TASKS, out / "recall_at_k.png")] if p is not None]
+    if run_dir is not None:
+        plots += stage_training_curves(run_dir, out)
+    first = next(iter(results.values()))
+    lines = [
+        "# moon-rl evaluation report", "",
+        f"Split `{summary['split']}`: gallery of {first.get('gallery_size')} products (the catalogue's hard gallery of "
+        f"look-alikes where it has one); queries per task: {first.get('n_queries')}. Queries are embedded in direct "
+        "mode; the mode column says how the gallery was embedded.", "",
+        "Models:", "", *[f"- **{name}**: `{where}`" for name, where in models.items()], "",
+        "## Main table", "", main_table(results), "",
+        "## Retrieval", "", summary["table"], "",
+    ]
+    if (table := zero_shot_table(results)) is not None:
+        lines += ["## Zero-shot classification and attribute prediction", "",
+                  "Each product gets the label whose text prompt (the category name, or `attribute: value`) embeds "
+                  "closest to it.", "", table, ""]
+    if (table := faithfulness_table(results)) is not None:
+        lines += ["## Reasoning faithfulness (reason mode)", "",
+                  "cos(chain, chain): the same product read out after two sampled reasoning chains; cos(reason, "
+                  "direct): greedy reasoning against no reasoning; swapped: every product read out after another "
+                  "product's reasoning. Values near 1 and no drop when swapped mean the embedding ignores the "
+                  "reasoning. Reported, not judged.", "", table, ""]
+    examples = [(name, r.get("reason_examples") or []) for name, r in results.items()]
+    if any(found for _, found in examples):
+        lines += ["## Reasoning examples (greedy, first gallery products)", ""]
+        for name, found in examples:
+            lines += [f"- **{name}**: " + " / ".join(f"`{e[:160]}`" for e in found[:2])] if found else []
+        lines.append("")
+    if plots:
+        lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def run_eval(recipe: Any, models: Mapping[str, Path], out: Path | None = None, *, run_dir: Path | None = None) -> Path:
+    """`moon-rl eval`: evaluate `models` (label -> model folder) and the recipe's baselines; write the report folder.
+
+    Returns the folder (`<output_dir>/eval` by default).
+    """
+    from moon_rl.data.catalogue import load_recipe_catalogue
+
+    if not models:
+        raise MoonError(f"nothing to evaluate: no finished sft/grpo model under {recipe.output_dir} and no --model")
+    for label, folder in models.items():
+        if not (Path(folder) / "moon_rl.json").is_file():
+            raise MoonError(f"--model {folder} ({label}): not a moon-rl model folder (no moon_rl.json)")
+    catalogue = load_recipe_catalogue(recipe.data)
+    loaded = {label: MoonEmbedder.load(folder) for label, folder in models.items()}
+    first, *rest = loaded
+    summary = evaluation_summary(recipe, loaded[first], catalogue, label=first,
+                                 others={label: loaded[label] for label in rest})
+    out = Path(out) if out is not None else Path(recipe.output_dir) / "eval"
+    write_report(out, summary, run_dir=run_dir, models={k: str(v) for k, v in models.items()})
+    return out
+
+
+def finished_models(run_dir: Path) -> dict[str, Path]:
+    """The finished stage models of a run folder, pipeline order: `{"sft": <run>/sft/final, "grpo": ...}`."""
+    found = {}
+    for stage in ("sft", "grpo"):
+        folder = Path(run_dir) / stage / "final"
+        if (folder / "moon_rl.json").is_file():
+            found[stage] = folder
+    return found

@@ -26,6 +26,8 @@ import numpy as np
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.records import Product, Query
 from moon_rl.errors import DataError
+from moon_rl.evaluation.faithfulness import faithfulness as measure_faithfulness
+from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
 
 __all__ = [
     "TASKS",
@@ -44,7 +46,8 @@ TASKS: tuple[str, ...] = ("text->product", "image->product", "multimodal->produc
 #: MRR and nDCG are reported at this cutoff (the usual BEIR / MTEB / sentence-transformers choice).
 RANK_CUTOFF = 10
 #: Keys of an `evaluate_embedder` result that are not modes.
-RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples"})
+RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples",
+                              "zero_shot", "faithfulness"})
 # Scores are computed this many queries at a time, so a large gallery never needs a full (queries x gallery) matrix.
 _QUERY_CHUNK = 1024
 
@@ -229,10 +232,11 @@ def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTas
 
 # ------------------------------------------------------------------------------------------------------- embedding
 def _encode(embedder: Any, records: Sequence[Any], mode: str, catalogue: Catalogue, batch_size: int,
-            show_progress: bool) -> tuple[np.ndarray, list[str]]:
-    """Vectors, and in `reason` mode the decoded reasoning of every record (else an empty list)."""
+            show_progress: bool, ids: bool = False) -> tuple[np.ndarray, list[Any]]:
+    """Vectors, and in `reason` mode the reasoning of every record (decoded, or token ids if `ids`; else [])."""
+    wanted: bool | str = ("ids" if ids else True) if mode == "reason" else False
     out = embedder.encode(records, mode=mode, batch_size=batch_size, load_image=catalogue.image,
-                          show_progress=show_progress, return_completions=mode == "reason")
+                          show_progress=show_progress, return_completions=wanted)
     return out if mode == "reason" else (out, [])
 
 
@@ -249,7 +253,8 @@ def well_formed_rate(traces: Sequence[str]) -> float:
 
 def evaluate_embedder(
     embedder: Any, catalogue: Catalogue, split: str = "test", modes: Sequence[str] = ("direct",),
-    ks: Sequence[int] = (1, 5, 10), batch_size: int = 32, show_progress: bool = False,
+    ks: Sequence[int] = (1, 5, 10), batch_size: int = 32, show_progress: bool = False, *, zero_shot: bool = True,
+    faithfulness: bool = False,
 ) -> dict[str, Any]:
     """Retrieval metrics of an embedder on every task of a split, for each gallery embedding mode.
 
@@ -265,11 +270,16 @@ def evaluate_embedder(
         ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): `recall@k` cutoffs (`recipe.eval.k`).
         batch_size (`int`, *optional*, defaults to `32`): encode batch size (`recipe.eval.batch_size`).
         show_progress (`bool`, *optional*, defaults to `False`): progress bars while embedding.
+        zero_shot (`bool`, *optional*, defaults to `True`): also classify the gallery's categories and predict its
+            attributes zero-shot (evaluation/zero_shot.py), per mode, when the catalogue has them.
+        faithfulness (`bool`, *optional*, defaults to `False`): with the `reason` mode, also measure how much the
+            embeddings depend on the reasoning (evaluation/faithfulness.py; samples two more chains per product).
 
     Returns:
         `dict`: `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each mode, plus
         `"gallery_size"` (int), `"n_queries"` (`{task: int}`), `"chance"` (`{task: metrics}` of a random ranking;
-        recall@1 = 1 / gallery_size) and `"split"`.
+        recall@1 = 1 / gallery_size) and `"split"`; with `zero_shot`, `"zero_shot"`: `{mode: {"classification":
+        ..., "attributes": ...}}`; with `faithfulness`, `"faithfulness"` (see `faithfulness.faithfulness`).
 
     Raises:
         `DataError`: see `build_retrieval_tasks`.
@@ -284,16 +294,41 @@ def evaluate_embedder(
     query_vecs, _ = _encode(embedder, all_queries, "direct", catalogue, batch_size, show_progress)
     bounds = np.cumsum([0] + [len(task) for task in tasks])
     results: dict[str, Any] = {}
-    for mode in modes:
-        gallery_vecs, traces = _encode(embedder, gallery_products, mode, catalogue, batch_size, show_progress)
-        if mode == "reason":
-            results["reason_format_rate"] = well_formed_rate(traces)
-            results["reason_examples"] = traces[:3]
-        results[mode] = {
-            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.positives, ks,
+    space = label_space(catalogue) if zero_shot else {}
+
+    def encode_text(texts: list[str]) -> np.ndarray:
+        return embedder.encode(texts, mode="direct", batch_size=batch_size)
+
+    def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int]) -> dict[str, dict[str, float]]:
+        return {
+            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.positives, cutoffs,
                                          exclude=task.exclude)
             for i, task in enumerate(tasks)
         }
+
+    vectors: dict[str, np.ndarray] = {}
+    trace_ids: list[list[int]] = []
+    for mode in modes:
+        want_ids = faithfulness and mode == "reason"
+        gallery_vecs, traces = _encode(embedder, gallery_products, mode, catalogue, batch_size, show_progress,
+                                       ids=want_ids)
+        vectors[mode] = gallery_vecs
+        if want_ids:
+            trace_ids = traces
+            traces = embedder.processor.tokenizer.batch_decode(traces, skip_special_tokens=False)
+        if mode == "reason":
+            results["reason_format_rate"] = well_formed_rate(traces)
+            results["reason_examples"] = traces[:3]
+        results[mode] = task_metrics(gallery_vecs, ks)
+        if space:
+            results.setdefault("zero_shot", {})[mode] = zero_shot_tasks(gallery_products, gallery_vecs, space,
+                                                                          encode_text)
+    if faithfulness and "reason" in vectors:
+        results["faithfulness"] = measure_faithfulness(
+            embedder, gallery_products, vectors["reason"], trace_ids, vectors.get("direct"),
+            lambda vecs: {name: m["recall@1"] for name, m in task_metrics(vecs, (1,)).items()},
+            load_image=catalogue.image, batch_size=batch_size,
+        )
     results["gallery_size"] = len(gallery_ids)
     results["n_queries"] = {task.name: len(task) for task in tasks}
     # product->product leaves the anchor out of the ranking when it is in the gallery: one candidate fewer.

@@ -204,19 +204,24 @@ class MoonEmbedder(nn.Module):
     def encode(
         self, records: Sequence[Any], mode: Mode = "direct", batch_size: int = 32, *,
         load_image: ImageLoader | None = None, show_progress: bool = False, padding_side: Literal["left", "right"] = "left",
-        return_completions: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, list[str]]:
+        return_completions: bool | Literal["ids"] = False, completions: Sequence[Sequence[int]] | None = None,
+        do_sample: bool = False, temperature: float = 1.0,
+    ) -> np.ndarray | tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[list[int]]]:
         """Embed records (Products, Queries, `{text, image}` dicts, strings, PIL images) into a float32 matrix.
 
         Batches are sorted by prompt length (less padding); rows come back in input order. Images are decoded one batch
         at a time, so a large catalogue never sits in memory. In `reason` mode the model first writes its reasoning
-        (greedy); `return_completions=True` also returns the decoded traces.
+        (greedy, or sampled at `temperature` with `do_sample=True`), unless `completions` (token ids per record, e.g.
+        another record's reasoning) are given; `return_completions=True` also returns the decoded traces, `"ids"`
+        their token ids.
         """
         if mode not in MODES:
             raise MoonError(f"mode must be one of {MODES}, got {mode!r}")
         order = sorted(range(len(records)), key=lambda i: batch_order_key(records[i], self.max_images))
         out = np.zeros((len(records), self.heads.config.embed_dim), dtype=np.float32)
-        traces = [""] * len(records)
+        if completions is not None and len(completions) != len(records):
+            raise MoonError(f"completions: got {len(completions)} for {len(records)} records")
+        traces: list[Any] = [[] if return_completions == "ids" else ""] * len(records)
         was_training = self.training
         self.eval()
         bar = tqdm(total=len(records), desc=f"embed ({mode})", unit="item", disable=not show_progress)
@@ -225,13 +230,18 @@ class MoonEmbedder(nn.Module):
                 idx = order[start:start + batch_size]
                 batch_items = [to_item(records[i], load_image, self.max_images) for i in idx]
                 prompts = tokenize_prompts(self.processor, batch_items)
-                completions = self.generate_reasoning(batch_items, prompts=prompts) if mode == "reason" else None
-                batch = self.prepare(batch_items, completions, padding_side=padding_side, prompts=prompts)
+                batch_completions = None
+                if mode == "reason":
+                    batch_completions = ([list(completions[i]) for i in idx] if completions is not None else
+                                         self.generate_reasoning(batch_items, prompts=prompts, do_sample=do_sample,
+                                                                 temperature=temperature))
+                batch = self.prepare(batch_items, batch_completions, padding_side=padding_side, prompts=prompts)
                 out[idx] = self(batch).float().cpu().numpy()
-                if return_completions and completions is not None:
-                    decoded = self.processor.tokenizer.batch_decode(completions, skip_special_tokens=False)
-                    for i, text in zip(idx, decoded, strict=True):
-                        traces[i] = text
+                if return_completions and batch_completions is not None:
+                    decoded = (batch_completions if return_completions == "ids" else
+                               self.processor.tokenizer.batch_decode(batch_completions, skip_special_tokens=False))
+                    for i, trace in zip(idx, decoded, strict=True):
+                        traces[i] = trace
                 bar.update(len(idx))
         finally:
             bar.close()

@@ -1,0 +1,102 @@
+"""`moon-rl run`: a recipe's `stages` in pipeline order (data -> sft -> grpo -> embed -> eval), in one output folder.
+
+A stage whose output is complete is skipped (rerunning a run costs nothing), an interrupted training stage resumes
+from its newest complete checkpoint, and `overwrite=True` redoes every listed stage. The training stages skip their
+own evaluation here: the `eval` stage evaluates every model of the run once, beside the baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moon_rl.training.checkpoint import FINAL_DIR, latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    # WARNING is the level a CLI user sees by default; these lines are the run's progress.
+    logger.warning("== %s", message)
+
+
+def _data(recipe: Any, overwrite: bool) -> str:
+    from moon_rl.data.catalogue import load_recipe_catalogue
+
+    catalogue = load_recipe_catalogue(recipe.data)
+    splits = ", ".join(f"{split} {len(pairs)}" for split, pairs in sorted(catalogue.pairs.items()))
+    return f"{len(catalogue)} products, pairs: {splits} ({catalogue.base_dir})"
+
+
+def _train(stage: str) -> Callable[[Any, bool], str]:
+    def run(recipe: Any, overwrite: bool) -> str:
+        if stage == "sft":
+            from moon_rl.training.sft import run_sft as train
+        else:
+            from moon_rl.training.grpo import run_grpo as train
+        folder = Path(recipe.output_dir) / stage
+        resume = not overwrite and latest_checkpoint(folder) is not None
+        if resume:
+            _say(f"{stage}: resuming the interrupted run from {latest_checkpoint(folder)}")
+        final = train(recipe, resume=resume, overwrite=overwrite, evaluate=False)
+        return f"model in {final}"
+
+    return run
+
+
+def _embed(recipe: Any, overwrite: bool) -> str:
+    from moon_rl.inference.pipeline import run_embed
+
+    model = _latest_model(recipe)
+    summary = run_embed(recipe, model_dir=model, catalogue=None, out=None, mode=None, skip_bad=False)
+    return summary.summary()
+
+
+def _eval(recipe: Any, overwrite: bool) -> str:
+    from moon_rl.evaluation.report import finished_models, run_eval
+
+    run_dir = Path(recipe.output_dir)
+    out = run_eval(recipe, finished_models(run_dir), run_dir=run_dir)
+    return f"report in {out / 'report.md'}"
+
+
+def _latest_model(recipe: Any) -> Path | None:
+    for stage in ("grpo", "sft"):
+        folder = Path(recipe.output_dir) / stage / FINAL_DIR
+        if (folder / "moon_rl.json").is_file():
+            return folder
+    return None
+
+
+STAGE_RUNNERS: dict[str, Callable[[Any, bool], str]] = {
+    "data": _data, "sft": _train("sft"), "grpo": _train("grpo"), "embed": _embed, "eval": _eval,
+}
+
+
+def stage_done(recipe: Any, stage: str) -> Path | None:
+    """The file that shows `stage` finished in the recipe's output folder, or None (data is never 'done')."""
+    out = Path(recipe.output_dir)
+    marker = {"sft": out / "sft" / FINAL_DIR / "moon_rl.json", "grpo": out / "grpo" / FINAL_DIR / "moon_rl.json",
+              "embed": out / "embed" / "embed.json", "eval": out / "eval" / "report.md"}.get(stage)
+    return marker if marker is not None and marker.is_file() else None
+
+
+def run_stages(recipe: Any, *, overwrite: bool = False) -> Path:
+    """Run the recipe's stages; returns the output folder. See the module docstring."""
+    stages = list(recipe.stages)
+    started = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        head = f"[{number}/{len(stages)}] {stage}"
+        done = stage_done(recipe, stage)
+        if done is not None and not overwrite:
+            _say(f"{head}: already finished ({done}); skipped (--overwrite to redo)")
+            continue
+        _say(f"{head}: starting")
+        t0 = time.perf_counter()
+        what = STAGE_RUNNERS[stage](recipe, overwrite)
+        _say(f"{head}: done in {time.perf_counter() - t0:.0f} s: {what}")
+    _say(f"all stages done in {time.perf_counter() - started:.0f} s; output in {recipe.output_dir}")
+    return Path(recipe.output_dir)
