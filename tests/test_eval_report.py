@@ -1,0 +1,149 @@
+"""`moon-rl eval` / `moon-rl run`: zero-shot tasks, faithfulness, the report folder, the staged pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moon_rl.data.records import Product
+from moon_rl.evaluation.faithfulness import derangement, faithfulness
+from moon_rl.evaluation.report import faithfulness_table, main_table, write_report, zero_shot_table
+from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
+
+
+def _unit(*rows):
+    x = np.asarray(rows, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_zero_shot_classification_and_attributes_on_known_vectors():
+    products = [Product(id=f"p{i}", title="t", category=c, attributes={"colour": col})
+                for i, (c, col) in enumerate([("shirt", "red"), ("shirt", "blue"), ("shoe", "red"), ("shoe", "red")])]
+    prompts = {"shirt": [1, 0, 0], "shoe": [0, 1, 0], "colour: blue": [0, 0, 1], "colour: red": [1, 1, 0]}
+
+    def encode(texts):
+        return _unit(*[prompts[t] for t in texts])
+
+    # p0 is a shirt, p1 looks like a shoe (wrong), p2/p3 shoes; colours: p1 blue right, others red-ish
+    vecs = _unit([1, 0.2, 0.1], [0.1, 1, 0.9], [0.1, 1, 0], [0.2, 1, 0.1])
+    space = {"category": ["shirt", "shoe"], "colour": ["blue", "red"]}
+    out = zero_shot_tasks(products, vecs, space, encode)
+    assert out["classification"]["accuracy"] == pytest.approx(0.75)
+    # shirt: tp 1, fn 1 -> F1 2/3; shoe: tp 2, fp 1 -> F1 0.8
+    assert out["classification"]["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert out["attributes"]["colour"] == pytest.approx(1.0) and out["attributes"]["mean"] == pytest.approx(1.0)
+    assert macro_f1([0, 0, 1], [0, 0, 1], 3) == 1.0  # an absent class does not count
+
+
+def test_derangement_moves_every_item():
+    for n in (2, 3, 10, 57):
+        target = derangement(n, seed=n)
+        assert sorted(target) == list(range(n)) and all(target[i] != i for i in range(n))
+
+
+class _FakeEmbedder:
+    """Vectors = base vector of the record, plus (if `follows`) the completion's first id as a strong direction."""
+
+    def __init__(self, follows: bool):
+        self.follows = follows
+
+    def encode(self, records, mode="direct", completions=None, do_sample=False, **kwargs):
+        out = []
+        for i, r in enumerate(records):
+            v = np.zeros(8)
+            v[r % 8] = 1.0
+            if self.follows and completions is not None:
+                v[completions[i][0] % 8] += 3.0
+            if do_sample:
+                v += np.random.default_rng(i).normal(0, 0.01, 8)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_swapped_reasoning_moves_only_a_model_that_follows_it(follows):
+    gallery = list(range(8))
+    ids = [[i] for i in gallery]
+    embedder = _FakeEmbedder(follows)
+    greedy = embedder.encode(gallery, completions=ids)
+
+    def recall(vecs):  # query i is the base vector of product i
+        return {"text->product": float(np.mean(np.argmax(np.eye(8) @ vecs.T, axis=1) == np.arange(8)))}
+
+    found = faithfulness(embedder, gallery, greedy, ids, embedder.encode(gallery), recall)
+    assert found["reason"]["text->product"] == 1.0
+    assert found["swapped"]["text->product"] == (0.0 if follows else 1.0)
+    assert found["chain_cosine"] > 0.99
+
+
+def _history(stage):
+    if stage == "sft":
+        return [{"step": s, "loss": 5 - s / 10, "lm_loss": 2 - s / 20, "infonce/text_direct": 3 - s / 10,
+                 "retrieval_acc/text_direct": s / 10} for s in range(1, 9)]
+    return [{"step": s, "reward": 0.5 + s / 20, "rewards/retrieval_rank/mean": 0.4 + s / 20, "infonce": 1 - s / 20,
+             "completions/mean_length": 30 - s} for s in range(1, 9)]
+
+
+def test_report_folder_holds_tables_metrics_and_real_plots(tmp_path):
+    run = tmp_path / "run"
+    for stage in ("sft", "grpo"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "log_history.json").write_text(json.dumps(_history(stage)))
+    metrics = {f"recall@{k}": min(1.0, 0.3 + k / 20) for k in range(1, 11)} | {"mrr@10": 0.5, "ndcg@10": 0.6}
+    model = {"direct": {"text->product": metrics}, "reason": {"text->product": metrics},
+             "gallery_size": 10, "n_queries": {"text->product": 10}, "split": "test",
+             "chance": {"text->product": {f"recall@{k}": k / 10 for k in range(1, 11)}},
+             "zero_shot": {"direct": {"classification": {"accuracy": 0.7, "macro_f1": 0.6, "n": 10},
+                                      "attributes": {"colour": 0.5, "mean": 0.5}}},
+             "faithfulness": {"chain_cosine": 0.9, "reason_direct_cosine": 0.8, "chains_sampled_for": 10,
+                              "reason": {"text->product": 0.6}, "swapped": {"text->product": 0.2}}}
+    summary = {"split": "test", "results": {"grpo": model}, "table": "| retrieval |", "text_only": None}
+    report = write_report(tmp_path / "eval", summary, run_dir=run, models={"grpo": "runs/x/grpo/final"})
+    text = report.read_text()
+    assert "| grpo | direct | 0.350 |" in main_table(summary["results"]) and "## Main table" in text
+    assert "0.700" in zero_shot_table(summary["results"]) and "0.600 / 0.200" in faithfulness_table(summary["results"])
+    pngs = sorted(p.name for p in (tmp_path / "eval").glob("*.png"))
+    assert pngs == ["recall_at_k.png", "training_grpo.png", "training_sft.png"]
+    for name in pngs:
+        image = Image.open(tmp_path / "eval" / name)
+        assert image.size[0] > 400 and len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+        assert f"![{name[:-4]}]({name})" in text
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"] == {"grpo": "runs/x/grpo/final"}
+
+
+@pytest.mark.slow
+def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        "model: {lora: null, heads: {embed_dim: 32}}\n"
+        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
+        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
+        "      max_steps: 4, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
+        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
+        "       gradient_checkpointing: false, disable_tqdm: true}\n"
+        "embed: {max_new_tokens: 8}\n"
+        "eval: {baselines: [untrained]}\n"
+    )
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(recipe)])
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "run"
+    assert (out / "embed" / "embed.json").is_file() and (out / "eval" / "report.md").is_file()
+    assert len(list((out / "eval").glob("*.png"))) == 3
+    results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
+    assert set(results) == {"sft", "grpo", "untrained"} and "faithfulness" in results["grpo"]
+    assert "| sft | direct |" in first.output  # the main table is printed last
+    stamp = (out / "sft" / "final" / "moon_rl.json").stat().st_mtime_ns
+    again = runner.invoke(app, ["run", str(recipe), "--set", "stages=[sft,grpo,embed]"])
+    assert again.exit_code == 0, again.output
+    assert (out / "sft" / "final" / "moon_rl.json").stat().st_mtime_ns == stamp  # finished: skipped
