@@ -30,6 +30,7 @@ import importlib
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -358,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     out = Path(tempfile.mkdtemp(prefix="moon-gpu-check-"))
     parts = {"sft": run_sft_part, "grpo": run_grpo_part, "qlora": run_qlora_part}
-    results = [run_part(part, parts[part], args, out) for part in args.parts]
+    try:
+        results = [run_part(part, parts[part], args, out) for part in args.parts]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # trainer output folders only: nothing is saved
     print_summary(results)
     failed = [r.part for r in results if r.status == "FAILED"]
     print(f"\nFAILED parts: {', '.join(failed)}" if failed else "\nall parts passed (or were skipped)")
