@@ -50,6 +50,10 @@ def load_processor(
         processor = image_only.from_pretrained(path)
     else:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if getattr(processor, "image_processor", None) is None and image_only is not None:
+            # A folder saved with the image-only processor (the builtin model, or any model saved on a CPU machine)
+            # has no video processor config: with torchvision present AutoProcessor then returns the bare tokenizer.
+            processor = image_only.from_pretrained(path)
     if getattr(processor, "image_processor", None) is None:
         raise MoonError(
             f"{path}: the processor has no image processor (got {type(processor).__name__}); "
