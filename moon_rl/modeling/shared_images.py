@@ -38,7 +38,9 @@ def shared_image_features(model: nn.Module) -> Iterator[None]:
         first: dict[bytes, int] = {}
         index = []  # occurrence -> distinct image
         for chunk in torch.split(pixels, patches):
-            index.append(first.setdefault(chunk.detach().cpu().numpy().tobytes(), len(first)))
+            # Raw bytes whatever the dtype (numpy has no bfloat16): equal bytes, equal image.
+            key = chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            index.append(first.setdefault(key, len(first)))
         if len(first) == len(index):
             return None
         keep = [index.index(u) for u in range(len(first))]
