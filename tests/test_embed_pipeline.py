@@ -21,6 +21,7 @@ from moon_rl.modeling.heads import MoonHeads
 from moon_rl.modeling.loading import load_backbone
 
 N_PRODUCTS = 40
+N_LISTED = 48  # the 40 products and a duplicate listing of each of the 8 test products (product->product anchors)
 OUTPUT_FILES = {"embeddings.parquet", "index.faiss", "ids.json", "embed.json"}
 
 
@@ -59,14 +60,14 @@ def test_parquet_matches_encode(embedded, embedder, catalogue):
     assert set(table.column_names) == {"id", "vector"}
     ids = table.column("id").to_pylist()
     vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
-    assert sorted(ids) == sorted(catalogue.products) and len(ids) == N_PRODUCTS
+    assert sorted(ids) == sorted(catalogue.products) and len(ids) == N_LISTED
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     products = [catalogue.products[pid] for pid in ids]
     expected = embedder.encode(products, mode="direct", batch_size=8, load_image=catalogue.image)
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     assert json.loads((embedded / "ids.json").read_text()) == ids
     manifest = json.loads((embedded / "embed.json").read_text())
-    assert manifest["count"] == N_PRODUCTS and manifest["dim"] == 64 and manifest["mode"] == "direct"
+    assert manifest["count"] == N_LISTED and manifest["dim"] == 64 and manifest["mode"] == "direct"
     assert manifest["skipped"] == [] and manifest["items_per_s"] > 0
 
 
@@ -131,11 +132,11 @@ def test_corrupt_image_skipped(tmp_path, embedder, corrupt_catalogue):
     folder, bad_id = corrupt_catalogue
     summary = embed_catalogue(embedder, load_catalogue(folder), tmp_path / "out", batch_size=16, skip_bad=True,
                               show_progress=False)
-    assert summary.count == N_PRODUCTS - 1 and [pid for pid, _ in summary.skipped] == [bad_id]
+    assert summary.count == N_LISTED - 1 and [pid for pid, _ in summary.skipped] == [bad_id]
     assert f"skipped 1 bad products: '{bad_id}'" in summary.summary()
     assert {p.name for p in summary.out.iterdir()} >= OUTPUT_FILES
     ids = json.loads((summary.out / "ids.json").read_text())
-    assert bad_id not in ids and len(ids) == N_PRODUCTS - 1
+    assert bad_id not in ids and len(ids) == N_LISTED - 1
     assert json.loads((summary.out / "embed.json").read_text())["skipped"][0]["id"] == bad_id
 
 
@@ -149,7 +150,7 @@ def test_run_embed_untrained_recipe_model_round_trip(tmp_path, catalogue_dir):
     out = tmp_path / "embed"
     summary = run_embed(recipe, model_dir=None, catalogue=str(catalogue_dir), out=out, mode=None, skip_bad=False,
                         show_progress=False)
-    assert summary.count == N_PRODUCTS and summary.dim == 32 and (out / "recipe.yaml").is_file()
+    assert summary.count == N_LISTED and summary.dim == 32 and (out / "recipe.yaml").is_file()
     assert json.loads((out / "embed.json").read_text())["model"]["source"] == "recipe"
     index = EmbeddingIndex.load(out)
     rebuilt = index.load_embedder()

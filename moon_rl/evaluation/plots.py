@@ -79,6 +79,7 @@ def recall_curves(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Test split: Recall@k against the hard gallery")
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
@@ -116,6 +117,7 @@ def training_curves(log_history: Sequence[Mapping[str, Any]], stage: str, path: 
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"{stage}: training curves")
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
