@@ -146,6 +146,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         scores = embeddings @ candidates.T
         ranks = 1 + (scores > scores.gather(1, positive_index[:, None])).sum(1)
         self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
+        self._log_metric("retrieval/candidates", float(len(candidates)))  # global: every process's queries
         self._log_metric("completions/truncated", float(np.mean(truncated)))
         self._positives = {"moon_positive": candidates[positive_index].detach(),
                            "moon_pair": torch.tensor(pairs, device=embeddings.device)}
