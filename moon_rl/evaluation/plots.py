@@ -77,9 +77,14 @@ def recall_curves(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
                 ax.plot([k for k, _ in points], [v for _, v in points], label=label, **style)
         ax.set(title=task, xlabel="k", ylabel="Recall@k", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    # One legend for all panels: a text-only baseline draws in the first panel only.
+    labelled: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
     fig.suptitle("Test split: Recall@k against the hard gallery")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(list(labelled.values()), list(labelled), fontsize=7, loc="center right")
     try:
         return _save(fig, path)
     finally:
