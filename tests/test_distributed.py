@@ -1,4 +1,4 @@
-"""`moon-rl sft` under `torchrun --nproc_per_node 2` on CPU (gloo): runs, gathers, writes once."""
+"""`moon-rl sft` and `moon-rl grpo` under `torchrun --nproc_per_node 2` on CPU (gloo): run, gather, write once."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(cwd, verb: str, recipe) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "cli.py"), verb, str(recipe)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+
+
 @pytest.mark.slow
-def test_sft_under_torchrun_with_two_processes(tmp_path):
+def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"output_dir: {tmp_path / 'run'}\n"
@@ -30,12 +37,12 @@ def test_sft_under_torchrun_with_two_processes(tmp_path):
         "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 4, learning_rate: 1.0e-3,\n"
         "      max_steps: 3, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
         "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
+        "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 4}\n"
         "eval: {modes: [direct], baselines: []}\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "cli.py"), "sft", str(recipe)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    result = torchrun(tmp_path, "sft", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "run" / "sft"
     assert (out / "final" / "moon_rl.json").is_file()
@@ -47,3 +54,14 @@ def test_sft_under_torchrun_with_two_processes(tmp_path):
     assert all(entry["pairs/global"] == 8 for entry in steps)
     metrics = json.loads((out / "metrics.json").read_text())
     assert "trained" in metrics["results"]
+
+    # GRPO from that SFT model: the retrieval reward ranks every process's candidates, the log is written once.
+    result = torchrun(tmp_path, "grpo", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run" / "grpo"
+    assert (out / "final" / "moon_rl.json").is_file() and (out / "checkpoint-2" / "moon_rl_checkpoint.json").is_file()
+    history = [e for e in json.loads((out / "log_history.json").read_text()) if "retrieval/candidates" in e]
+    assert [entry["step"] for entry in history] == [1, 2]
+    # Each process sampled its own anchors; the candidates it ranked against are the union over both processes.
+    assert all(entry["retrieval/candidates"] > entry["retrieval/local_candidates"] for entry in history)
+    assert "after GRPO" in json.loads((out / "metrics.json").read_text())["results"]

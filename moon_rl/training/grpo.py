@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,56 @@ logger = logging.getLogger(__name__)
 
 
 class ContextReward:
-    """A reward function called with moon-rl's per-batch context (embeddings, candidates, ...) as extra kwargs."""
+    """A reward function called with moon-rl's per-batch context (embeddings, candidates, ...) as extra kwargs.
+
+    A reward that fails does not stop the run: if it raises, or returns something that is not one number (or None)
+    per completion, every completion of the step gets `None`; a NaN or infinite value becomes `None` for its
+    completion. TRL turns `None` into NaN and leaves it out of the step's reward (`nansum` over the reward functions,
+    `nanmean` over the group), so the other rewards still score the step. The first failure of each reward is logged
+    as a warning; `rewards/<name>/failures` logs the share of completions it failed to score, every step (0.0 when it
+    worked, so that every process logs the same metrics). A `None` the reward returns on purpose is no failure.
+    """
 
     def __init__(self, fn: Callable[..., list[float | None]], context: Callable[[], dict[str, Any]], name: str):
         self.fn = fn
         self.context = context
         self.__name__ = name  # TRL logs rewards under their callable's name
+        self.warned = False
 
     def __call__(self, completions: list, **kwargs: Any) -> list[float | None]:
-        return self.fn(completions, **{**kwargs, **self.context()})
+        n = len(completions)
+        try:
+            values, failed = self._finite(self.fn(completions, **{**kwargs, **self.context()}), n)
+        except Exception as exc:  # a reward is user code: an error in it costs its score for the step, not the run
+            self._warn(f"raised {type(exc).__name__}: {exc}", exc_info=logger.isEnabledFor(logging.DEBUG))
+            values, failed = [None] * n, n
+        if failed:
+            self._warn(f"returned NaN or inf for {failed} of {n} completions")
+        if (log_metric := kwargs.get("log_metric")) is not None:
+            log_metric(f"rewards/{self.__name__}/failures", failed / max(n, 1))
+        return values
+
+    @staticmethod
+    def _finite(output: Any, n: int) -> tuple[list[float | None], int]:
+        """One finite float or None per completion, and how many were NaN / inf; `ValueError` on a broken contract."""
+        values = list(output)
+        if len(values) != n:
+            raise ValueError(f"returned {len(values)} values for {n} completions (expected one per completion)")
+        out: list[float | None] = []
+        bad = 0
+        for value in values:
+            number = None if value is None else float(value)  # a string or a list raises: the output is unusable
+            if number is not None and not math.isfinite(number):
+                number, bad = None, bad + 1
+            out.append(number)
+        return out, bad
+
+    def _warn(self, what: str, exc_info: bool = False) -> None:
+        if not self.warned:
+            self.warned = True
+            logger.warning("reward %r %s; the step is scored without it there (warned once per reward; the share "
+                           "of completions it failed on is logged as rewards/%s/failures)", self.__name__, what,
+                           self.__name__, exc_info=exc_info)
 
 
 class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
@@ -146,7 +188,9 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         scores = embeddings @ candidates.T
         ranks = 1 + (scores > scores.gather(1, positive_index[:, None])).sum(1)
         self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
-        self._log_metric("retrieval/candidates", float(len(candidates)))  # global: every process's queries
+        # Candidates from every process (deduplicated) against this process's own: the gather at work.
+        self._log_metric("retrieval/candidates", float(len(candidates)))
+        self._log_metric("retrieval/local_candidates", float(len(local_pairs)))
         self._log_metric("completions/truncated", float(np.mean(truncated)))
         self._positives = {"moon_positive": candidates[positive_index].detach(),
                            "moon_pair": torch.tensor(pairs, device=embeddings.device)}

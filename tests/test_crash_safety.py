@@ -1,0 +1,61 @@
+"""A real `moon-rl sft` run killed with SIGKILL mid-training resumes from its newest complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moon_rl.training.checkpoint import MARKER_FILE, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_resume_finishes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        "model: {lora: null, heads: {embed_dim: 32}}\n"
+        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
+        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
+        "      max_steps: 40, logging_steps: 1, save_steps: 3, gradient_checkpointing: false, max_length: null,\n"
+        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        "eval: {modes: [direct], baselines: []}\n"
+    )
+    out = tmp_path / "run" / "sft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "sft", str(recipe)], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        # Kill as soon as the second checkpoint is being written or done: mid-training, maybe mid-write.
+        while time.monotonic() < deadline and not list(out.glob("checkpoint-6")):
+            assert run.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+    newest = latest_checkpoint(out)
+    assert newest is not None and (newest / MARKER_FILE).is_file()  # a complete one survives, whatever was cut
+    resumed_from = json.loads((newest / MARKER_FILE).read_text())["step"]
+    assert resumed_from in (3, 6)
+
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sft", str(recipe), "--resume"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {newest}" in result.stderr
+    assert (out / "final" / "moon_rl.json").is_file()
+    # The checkpoint's history (steps up to it) then the resumed steps, once each, to the end.
+    steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "infonce" in e]
+    assert steps == list(range(1, 41))
