@@ -171,3 +171,19 @@ def test_trace_noise_replaces_tokens_without_lm_targets(tmp_path):
         assert set(think) <= set(a["input_ids"][row][trace].tolist())
         assert a["input_ids"][row, a["moon"]["readout_index"][row]] == embedder.readout_id
     assert 0.3 < changed / total < 0.6  # about half of the inner trace tokens (a drawn token may equal the original)
+
+
+def test_without_reasoning_the_product_rows_are_direct_prompts_without_lm_targets(tmp_path):
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    batch = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=0, reasoning=False)(
+        [{"pair": 0}, {"pair": 1}])
+    assert (batch["labels"] == IGNORE_INDEX).all() and not batch["moon"]["has_trace"].any()
+    # Row 0 (the "reason" slot) is the same direct-mode sequence as row 4 (the product in direct mode).
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][4])

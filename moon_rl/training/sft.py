@@ -112,11 +112,11 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     torch.manual_seed(args.seed)
     catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    without_trace = sum(1 for ex in examples if not catalogue.products[ex.positive].reasoning)
+    without_trace = sum(1 for ex in examples if not (args.reasoning and catalogue.products[ex.positive].reasoning))
     logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
                    "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
     embedder = MoonEmbedder.from_recipe(recipe)
-    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise)
+    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

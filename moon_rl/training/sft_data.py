@@ -59,15 +59,17 @@ class MoonSFTCollator:
         examples (`list[SFTExample]`): indexed by the dataset's `pair` column.
         hard_negatives (`int`): direct-mode hard negatives per pair (missing ones are masked).
         trace_noise (`float`): fraction of trace tokens replaced by tokens of other traces, without LM targets.
+        reasoning (`bool`): False ignores the traces (direct-mode contrastive training only).
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
-                 trace_noise: float = 0.0):
+                 trace_noise: float = 0.0, reasoning: bool = True):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
         self.hard_negatives = hard_negatives
         self.trace_noise = trace_noise
+        self.reasoning = reasoning
         self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
         # Every product and anchor recurs once per epoch: its tokenised prompt and pixels are computed once. Decoding
@@ -92,7 +94,7 @@ class MoonSFTCollator:
 
     def _trace(self, product_id: str) -> list[int]:
         if product_id not in self._trace_ids:
-            trace = self.catalogue.products[product_id].reasoning
+            trace = self.catalogue.products[product_id].reasoning if self.reasoning else None
             self._trace_ids[product_id] = self.embedder.tokenize_reasoning([trace])[0]
         return self._trace_ids[product_id]
 
