@@ -281,7 +281,8 @@ def run_embed(
         embedder = MoonEmbedder.from_recipe(recipe)
     mode = mode or recipe.embed.mode
     embedder.generation_backend = recipe.embed.generation_backend
-    cat = load_recipe_catalogue(recipe.data, catalogue)
+    # Embedding decodes each image anyway and writes nothing unless it succeeds; --skip-bad must see the bad rows.
+    cat = load_recipe_catalogue(recipe.data, catalogue, decode_images=False)
     out = Path(out) if out is not None else Path(recipe.output_dir) / "embed"
     return embed_catalogue(
         embedder, cat, out, mode=mode, batch_size=recipe.embed.batch_size, skip_bad=skip_bad,

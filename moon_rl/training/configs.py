@@ -50,6 +50,17 @@ def default_rewards() -> list[dict[str, Any]]:
     ]
 
 
+#: Batch-sizing fields of `MoonSFTConfig` / `MoonGRPOConfig` that must be integers >= 1 when set.
+_POSITIVE_INT_FIELDS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_generations",
+    "generation_batch_size",
+    "steps_per_generation",
+)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -119,6 +130,11 @@ class MoonContrastiveMixin:
                 f"`contrastive_temperature` must be a finite number > 0, got {temperature!r}; typical values are "
                 "0.02-0.1."
             )
+        # transformers checks none of these: a negative batch size would fail deep inside the first DataLoader.
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         super().__post_init__()  # the TRL config's own validation
 
 
@@ -143,6 +159,9 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             Explicit hard negatives per pair (the first ones of the pair's `negatives`, e.g. look-alikes differing in
             one attribute), embedded in direct mode and added to the direct-vs-direct InfoNCE term as extra candidates.
             `0` turns them off.
+        reasoning (`bool`, *optional*, defaults to `True`):
+            Train on the catalogue's reasoning traces. `False` ignores them: every product row is a direct-mode prompt,
+            no LM loss, contrastive terms only (a model that never learns to reason; the ablation baseline).
         trace_noise (`float`, *optional*, defaults to `0.0`):
             Fraction of each reasoning trace's tokens replaced, in training batches, by tokens drawn from other traces
             (those positions get no LM target). The reason-mode read-out then learns to check the reasoning against
@@ -161,6 +180,11 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
     hard_negatives: int = field(
         default=1,
         metadata={"help": "Hard negatives per pair (from the pair's `negatives`) added to the direct InfoNCE term."},
+    )
+    reasoning: bool = field(
+        default=True,
+        metadata={"help": "Train on the reasoning traces (LM loss + reason-mode InfoNCE). False: direct-mode "
+                  "contrastive training only, the `direct only` baseline of the ablations."},
     )
     trace_noise: float = field(
         default=0.0,
