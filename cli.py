@@ -31,6 +31,8 @@ app = typer.Typer(
     "  moon-rl data synth runs/catalogue --n-products 200 --seed 0\n\n"
     "  moon-rl run recipes/tiny-cpu.yaml\n\n"
     "  moon-rl recipe validate recipes/tiny-cpu.yaml\n\n"
+    "  moon-rl recipe validate recipes/qwen2.5-vl-3b.yaml --dry-run\n\n"
+    "  moon-rl plan recipes/qwen2.5-vl-3b.yaml --gpus 2\n\n"
     "  moon-rl sft recipes/tiny-cpu.yaml\n\n"
     "  moon-rl grpo recipes/tiny-cpu.yaml\n\n"
     "  moon-rl eval recipes/tiny-cpu.yaml\n\n"
@@ -132,15 +134,24 @@ def data_validate(
 # ---------------------------------------------------------------------------------------------------- recipe
 @recipe_app.command("validate")
 @_user_errors
-def recipe_validate(recipe: RecipeArg, set_: SetOption = None) -> None:
+def recipe_validate(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate for the target GPU machine from any machine: build the TRL configs as there, load "
+        "nothing; a missing catalogue path or optional package (vllm, bitsandbytes) is a note, not an error.")] = False,
+) -> None:
     """Resolve the recipe (extends, --set), check every key and build the TRL configs; exit 2 on any problem."""
     resolved = _load(recipe, set_)
-    problems = resolved.check()
+    problems, notes = resolved.dry_run() if dry_run else (resolved.check(), [])
+    for note in notes:
+        typer.echo(f"note: {note}")
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
     if problems:
         raise typer.Exit(2)
-    typer.echo(f"{recipe}: ok")
+    typer.echo(f"{recipe}: ok" + (" (dry run: TRL configs built as on the target GPU, no weights loaded)" if dry_run
+                                  else ""))
 
 
 @recipe_app.command("show")
@@ -148,6 +159,28 @@ def recipe_validate(recipe: RecipeArg, set_: SetOption = None) -> None:
 def recipe_show(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Print the resolved recipe (extends and --set applied, defaults filled in)."""
     typer.echo(_load(recipe, set_).to_yaml(), nl=False)
+
+
+@app.command("plan")
+@_user_errors
+def plan(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    gpus: Annotated[int, typer.Option(help="GPUs (processes) the run uses.", min=1)] = 1,
+    strategy: Annotated[str, typer.Option(
+        help="ddp, zero2, zero3 or fsdp (recipes/accelerate/<x>.yaml): what is sharded across --gpus.")] = "ddp",
+    gpu_memory: Annotated[float, typer.Option(
+        "--gpu-memory", help="Memory of one GPU in GiB (vLLM colocate takes a share of it).", min=1)] = 80.0,
+    prompt_tokens: Annotated[int, typer.Option(
+        help="Text tokens of a prompt (instruction, title, description), image tokens excluded.", min=1)] = 128,
+) -> None:
+    """Estimate GPU memory per device (GiB) of each training stage, without loading or downloading weights."""
+    from moon_rl.plan import format_plan, plan_recipe
+
+    resolved = _load(recipe, set_)
+    arch, plans = plan_recipe(resolved, gpus=gpus, strategy=strategy, gpu_memory_gib=gpu_memory,
+                              prompt_tokens=prompt_tokens)
+    typer.echo(format_plan(resolved, arch, plans, gpus=gpus, strategy=strategy, gpu_memory_gib=gpu_memory))
 
 
 # ---------------------------------------------------------------------------------------------------- train

@@ -365,7 +365,10 @@ class Recipe(_Section):
         if "seed" not in kwargs:
             kwargs["seed"] = self.seed  # the recipe's seed, unless the section sets its own
         if force_cpu:
-            kwargs["use_cpu"] = True
+            kwargs["use_cpu"] = True  # turns off transformers' "bf16 needs a GPU" check: validate for the target GPU
+            # `tf32: true` needs an Ampere GPU to be built at all; it is checked on the machine that trains.
+            if kwargs.get("tf32"):
+                kwargs.pop("tf32")
         try:
             return _config_class(section)(**kwargs)
         except (ValueError, TypeError) as exc:
@@ -378,7 +381,7 @@ class Recipe(_Section):
 
     # ---- checks -----------------------------------------------------------------------------------------------------
 
-    def check(self, device_checks: bool = True) -> list[str]:
+    def check(self, device_checks: bool = True, check_catalogue: bool = True) -> list[str]:
         """Problems a run would hit that the schema cannot see; empty when the recipe is ready to run.
 
         Builds the `MoonSFTConfig` / `MoonGRPOConfig` of the stages listed in `stages` (running TRL's validation),
@@ -388,6 +391,7 @@ class Recipe(_Section):
         Args:
             device_checks: also run checks that depend on this machine (bf16 support, installed vllm/bitsandbytes).
                 Pass False to validate a GPU recipe on a CPU-only machine (CI).
+            check_catalogue: also check that a `data.catalogue` path exists on this machine.
         """
         from moon_rl.training.configs import GENERATION_BATCH_FIELDS, generation_batch_problems
 
@@ -412,12 +416,31 @@ class Recipe(_Section):
                 f"{self._where('model.quantization', 'model.lora')}: stages {training} train a quantised model without "
                 "LoRA, but quantised weights are frozen; set model.lora (QLoRA) or model.quantization: null"
             )
-        catalogue = self.data.catalogue
-        if not catalogue.startswith("builtin:") and not Path(catalogue).exists():  # every stage reads it
-            problems.append(f"{self._where('data.catalogue')}: 'data.catalogue' {catalogue!r} does not exist")
+        if check_catalogue:
+            problems += self._catalogue_problems()
         if device_checks:
             problems += self._package_problems()
         return problems
+
+    def dry_run(self) -> tuple[list[str], list[str]]:
+        """`check()` for the machine the recipe will run on, from any machine (a laptop, CI): loads no weights.
+
+        Builds every TRL config of the listed stages as on the target GPU (TRL's device checks, such as "bf16 needs a
+        GPU", are off; `tf32` is left to the target machine) and checks the GRPO generation batch rules, the
+        quantisation/LoRA rule and every key. What only the target machine can tell (a catalogue path missing here,
+        vllm or bitsandbytes not installed here) comes back as notes.
+
+        Returns:
+            `(problems, notes)`: a problem breaks the recipe anywhere; a note is to check on the target machine.
+        """
+        problems = self.check(device_checks=False, check_catalogue=False)
+        return problems, self._catalogue_problems() + self._package_problems()
+
+    def _catalogue_problems(self) -> list[str]:
+        catalogue = self.data.catalogue
+        if not catalogue.startswith("builtin:") and not Path(catalogue).exists():  # every stage reads it
+            return [f"{self._where('data.catalogue')}: 'data.catalogue' {catalogue!r} does not exist"]
+        return []
 
     def _package_problems(self) -> list[str]:
         from moon_rl.training.configs import config_value
@@ -497,6 +520,10 @@ def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"{shown}: cannot read recipe: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        bad = exc.object[exc.start : exc.start + 1].hex()
+        raise RecipeError(f"{shown}:{line}: not valid UTF-8 (byte 0x{bad}); save the recipe as UTF-8") from exc
     try:
         data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:

@@ -6,6 +6,7 @@ Nothing here downloads: a name that is not a local folder is passed to transform
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +103,10 @@ def load_model(path: str | Path, model_spec: Any) -> PreTrainedModel:
     qconfig = quantization_config(model_spec)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        # 4-bit weights are placed at load time: each process takes its own GPU (LOCAL_RANK under torchrun /
+        # accelerate), or every process of a multi-GPU run would pile onto GPU 0.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"}
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as exc:
