@@ -38,9 +38,10 @@ def _train(stage: str) -> Callable[[Any, bool], str]:
         else:
             from moon_rl.training.grpo import run_grpo as train
         folder = Path(recipe.output_dir) / stage
-        resume = not overwrite and latest_checkpoint(folder) is not None
+        checkpoint = None if overwrite else latest_checkpoint(folder)
+        resume = checkpoint is not None
         if resume:
-            _say(f"{stage}: resuming the interrupted run from {latest_checkpoint(folder)}")
+            _say(f"{stage}: resuming the interrupted run from {checkpoint}")
         final = train(recipe, resume=resume, overwrite=overwrite, evaluate=False)
         return f"model in {final}"
 

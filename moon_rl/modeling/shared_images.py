@@ -35,16 +35,16 @@ def shared_image_features(model: nn.Module) -> Iterator[None]:
         if pixels is None or grid is None or len(grid) < 2:
             return None
         patches = grid.prod(-1).tolist()
+        chunks = torch.split(pixels, patches)
         first: dict[bytes, int] = {}
         index = []  # occurrence -> distinct image
-        for chunk in torch.split(pixels, patches):
+        for chunk in chunks:
             # Raw bytes whatever the dtype (numpy has no bfloat16): equal bytes, equal image.
             key = chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
             index.append(first.setdefault(key, len(first)))
         if len(first) == len(index):
             return None
         keep = [index.index(u) for u in range(len(first))]
-        chunks = torch.split(pixels, patches)
         plan.update(index=index, patches=[patches[i] for i in keep],
                     tokens=[patches[i] // merge**2 for i in keep])
         new_pixels, new_grid = torch.cat([chunks[i] for i in keep]), grid[keep]

@@ -34,7 +34,7 @@ from trl import GRPOTrainer
 from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.modeling.inputs import EmbedItem, PromptBatch, assemble, concat_prompts, tokenize_prompts
+from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, assemble, concat_prompts
 from moon_rl.modeling.shared_images import shared_image_features
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save
@@ -120,7 +120,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         self.related_pairs = related_pairs
         self._reward_context: dict[str, Any] = {}
         self._positives: dict[str, torch.Tensor] = {}
-        self._query_cache: dict[int, PromptBatch] = {}
+        self._query_prompts = PromptCache(embedder.processor)  # every step re-ranks the same queries
         wrapped = [ContextReward(fn, lambda: self._reward_context, name) for name, fn in reward_funcs]
         reward_weights = [float(entry["weight"]) for entry in args.rewards]
         if len(reward_weights) == len(wrapped):
@@ -154,16 +154,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
                          self.embedder.image_token_id, append_readout=False)
         with shared_image_features(self.embedder.model):  # each prompt image appears num_generations times
             embeddings = self.embedder(batch)
-        candidates = self.embedder(self.embedder.prepare(None, prompts=self._query_prompts(candidate_pairs)))
+        candidates = self.embedder(self.embedder.prepare(None, prompts=concat_prompts(
+            [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in candidate_pairs])))
         truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
         return embeddings, candidates, truncated
-
-    def _query_prompts(self, pairs: list[int]) -> PromptBatch:
-        """The pairs' queries, tokenised with their pixels once per pair (every step re-ranks the same queries)."""
-        for pair in pairs:
-            if pair not in self._query_cache:
-                self._query_cache[pair] = tokenize_prompts(self.embedder.processor, [self.query_item(pair)])
-        return concat_prompts([self._query_cache[pair] for pair in pairs])
 
     @torch.no_grad()
     def _gather_candidates(self, local_pairs: list[int], local_vectors: torch.Tensor, pairs: list[int]

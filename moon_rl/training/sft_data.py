@@ -21,7 +21,7 @@ from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.records import Pair, Query
 from moon_rl.errors import DataError
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.modeling.inputs import PromptBatch, concat_prompts, to_item, tokenize_prompts
+from moon_rl.modeling.inputs import PromptBatch, PromptCache, concat_prompts, to_item
 
 IGNORE_INDEX = -100
 
@@ -72,25 +72,17 @@ class MoonSFTCollator:
         self.reasoning = reasoning
         self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
-        # Every product and anchor recurs once per epoch: its tokenised prompt and pixels are computed once. Decoding
-        # and resizing images was a sixth of a tiny-model step; the cache holds a few MB for thousands of products.
-        self._prompts: dict[tuple[str, Any], PromptBatch] = {}
+        self._prompts = PromptCache(embedder.processor)  # every product and anchor recurs once per epoch
 
     def _product_prompt(self, product_id: str) -> PromptBatch:
-        key = ("product", product_id)
-        if key not in self._prompts:
-            item = to_item(self.catalogue.products[product_id], self.catalogue.image, self.embedder.max_images)
-            self._prompts[key] = tokenize_prompts(self.embedder.processor, [item])
-        return self._prompts[key]
+        return self._prompts.get(("product", product_id), lambda: to_item(
+            self.catalogue.products[product_id], self.catalogue.image, self.embedder.max_images))
 
     def _anchor_prompt(self, example: SFTExample) -> PromptBatch:
         if isinstance(example.anchor, str):
             return self._product_prompt(example.anchor)
-        key = ("anchor", example.pair_index)
-        if key not in self._prompts:
-            item = to_item(example.anchor, self.catalogue.image, self.embedder.max_images)
-            self._prompts[key] = tokenize_prompts(self.embedder.processor, [item])
-        return self._prompts[key]
+        return self._prompts.get(("anchor", example.pair_index), lambda: to_item(
+            example.anchor, self.catalogue.image, self.embedder.max_images))
 
     def _trace(self, product_id: str) -> list[int]:
         if product_id not in self._trace_ids:
