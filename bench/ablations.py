@@ -200,6 +200,8 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
                   command: str, total_seconds: float) -> None:
     import torch
 
+    from moon_rl.evaluation.retrieval import markdown_table
+
     header = ["variant", "gallery mode", *[label for label, _ in METRICS], "cos(chain, chain)", "cos(reason, direct)",
               "text R@1 swapped", "wall time / seed (s)"]
     rows = []
@@ -211,8 +213,7 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
     if baseline is not None:
         rows.append(["MiniLM (text only)", "direct", *[_fmt([baseline[key]]) for _, key in METRICS], "–", "–", "–",
                      "–"])
-    table = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    table = [markdown_table(header, rows)]
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
     text = [

@@ -16,7 +16,7 @@ from moon_rl.cache import atomic_write_text
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.errors import MoonError
 from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_ceiling_result
-from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, result_modes
+from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table, result_modes
 from moon_rl.modeling.embedder import MoonEmbedder
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,6 @@ def _cell(value: Any) -> str:
     return "–" if not isinstance(value, int | float) else f"{value:.3f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def main_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per (model, mode): Recall@1 of every retrieval task, then zero-shot category and attribute accuracy."""
     tasks = [t for t in TASKS if any(t in modes for r in results.values() for modes in result_modes(r).values())]
@@ -88,7 +83,7 @@ def main_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             rows.append([model, mode, *[_cell((per_task.get(t) or {}).get("recall@1")) for t in tasks],
                          _cell((zero_shot.get("classification") or {}).get("accuracy")),
                          _cell((zero_shot.get("attributes") or {}).get("mean"))])
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def zero_shot_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -104,7 +99,7 @@ def zero_shot_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
         classification, attrs = found.get("classification") or {}, found.get("attributes") or {}
         rows.append([model, mode, _cell(classification.get("accuracy")), _cell(classification.get("macro_f1")),
                      *[_cell(attrs.get(a)) for a in attributes], _cell(attrs.get("mean"))])
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -121,7 +116,7 @@ def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
         rows.append([model, str(found.get("chains_sampled_for", "–")), _cell(found.get("chain_cosine")),
                      _cell(found.get("reason_direct_cosine")),
                      *[f"{_cell(own.get(t))} / {_cell(swapped.get(t))}" for t in tasks]])
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 # ------------------------------------------------------------------------------------------------------------ report

@@ -375,11 +375,17 @@ def format_table(
     tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))
     metrics = [(f"R@{k}", f"recall@{k}") for k in ks] + [("MRR", f"mrr@{RANK_CUTOFF}")]
     header = ["model", "mode"] + [f"{task} {label}" for task in tasks for label, _ in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    cells = []
     for model, mode, per_task in rows:
-        cells = [model, mode]
+        row = [model, mode]
         for task in tasks:
             task_metrics = per_task.get(task) or {}
-            cells += [_fmt(task_metrics.get(key)) for _, key in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            row += [_fmt(task_metrics.get(key)) for _, key in metrics]
+        cells.append(row)
+    return markdown_table(header, cells)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the first two columns (model, mode) left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
