@@ -249,16 +249,20 @@ class MoonEmbedder(nn.Module):
         return (out, traces) if return_completions else out
 
     # ------------------------------------------------------------------ artifacts
-    def save(self, path: str | Path) -> Path:
-        """Write adapter (or full weights), heads, processor, resolved recipe and `moon_rl.json`, atomically."""
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write adapter (or full weights), heads, processor, resolved recipe and `moon_rl.json`, atomically.
+
+        `state_dict`: the model's weights gathered from sharded training (FSDP, DeepSpeed ZeRO-3), where the model's own
+        parameters hold only this process's shard.
+        """
         path = Path(path)
         with atomic_dir(path) as tmp:
             inner = self.model.module if hasattr(self.model, "module") else self.model
             if hasattr(inner, "peft_config"):
-                inner.save_pretrained(tmp / "adapter")
+                inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
                 weights = "adapter"
             else:
-                inner.save_pretrained(tmp / "model")
+                inner.save_pretrained(tmp / "model", state_dict=state_dict)
                 weights = "full"
             self.processor.save_pretrained(tmp / "processor")
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()},

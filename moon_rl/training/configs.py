@@ -85,7 +85,7 @@ class MoonContrastiveMixin:
         image_contrastive_weight (`float`, *optional*, defaults to `1.0`):
             Relative weight of the InfoNCE term on image-only anchor pairs (a product photo as the query).
 
-        > Parameters that control the heads' optimizer group
+        > Parameters that control the heads' optimizer
 
         heads_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the fusion / FIRE / projection heads in this stage. `None` uses the recipe's

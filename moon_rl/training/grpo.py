@@ -13,12 +13,13 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
 * `compute_loss`: GRPO loss + `contrastive_weight` x InfoNCE(read-out of each completion from the policy's own loss
   forward, captured by the backbone hooks; positive = its query embedding; negatives = the other rows' queries),
   divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward.
-* heads, optimizer group, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
+* heads, their optimizer, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
   the HF model, so the weights TRL syncs to vLLM never include them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, assemble, concat_prompts
 from moon_rl.modeling.shared_images import shared_image_features
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
-from moon_rl.training.common import MoonTrainerMixin, train_and_save
+from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
 from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce
 
@@ -108,7 +109,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         related_pairs (`Callable[[int], list[int]]`, *optional*): pairs whose queries join the candidates as hard
             negatives (e.g. the same kind of query for the pair's look-alike products). Without them a small
             generation batch of random products is ranked almost perfectly and the reward stops discriminating.
-        heads_learning_rate (`float`): learning rate of the heads' parameter group.
+        heads_learning_rate (`float`): learning rate of the heads' optimizer.
         **kwargs: passed to `GRPOTrainer` (train_dataset, callbacks, ...).
     """
 
@@ -127,7 +128,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             args.reward_weights = reward_weights
         super().__init__(model=embedder.model, reward_funcs=wrapped, args=args, processing_class=embedder.processor,
                          **kwargs)
-        embedder.heads.to(self.accelerator.device)
+        self._finish_moon_init()
 
     # ------------------------------------------------------------------ rewards
     def _local_candidate_pairs(self, pairs: list[int]) -> list[int]:
@@ -152,10 +153,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
                                    None if grid is None else torch.as_tensor(np.asarray(grid)))
         batch = assemble(prompt_batch, completion_ids_list, self.embedder.readout_id, self.embedder.pad_id,
                          self.embedder.image_token_id, append_readout=False)
-        with shared_image_features(self.embedder.model):  # each prompt image appears num_generations times
-            embeddings = self.embedder(batch)
-        candidates = self.embedder(self.embedder.prepare(None, prompts=concat_prompts(
-            [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in candidate_pairs])))
+        queries = self.embedder.prepare(None, prompts=concat_prompts(
+            [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in candidate_pairs]))
+        # These forwards call the HF model directly, not through the FSDP wrapper: like TRL's generation, gather the
+        # root unit's parameters first (the inner units gather their own). A no-op without FSDP.
+        with self._dist.summon_full_params(self.model_wrapped, recurse=False):
+            with shared_image_features(self.embedder.model):  # each prompt image appears num_generations times
+                embeddings = self.embedder(batch)
+            candidates = self.embedder(queries)
         truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
         return embeddings, candidates, truncated
 
@@ -198,9 +203,23 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             self._reward_context = {}
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._fsdp_autocast():
+            output = super()._generate_and_score_completions(inputs)
         output.update(self._positives)  # (B, ...) tensors: shuffled and split with the other rows
         return output
+
+    def _fsdp_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for generation and the reward forward under FSDP mixed precision.
+
+        Both call the HF model directly, not through the FSDP root: the root's own parameters (embeddings, vision patch
+        embedding, merger) are then in full precision (accelerate upcasts them for FSDP mixed precision) while the
+        wrapped layers compute in bf16/fp16, and a matmul would mix the two. `accelerator.autocast()` does nothing
+        under FSDP, so this builds torch's own. Without FSDP or mixed precision: a no-op.
+        """
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+        if not self.is_fsdp_enabled or dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -305,7 +324,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
-        _write_metrics(recipe, embedder, init, catalogue, out, seconds)
+        _write_metrics(recipe, trained_embedder(trainer, embedder, out), init, catalogue, out, seconds)
     return out / FINAL_DIR
 
 

@@ -8,7 +8,7 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
   read-out from that same forward. Added: `contrastive_weight * (InfoNCE(anchor, reason-mode product)
   + direct_contrastive_weight * InfoNCE(anchor, direct product, hard negatives))`, image-only anchors weighted by
   `image_contrastive_weight`, divided by the gradient-accumulation steps as TRL does for its auxiliary loss.
-* heads, optimizer group, checkpoints and resume: `MoonTrainerMixin` (training/common.py).
+* heads, their optimizer, checkpoints and resume: `MoonTrainerMixin` (training/common.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trl import SFTTrainer
 from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
-from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save
+from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonSFTConfig
 from moon_rl.training.losses import info_nce
 
@@ -36,16 +36,16 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
     """TRL `SFTTrainer` whose loss adds MOON3.0's contrastive term on read-outs of the policy's own forward.
 
     Args:
-        embedder (`MoonEmbedder`): backbone (trained by TRL as `model`) + heads (trained in their own group).
+        embedder (`MoonEmbedder`): backbone (trained by TRL as `model`) + heads (trained by their own optimizer).
         args (`MoonSFTConfig`): TRL's SFT fields plus the contrastive ones.
-        heads_learning_rate (`float`): learning rate of the heads' parameter group.
+        heads_learning_rate (`float`): learning rate of the heads' optimizer.
         **kwargs: passed to `SFTTrainer` (train_dataset, data_collator, callbacks, ...).
     """
 
     def __init__(self, embedder: MoonEmbedder, args: MoonSFTConfig, *, heads_learning_rate: float, **kwargs: Any):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         super().__init__(model=embedder.model, args=args, processing_class=embedder.processor, **kwargs)
-        embedder.heads.to(self.accelerator.device)
+        self._finish_moon_init()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         layout = inputs.pop("moon")
@@ -123,7 +123,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     )
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
-        _write_metrics(recipe, embedder, catalogue, out, seconds)
+        _write_metrics(recipe, trained_embedder(trainer, embedder, out), catalogue, out, seconds)
     return out / FINAL_DIR
 
 
