@@ -101,7 +101,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     Returns the folder of the trained model (`<output_dir>/sft/final`).
     """
     from moon_rl.data.catalogue import load_recipe_catalogue
-    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+    from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, sft_examples
 
     args = recipe.sft_config()
     out = Path(args.output_dir)
@@ -116,10 +116,12 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
                    "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
     embedder = MoonEmbedder.from_recipe(recipe)
-    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning)
+    collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
+                               seed=args.seed)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
+        callbacks=[NoiseEpoch(collator)],
     )
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:

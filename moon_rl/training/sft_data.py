@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.records import Pair, Query
@@ -60,16 +61,19 @@ class MoonSFTCollator:
         hard_negatives (`int`): direct-mode hard negatives per pair (missing ones are masked).
         trace_noise (`float`): fraction of trace tokens replaced by tokens of other traces, without LM targets.
         reasoning (`bool`): False ignores the traces (direct-mode contrastive training only).
+        seed (`int`): seeds the noise, with the dataset row and the epoch (`set_epoch`, called by `NoiseEpoch`).
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
-                 trace_noise: float = 0.0, reasoning: bool = True):
+                 trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
         self.hard_negatives = hard_negatives
         self.trace_noise = trace_noise
         self.reasoning = reasoning
+        self.seed = seed
+        self.epoch = 0
         self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
         self._prompts = PromptCache(embedder.processor)  # every product and anchor recurs once per epoch
@@ -99,16 +103,22 @@ class MoonSFTCollator:
             self._noise_vocab = torch.tensor(sorted(ids) or [self.embedder.pad_id])
         return self._noise_vocab
 
-    def _noisy(self, trace: list[int]) -> tuple[list[int], list[bool]]:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _noisy(self, trace: list[int], row: int) -> tuple[list[int], list[bool]]:
         """`trace` with a `trace_noise` share of its inner tokens replaced, and which positions were replaced.
 
-        Draws from torch's global generator, whose state the Trainer checkpoints: a resumed run draws the same noise.
+        The draws depend on (seed, epoch, dataset row) only, not on a running generator: the DataLoader collates a
+        batch ahead of the step, so a checkpointed global RNG state would already include the next batch's draws, and
+        a resumed run (or a dataloader worker) would draw other noise than a straight run.
         """
         if not self.trace_noise or len(trace) <= 2:
             return trace, [False] * len(trace)
-        inner = torch.rand(len(trace) - 2) < self.trace_noise
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + row) % 2**63)
+        inner = torch.rand(len(trace) - 2, generator=generator) < self.trace_noise
         vocab = self._noise_tokens()
-        picks = vocab[torch.randint(len(vocab), (int(inner.sum()),))].tolist()
+        picks = vocab[torch.randint(len(vocab), (int(inner.sum()),), generator=generator)].tolist()
         noisy, replaced, it = list(trace), [False] * len(trace), iter(picks)
         for pos in inner.nonzero().flatten().tolist():
             noisy[pos + 1], replaced[pos + 1] = next(it), True
@@ -139,7 +149,7 @@ class MoonSFTCollator:
                             for ex, nid in zip([e for e in examples for _ in range(k)], negative_ids, strict=True)]
         products = [self._product_prompt(ex.positive) for ex in examples]
         parts = products + [self._anchor_prompt(ex) for ex in examples] + products + negative_prompts
-        noised = [self._noisy(self._trace(ex.positive)) for ex in examples]
+        noised = [self._noisy(self._trace(ex.positive), int(row["pair"])) for ex, row in zip(examples, rows, strict=True)]
         traces = [trace for trace, _ in noised]
         completions = traces + [[] for _ in range(len(parts) - n)]
         batch = self.embedder.prepare(None, completions, prompts=concat_prompts(parts))
@@ -166,3 +176,14 @@ class MoonSFTCollator:
             "positive_ids": list(ex.positive for ex in examples),
         }
         return model_inputs
+
+
+class NoiseEpoch(TrainerCallback):
+    """Tells the collator each epoch's number, so trace noise differs per epoch (and is the same after a resume)."""
+
+    def __init__(self, collator: MoonSFTCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # `state.epoch` is fractional when resuming mid-epoch; at an epoch's start it is the whole number of epochs.
+        self.collator.set_epoch(int((state.epoch or 0) + 1e-6))
