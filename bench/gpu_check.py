@@ -13,6 +13,10 @@ them (no checkpoints, no final save, no evaluation):
   `retrieval_rank` + `format`, every completion forced to `--completion-length` tokens so steps cost the same.
 * `qlora`: `MoonSFTTrainer` on a 4-bit NF4 base (`model.quantization={bits: 4}`, bf16 compute) with LoRA on the
   language model (`model.lora={r: 16}`). Prints `SKIPPED: bitsandbytes not installed` when bitsandbytes is missing.
+* `fp16`: the `sft` part with float32 weights and fp16 autocast (`sft.fp16=true`): loss scaling, which the heads'
+  own optimizer must undo. Fails unless the heads changed and stayed finite.
+* `fsdp`: `bench/fsdp_check.py` under `accelerate launch --config_file recipes/accelerate/fsdp.yaml`, one process per
+  GPU: SFT with checkpoints, kill-like interruption and resume, GRPO, LoRA (see that file). Not timed.
 
 Each part prints seconds per optimizer step (a `TrainerCallback` from `on_step_begin` to `on_step_end`, CUDA
 synchronised; the first step is a warm-up and is discarded), the peak CUDA memory (`torch.cuda.max_memory_allocated`),
@@ -32,6 +36,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +54,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 from transformers import TrainerCallback  # noqa: E402
 
-PARTS = ("sft", "grpo", "qlora")
+PARTS = ("sft", "grpo", "qlora", "fp16", "fsdp")
 #: Packages whose versions head the output (import name, shown name).
 PACKAGES = (("transformers", "transformers"), ("trl", "trl"), ("peft", "peft"), ("accelerate", "accelerate"),
             ("datasets", "datasets"), ("bitsandbytes", "bitsandbytes"), ("pydantic", "pydantic"),
@@ -225,7 +230,8 @@ def train(part: str, trainer: Any, embedder: Any, timer: StepTimer, losses: Loss
         raise RuntimeError(f"final loss is {result.loss} (not a finite number)")
 
 
-def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result, quantized: bool = False) -> None:
+def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result, quantized: bool = False,
+                 fp16: bool = False) -> None:
     from datasets import Dataset
 
     from moon_rl.data.catalogue import load_recipe_catalogue
@@ -240,6 +246,8 @@ def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result,
         compute = "bfloat16" if cuda else "float32"
         extra += ["model.lora={r: 16, alpha: 32}", f"model.quantization={{bits: 4, compute_dtype: {compute}}}",
                   "sft.learning_rate=2.0e-4"]
+    if fp16:
+        extra += ["model.dtype=float32", "sft.bf16=false", "sft.fp16=true"]
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, overrides(args, out, "sft", extra))
     cfg = recipe.sft_config(out / part)
@@ -258,8 +266,15 @@ def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result,
         callbacks=[timer, losses],
     )
     print(f"[{part}] {len(examples)} training pairs, {args.sft_batch_size} pairs/step "
-          f"(+{cfg.hard_negatives} hard negative(s) each), trainer args bf16={cfg.bf16} use_cpu={cfg.use_cpu}")
+          f"(+{cfg.hard_negatives} hard negative(s) each), trainer args bf16={cfg.bf16} fp16={cfg.fp16} "
+          f"use_cpu={cfg.use_cpu}")
+    heads_before = {n: p.detach().clone() for n, p in embedder.heads.named_parameters()}
     train(part, trainer, embedder, timer, losses, result, time.perf_counter() - started)
+    moved = max(float((p.detach() - heads_before[n]).abs().max()) for n, p in embedder.heads.named_parameters())
+    finite = all(bool(torch.isfinite(p).all()) for p in embedder.heads.parameters())
+    print(f"[{part}] heads moved by max |delta| {moved:.3e}; finite: {finite}", flush=True)
+    if not (finite and moved > 0):
+        raise RuntimeError("the heads did not train (unchanged or not finite)")
 
 
 def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
@@ -315,6 +330,26 @@ def run_qlora_part(part: str, args: argparse.Namespace, out: Path, result: Resul
     run_sft_part(part, args, out, result, quantized=True)
 
 
+def run_fp16_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
+    if args.device != "cuda":
+        raise Skipped("fp16 autocast needs CUDA")
+    run_sft_part(part, args, out, result, fp16=True)
+
+
+def run_fsdp_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
+    if args.device != "cuda":
+        raise Skipped("accelerate runs FSDP on GPUs only")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", str(torch.cuda.device_count()),
+           str(ROOT / "bench" / "fsdp_check.py"), "--out", str(out / part), "--size", args.size]
+    print(" ".join(cmd), flush=True)
+    started = time.perf_counter()
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    result.note = f"{time.perf_counter() - started:.0f} s"
+    if code != 0:
+        raise RuntimeError(f"bench/fsdp_check.py exited with {code}")
+
+
 def run_part(part: str, fn: Callable[..., None], args: argparse.Namespace, out: Path) -> Result:
     result = Result(part)
     print(f"\n===== {part} =====", flush=True)
@@ -358,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         torch.cuda.set_device(0)
     out = Path(tempfile.mkdtemp(prefix="moon-gpu-check-"))
-    parts = {"sft": run_sft_part, "grpo": run_grpo_part, "qlora": run_qlora_part}
+    parts = {"sft": run_sft_part, "grpo": run_grpo_part, "qlora": run_qlora_part, "fp16": run_fp16_part,
+             "fsdp": run_fsdp_part}
     try:
         results = [run_part(part, parts[part], args, out) for part in args.parts]
     finally:
