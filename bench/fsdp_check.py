@@ -1,5 +1,6 @@
 """FSDP check: `moon-rl sft` (with a kill-like interruption and `--resume`), then `moon-rl grpo`, under
-`recipes/accelerate/fsdp.yaml`, on the builtin `small` model in bf16. Needs CUDA (accelerate runs FSDP on GPUs only).
+`recipes/accelerate/fsdp.yaml`, on the builtin `small` model in bf16. Needs CUDA: accelerate runs FSDP on GPUs only
+(`tests/fsdp_cpu_launch.py` works around that to run it on CPU in the test suite).
 
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 1 bench/fsdp_check.py --out DIR
 
@@ -11,7 +12,8 @@
 2. Resume: the final model and checkpoint-4 are deleted, as if the run had been killed after checkpoint-2;
    `run_sft(resume=True)` finishes steps 3-4 and its heads match the straight run's.
 3. GRPO from that SFT model, 2 steps: a complete checkpoint, the final model and `metrics.json`.
-4. SFT with LoRA (r=8), 2 steps: the final adapter is written and reloads.
+4. SFT with LoRA (r=8), 2 steps: the final adapter is written and reloads. Under FSDP on one process moon-rl refuses
+   it at start-up instead (torch's NO_SHARD fallback cannot checkpoint frozen weights); the check expects that error.
 
 Prints `PASS: <check>` or `FAILED: <check>: <why>` per check; exit code 1 if any failed.
 """
