@@ -110,6 +110,13 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_pat
     from moon_rl.training.checkpoint import mark_complete
 
     mark_complete(out / "checkpoint-2", 2)
+    # A checkpoint of an older moon-rl has no state for the heads' own optimizer: a clear error, nothing trained.
+    heads_optimizer = out / "checkpoint-2" / HEADS_OPTIMIZER_FILE
+    saved = heads_optimizer.read_bytes()
+    heads_optimizer.unlink()
+    with pytest.raises(MoonError, match=f"checkpoint-2: checkpoint has no {HEADS_OPTIMIZER_FILE}"):
+        run_sft(small_recipe(tmp_path), resume=True, evaluate=False)
+    heads_optimizer.write_bytes(saved)
     final = run_sft(small_recipe(tmp_path), resume=True, evaluate=False)
     history = json.loads((out / "log_history.json").read_text())
     steps = [e["step"] for e in history if "loss" in e]

@@ -100,9 +100,11 @@ class MoonTrainerMixin:
             self.heads_optimizer.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
+            # First: a checkpoint of an older moon-rl (heads in the model's optimizer) then fails with moon-rl's clear
+            # error instead of torch's "different number of parameter groups".
             self.heads_optimizer.load(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     @property
     def is_sharded(self) -> bool:

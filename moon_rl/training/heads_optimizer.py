@@ -126,8 +126,9 @@ class HeadsOptimizer(TrainerCallback):
             return
         path = Path(folder) / HEADS_OPTIMIZER_FILE
         if not path.is_file():
-            raise MoonError(f"{folder}: checkpoint has no {HEADS_OPTIMIZER_FILE} (written by an older moon-rl, whose heads shared the model's optimizer); resume "
-                            "from a checkpoint of this version, or start again with --overwrite")
+            raise MoonError(f"{folder}: checkpoint has no {HEADS_OPTIMIZER_FILE} (an older moon-rl kept the heads in "
+                            "the model's optimizer); resume from a checkpoint of this version, or start again with "
+                            "--overwrite")
         device = self.params[0].device
         state = torch.load(path, map_location=device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
