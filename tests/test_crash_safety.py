@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moon_rl.training.checkpoint import MARKER_FILE, latest_checkpoint
+from tests.helpers import tiny_sft_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"output_dir: {tmp_path / 'run'}\n"
-        "model: {lora: null, heads: {embed_dim: 32}}\n"
-        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
-        "      max_steps: 40, logging_steps: 1, save_steps: 3, gradient_checkpointing: false, max_length: null,\n"
-        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        tiny_sft_recipe(tmp_path / "run", max_steps=40, save_steps=3) +
         "eval: {modes: [direct], baselines: []}\n"
     )
     out = tmp_path / "run" / "sft"

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port, tiny_sft_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(cwd, verb: str, recipe) -> subprocess.CompletedProcess:
@@ -31,12 +26,7 @@ def torchrun(cwd, verb: str, recipe) -> subprocess.CompletedProcess:
 def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"output_dir: {tmp_path / 'run'}\n"
-        "model: {lora: null, heads: {embed_dim: 32}}\n"
-        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 4, learning_rate: 1.0e-3,\n"
-        "      max_steps: 3, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
-        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        tiny_sft_recipe(tmp_path / "run", max_steps=3, save_steps=2, batch_size=4) +
         "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
         "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 4}\n"

@@ -12,6 +12,7 @@ from moon_rl.data.records import Product
 from moon_rl.evaluation.faithfulness import derangement, faithfulness
 from moon_rl.evaluation.report import faithfulness_table, main_table, write_report, zero_shot_table
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
+from tests.helpers import tiny_sft_recipe
 
 
 def _unit(*rows):
@@ -122,12 +123,7 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"output_dir: {tmp_path / 'run'}\n"
-        "model: {lora: null, heads: {embed_dim: 32}}\n"
-        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
-        "      max_steps: 4, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
-        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
+        tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=2) +
         "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
         "       gradient_checkpointing: false, disable_tqdm: true}\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from moon_rl.training import losses
 from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce, stable_id_hash
+from tests.helpers import free_port
 
 TAU = 0.05
 
@@ -242,19 +242,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> Path:
     import torch.multiprocessing as mp
 
     out_dir = tmp_path_factory.mktemp("ddp")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 
