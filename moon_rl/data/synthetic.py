@@ -43,7 +43,7 @@ __all__ = [
     "vocabulary_corpus",
 ]
 
-GENERATOR_VERSION = 2  # bump whenever the output for given options changes, so cached catalogues are rebuilt
+GENERATOR_VERSION = 3  # bump whenever the output for given options changes, so cached catalogues are rebuilt
 N_VIEWS = 2
 COLOUR_NAMED_RATE = 0.15
 
@@ -101,20 +101,16 @@ QUERIES = (
     "{colour} {category}, {pattern}, made of {material}, brand {brand}",
     "need a {brand} {material} {category} that is {colour} and {pattern}",
 )
-REASON_PHRASES: dict[str, tuple[str, ...]] = {
-    "category": ("The item is a {category}.", "Category: {category}.", "The silhouette is that of a {category}."),
-    "colour": ("Its main colour is {colour}.", "Colour: {colour}.", "The dominant colour is {colour}."),
-    "pattern": ("The surface pattern is {pattern}.", "Pattern: {pattern}.", "It has a {pattern} pattern."),
-    "material": ("The material is {material}.", "Material: {material}.", "The text says it is made of {material}."),
-    "brand": ("The brand is {brand}.", "Brand: {brand}.", "The label reads {brand}."),
-}
-REASON_OPEN = ("Let me look at the image and the text.", "Checking the attributes one by one.",
-               "First the image, then the text.", "")  # fmt: skip
-REASON_CLOSE = (
-    "So this is a {colour} {pattern} {material} {category} by {brand}.",
-    "Summary: {colour}, {pattern}, {material}, {category}, {brand}.",
-    "",
-)
+#: The reasoning traces' fixed form: the text-visible attributes first (copied from the title and description), then
+#: the image-visible ones (read from the pixels), one `name value.` clause each. A 2-layer model learns this form in
+#: a few hundred steps; the earlier traces (shuffled order, three phrasings per attribute, openers and summaries) it
+#: never learned: its greedy chains repeated one phrase and named the right material in 0% of test products
+#: (research/platform.md, last section).
+TRACE_ORDER = ("category", "material", "brand", "colour", "pattern")
+# Draws the earlier trace templates made from the catalogue's random stream (one shuffle of the five attributes, an
+# opener, a phrasing per attribute, a summary). The traces no longer draw, but the stream must advance as before so
+# that every title, description and query (and so the test split and its queries) stays byte-identical.
+_LEGACY_TRACE_CHOICES = (4, 3, 3, 3, 3, 3, 3)
 
 
 @dataclass(frozen=True)
@@ -244,11 +240,15 @@ def _query(rng: random.Random, attrs: dict[str, str]) -> str:
     return rng.choice(QUERIES).format(**attrs)
 
 
-def _reasoning(rng: random.Random, attrs: dict[str, str]) -> str:
-    order = list(ATTRIBUTES)
-    rng.shuffle(order)
-    parts = [rng.choice(REASON_OPEN)] + [rng.choice(REASON_PHRASES[a]) for a in order] + [rng.choice(REASON_CLOSE)]
-    return " ".join(p.format(**attrs) for p in parts if p)
+def reasoning_trace(attrs: dict[str, str]) -> str:
+    """The product's reasoning trace: `category shirt. material wool. brand zorvik. colour red. pattern striped.`"""
+    return " ".join(f"{name} {attrs[name]}." for name in TRACE_ORDER)
+
+
+def _skip_legacy_trace_draws(rng: random.Random) -> None:
+    rng.shuffle(list(ATTRIBUTES))
+    for n in _LEGACY_TRACE_CHOICES:
+        rng.choice(range(n))
 
 
 DUP_SUFFIX = "-dup"
@@ -274,7 +274,8 @@ def _write_texts(item: _Item, rng: random.Random) -> None:
     item.title = _title(rng, item.attrs, where == "title")
     item.description = _description(rng, item.attrs, where == "description")
     item.query = _query(rng, item.attrs)
-    item.reasoning = _reasoning(rng, item.attrs)
+    _skip_legacy_trace_draws(rng)
+    item.reasoning = reasoning_trace(item.attrs)
     item.named = named_attributes(f"{item.title} {item.description}")
     expected = set(TEXT_VISIBLE) | ({"colour"} if where else set())
     # The analysis is only exact if the text names what it was built to name, and correctly.
@@ -290,8 +291,7 @@ def vocabulary_corpus(seed: int = 0, n: int = 2000) -> list[str]:
     """
     sweep = [f"{attr}: {' '.join(values)}" for attr, values in VOCABULARY.items()]
     sweep += [" ".join(ADJECTIVES), " ".join(USES), " ".join(SEASONS)]
-    templates = [*TITLES, *DESC_OPEN, *DESC_BRAND, *DESC_EXTRA, *DESC_COLOUR, *QUERIES, *REASON_OPEN, *REASON_CLOSE]
-    templates += [p for phrases in REASON_PHRASES.values() for p in phrases]
+    templates = [*TITLES, *DESC_OPEN, *DESC_BRAND, *DESC_EXTRA, *DESC_COLOUR, *QUERIES]
     rng = random.Random(f"vocabulary:{seed}")
     for index, template in enumerate(t for t in templates if t):
         attrs = {attr: values[index % len(values)] for attr, values in VOCABULARY.items()}
@@ -307,7 +307,7 @@ def vocabulary_corpus(seed: int = 0, n: int = 2000) -> list[str]:
         elif kind == 2:
             sampled.append(_query(rng, attrs))
         else:
-            sampled.append(_reasoning(rng, attrs))
+            sampled.append(reasoning_trace(attrs))
     return sweep + sampled
 
 

@@ -22,7 +22,7 @@ from moon_rl.cache import atomic_dir, cache_root
 BUILTIN_PREFIX = "builtin:"
 TINY_VL = "builtin:tiny-vl"
 #: Bump when the builder's output changes, so stale cache folders are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",

@@ -1,0 +1,52 @@
+"""Chain attribute accuracy (moon_rl/data/chains.py): hand-written chains with known right / wrong / chance shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from moon_rl.data.chains import attribute_vocabulary, chain_attribute_accuracy, named_values
+
+# colour: red 2, blue 1, navy blue 1 (of 4); material: wool 3, silk 1 (of 4).
+VOCABULARY = {"colour": {"blue": 1, "navy blue": 1, "red": 2}, "material": {"silk": 1, "wool": 3}}
+
+
+def test_vocabulary_counts_products_per_value_case_insensitively():
+    attributes = [{"colour": "Red"}, {"colour": "red ", "material": "wool"}, {"colour": "navy blue"}, {}, {"size": ""}]
+    # "Red" and "red " are one value; an empty value is no value (so `size` is no attribute at all).
+    assert attribute_vocabulary(attributes) == {"colour": {"navy blue": 1, "red": 2}, "material": {"wool": 1}}
+
+
+def test_right_wrong_and_chance_on_hand_written_chains():
+    chains = [
+        "A bored shopper's jumper in wool.",  # colour: `red` is not a word of `bored` -> neither; material right
+        "Red and blue stripes, silk.",        # colour: names right and wrong -> both; material wrong
+        "A navy blue coat.",                  # colour: the phrase, not a wrong `blue` -> right only; no material
+        "Blue.",                              # colour: blue is not navy blue -> wrong; material named none
+        "<think>red</think>",                 # tags do not glue words together -> right
+    ]
+    attributes = [{"colour": "red", "material": "wool"}, {"colour": "red", "material": "wool"},
+                  {"colour": "navy blue"}, {"colour": "Navy Blue", "material": "silk"}, {"colour": "red"}]
+    found = chain_attribute_accuracy(chains, attributes, VOCABULARY)
+    assert found["colour"] == {"right": pytest.approx(3 / 5), "wrong": pytest.approx(2 / 5),
+                               "chance": pytest.approx(0.5**2 + 0.25**2 + 0.25**2), "n": 5}
+    # Products 2 and 4 have no material: they are not in its n.
+    assert found["material"] == {"right": pytest.approx(1 / 3), "wrong": pytest.approx(1 / 3),
+                                 "chance": pytest.approx(0.75**2 + 0.25**2), "n": 3}
+
+
+def test_longest_value_wins_and_unknown_attributes_are_skipped():
+    assert named_values("navy blue and blue wool", VOCABULARY) == {"colour": {"navy blue", "blue"},
+                                                                   "material": {"wool"}}
+    # `size` is not in the vocabulary: no entry, and no error.
+    assert chain_attribute_accuracy(["red"], [{"colour": "red", "size": "xl"}], VOCABULARY) == {
+        "colour": {"right": 1.0, "wrong": 0.0, "chance": pytest.approx(0.375), "n": 1}}
+
+
+def test_default_vocabulary_is_the_products_own_and_lengths_must_match():
+    found = chain_attribute_accuracy(["blue", "blue", "red"], [{"colour": "red"}, {"colour": "blue"},
+                                                               {"colour": "blue"}])
+    # Vocabulary {blue: 2, red: 1}: chance 4/9 + 1/9.
+    assert found == {"colour": {"right": pytest.approx(1 / 3), "wrong": pytest.approx(2 / 3),
+                                "chance": pytest.approx(5 / 9), "n": 3}}
+    with pytest.raises(ValueError, match="2 chains for 1 attribute sets"):
+        chain_attribute_accuracy(["a", "b"], [{"colour": "red"}], VOCABULARY)
