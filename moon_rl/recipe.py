@@ -126,10 +126,11 @@ class QuantSpec(_Section):
 
 
 class FusionSpec(_Section):
-    """Multi-head modality fusion: read-out state attends to the raw image and text signals."""
+    """Multi-head modality fusion: read-out state attends to the raw image and text signals (and the chain's words)."""
 
     enabled: bool = True
     num_heads: PositiveInt = 4
+    chain: bool = True
 
 
 class FireSpec(_Section):

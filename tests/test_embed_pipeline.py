@@ -30,7 +30,7 @@ def embedder() -> MoonEmbedder:
     spec = NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=None, image_min_pixels=56 * 56,
               image_max_pixels=112 * 112,
-              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4), fire=NS(enabled=True, layers=None, rank=8)))
+              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True), fire=NS(enabled=True, layers=None, rank=8)))
     model, processor = load_backbone(spec)
     return MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)),
                         meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"})

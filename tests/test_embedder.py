@@ -90,7 +90,9 @@ def _contrastive_loss(embedder: MoonEmbedder) -> torch.Tensor:
     products = [EmbedItem(text=f"Title: {t}", images=[image(c)], kind="product")
                 for t, c in (("shirt", (200, 0, 0)), ("dress", (0, 0, 200)), ("hat", (0, 200, 0)))]
     q = embedder(embedder.prepare(queries))
-    p = embedder(embedder.prepare(products))
+    # Products in reason mode: the fusion's chain attention reads their reasoning.
+    chains = embedder.tokenize_reasoning([f"category {t}." for t in ("shirt", "dress", "hat")])
+    p = embedder(embedder.prepare(products, chains))
     logits = q @ p.T / 0.05
     return F.cross_entropy(logits, torch.arange(3))
 
@@ -101,11 +103,13 @@ def test_one_step_reaches_heads_fire_and_lora():
     params = {n: p for n, p in embedder.named_parameters() if p.requires_grad}
     groups = {
         "lora": [n for n in params if "lora_" in n],
+        # The chain attention sits behind the zero-initialised fusion output: it gets gradient from step 1 (below).
         "fusion": [n for n in params if n.startswith("heads.fusion")],
         "fire": [n for n in params if n.startswith("heads.fire")],
         "proj": [n for n in params if n.startswith("heads.proj")],
     }
     assert all(groups.values()), groups
+    assert any("chain_attn" in n for n in groups["fusion"])
     assert not any("visual" in n for n in groups["lora"]), "LoRA must not touch the vision tower"
     assert not any("lm_head" in n for n in groups["lora"])
     before = embedder.encode(RECORDS)

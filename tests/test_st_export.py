@@ -72,7 +72,7 @@ def _spec(lora=None) -> NS:
     return NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=lora, image_min_pixels=56 * 56,
               image_max_pixels=112 * 112,
-              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4), fire=NS(enabled=True, layers=None, rank=8)))
+              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True), fire=NS(enabled=True, layers=None, rank=8)))
 
 
 def _saved_embedder(folder: Path, spec: NS, seed: int) -> Path:

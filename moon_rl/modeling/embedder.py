@@ -58,6 +58,7 @@ def heads_config_for(model: nn.Module, heads_spec: Any) -> HeadsConfig:
     return HeadsConfig(
         hidden_size=text_config.hidden_size, embed_dim=heads_spec.embed_dim,
         fusion=heads_spec.fusion.enabled, fusion_heads=heads_spec.fusion.num_heads,
+        fusion_chain=heads_spec.fusion.chain,
         fire=heads_spec.fire.enabled, fire_layers=list(layers), fire_rank=heads_spec.fire.rank,
     )
 
@@ -156,10 +157,16 @@ class MoonEmbedder(nn.Module):
             return self.heads(readout)
         image_tokens, image_mask = record.visual_tokens(self.image_token_id)
         input_ids = batch["input_ids"].to(hidden.device)
-        text_mask = (batch["prompt_mask"].to(hidden.device) & batch["attention_mask"].to(hidden.device).bool()
-                     & ~torch.isin(input_ids, self._special_ids.to(hidden.device)))
-        text_tokens, text_mask = compact(record.token_embeds, text_mask)
-        return self.heads(readout, image_tokens, image_mask, text_tokens, text_mask)
+        prompt_mask = batch["prompt_mask"].to(hidden.device)
+        words = batch["attention_mask"].to(hidden.device).bool() & ~torch.isin(input_ids, self._special_ids.to(hidden.device))
+        text_tokens, text_mask = compact(record.token_embeds, prompt_mask & words)
+        if self.heads.fusion is None or self.heads.fusion.chain_attn is None:
+            return self.heads(readout, image_tokens, image_mask, text_tokens, text_mask)
+        # The chain: what the model wrote after the prompt (its words, before the read-out position).
+        positions = torch.arange(input_ids.shape[1], device=hidden.device)
+        chain = ~prompt_mask & words & (positions[None] < batch["readout_index"].to(hidden.device)[:, None])
+        chain_tokens, chain_mask = compact(record.token_embeds, chain)
+        return self.heads(readout, image_tokens, image_mask, text_tokens, text_mask, chain_tokens, chain_mask)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings (B, embed_dim) of a prepared batch, with gradients (one backbone forward, no LM head)."""
@@ -284,6 +291,8 @@ class MoonEmbedder(nn.Module):
             "model_type": unwrap_hf_model(self.model).config.model_type,
             "readout_token": self.readout_token, "modes": list(MODES), "embed_dim": self.heads.config.embed_dim,
             "max_images": self.max_images, "max_new_tokens": self.max_new_tokens,
+            # Whether SFT trained the reasoning (null: unknown); GRPO's preflight refuses a model that never saw traces.
+            "reasoning_trained": self.meta.get("reasoning_trained"),
             "versions": {"moon_rl": moon_rl.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
         }
@@ -314,7 +323,8 @@ class MoonEmbedder(nn.Module):
             model = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
         heads = MoonHeads(HeadsConfig(**json.loads((path / "heads_config.json").read_text())))
         heads.load_state_dict(load_file(str(path / "heads.safetensors")))
-        meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"]}
+        meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"],
+                "reasoning_trained": manifest.get("reasoning_trained")}  # absent before the preflight existed
         if (path / "recipe.yaml").is_file():
             meta["recipe"] = (path / "recipe.yaml").read_text()
         embedder = cls(model, processor, heads, readout_token=manifest["readout_token"],

@@ -6,7 +6,10 @@ The paper's internals are not public (research/paper.md); DESIGN.md section 4 re
   attends, with multi-head cross-attention, separately to the raw visual tokens entering the LLM and to the prompt's
   text-token embeddings; an input-dependent gate mixes {read-out, image, text}; the result is added to the read-out
   through a zero-initialised output projection, so a fresh module is exactly the identity. A missing modality is
-  masked out of the gate (its logit is -inf), never zero-filled.
+  masked out of the gate (its logit is -inf), never zero-filled. With `fusion_chain`, a third attention reads the
+  reasoning chain's own tokens (their input embeddings), so the embedding depends on what the chain *says*: a chain
+  that names the product's colour puts that word's embedding into the vector, as a text query naming it does on the
+  query side. Direct mode has no chain: that source is masked out.
 * **FIRE** (fine-grained residual enhancement, paper component 3: local detail fades with depth): at the input of
   chosen decoder layers a zero-initialised low-rank projection of the raw visual tokens is added back onto the
   image-token positions. The hooks that apply it live in `moon_rl.modeling.taps`; its parameters live here, outside the HF
@@ -36,6 +39,9 @@ class HeadsConfig:
     embed_dim: int = 256
     fusion: bool = True
     fusion_heads: int = 4
+    #: The fusion also attends to the chain's tokens. False in configs saved before it existed (their heads have no
+    #: chain attention); recipes switch it on by default (`model.heads.fusion.chain`).
+    fusion_chain: bool = False
     fire: bool = True
     fire_layers: list[int] = field(default_factory=list)
     fire_rank: int = 8
@@ -48,14 +54,16 @@ class HeadsConfig:
 class ModalityFusion(nn.Module):
     """Read-out state attends to raw image and text tokens; a gate mixes the three; zero-init residual output."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, chain: bool = False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"model.heads.fusion.num_heads={num_heads} must divide the hidden size {hidden_size}")
         self.image_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
         self.text_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.chain_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True) if chain else None
         self.norm = nn.LayerNorm(hidden_size)
-        self.gate = nn.Linear(3 * hidden_size, 3)
+        sources = 4 if chain else 3
+        self.gate = nn.Linear(sources * hidden_size, sources)
         self.out = nn.Linear(hidden_size, hidden_size)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -73,14 +81,21 @@ class ModalityFusion(nn.Module):
     def forward(
         self, readout: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
         text_tokens: torch.Tensor, text_mask: torch.Tensor,
+        chain_tokens: torch.Tensor | None = None, chain_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = self.norm(readout)
         image, has_image = self._attend(self.image_attn, q, image_tokens, image_mask)
         text, has_text = self._attend(self.text_attn, q, text_tokens, text_mask)
-        logits = self.gate(torch.cat([q, image, text], dim=-1))
-        present = torch.stack([torch.ones_like(has_image), has_image, has_text], dim=-1)
-        weights = logits.masked_fill(~present, float("-inf")).softmax(dim=-1)
-        mixed = weights[:, 0:1] * q + weights[:, 1:2] * image + weights[:, 2:3] * text
+        sources, present = [q, image, text], [torch.ones_like(has_image), has_image, has_text]
+        if self.chain_attn is not None:
+            if chain_tokens is None or chain_mask is None:  # no chain given: direct mode
+                chain_tokens, chain_mask = text_tokens[:, :1], torch.zeros_like(text_mask[:, :1])
+            chain, has_chain = self._attend(self.chain_attn, q, chain_tokens, chain_mask)
+            sources.append(chain)
+            present.append(has_chain)
+        logits = self.gate(torch.cat(sources, dim=-1))
+        weights = logits.masked_fill(~torch.stack(present, dim=-1), float("-inf")).softmax(dim=-1)
+        mixed = sum(weights[:, i:i + 1] * source for i, source in enumerate(sources))
         return readout + self.out(mixed)
 
 
@@ -114,15 +129,17 @@ class MoonHeads(nn.Module):
         self.proj = nn.Linear(h, config.embed_dim, bias=False)
         with torch.no_grad():
             self.proj.weight.copy_(torch.randn(config.embed_dim, h, generator=gen) / h**0.5)
-        self.fusion = ModalityFusion(h, config.fusion_heads) if config.fusion else None
+        self.fusion = ModalityFusion(h, config.fusion_heads, config.fusion_chain) if config.fusion else None
         self.fire = FireAdapters(h, config.fire_layers, config.fire_rank) if config.fire and config.fire_layers else None
 
     def forward(
         self, readout: torch.Tensor, image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
         text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+        chain_tokens: torch.Tensor | None = None, chain_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L2-normalised embeddings (B, embed_dim) from read-out states (B, H) and the raw tokens (B, L, H)."""
         x = readout.float()
         if self.fusion is not None and image_tokens is not None:
-            x = self.fusion(x, image_tokens.float(), image_mask, text_tokens.float(), text_mask)
+            x = self.fusion(x, image_tokens.float(), image_mask, text_tokens.float(), text_mask,
+                            None if chain_tokens is None else chain_tokens.float(), chain_mask)
         return F.normalize(self.proj(x), dim=-1)
