@@ -199,3 +199,64 @@ def test_without_reasoning_the_product_rows_are_direct_prompts_without_lm_target
     assert (batch["labels"] == IGNORE_INDEX).all() and not batch["moon"]["has_trace"].any()
     # Row 0 (the "reason" slot) is the same direct-mode sequence as row 4 (the product in direct mode).
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][4])
+
+
+def test_chain_negatives_alter_one_attribute_value_without_lm_targets(tmp_path):
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.data.chains import named_values
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    collator = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1, chain_negatives=True)
+    rows = [{"pair": i} for i in range(6)]
+    batch = collator(rows)
+    n = len(rows)
+    assert batch["input_ids"].shape[0] == n * 5  # ... + the product with an altered chain
+    assert batch["moon"]["chain_negative_mask"].tolist() == [True] * n
+    assert (batch["labels"][n:] == IGNORE_INDEX).all()  # the altered chain is never an LM target
+    tokenizer = embedder.processor.tokenizer
+    vocabulary = collator._vocabulary
+    changed = []
+    for i, ex in enumerate(examples[:n]):
+        row = 4 * n + i
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool() & ~batch["moon"]["prompt_mask"][row]]
+        chain = tokenizer.decode(ids)
+        product = catalogue.products[ex.positive]
+        named, truth = named_values(chain, vocabulary), named_values(product.reasoning, vocabulary)
+        differs = [name for name in truth if named.get(name) != truth[name]]
+        assert len(differs) == 1, (chain, product.reasoning)  # exactly one attribute names another value
+        assert named[differs[0]] != {product.attributes[differs[0]]}
+        changed.append(differs[0])
+    assert len(set(changed)) > 1  # the altered attribute varies
+    again = collator(rows)  # the same rows in the same epoch: the same alterations (resume-safe)
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    collator.set_epoch(1)
+    assert not torch.equal(collator(rows)["input_ids"], batch["input_ids"])
+
+
+def test_the_reason_term_ranks_the_true_chain_above_the_altered_one():
+    """The loss reads the altered-chain rows at their place in the batch and uses them as the reason term's negatives."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from moon_rl.training.losses import info_nce
+    from moon_rl.training.sft import MoonSFTTrainer
+
+    n, k, d = 3, 1, 8
+    embeddings = F.normalize(torch.randn(n * (4 + k), d, generator=torch.Generator().manual_seed(0)), dim=1)
+    layout = {"n_pairs": torch.tensor(n), "hard_negatives": torch.tensor(k),
+              "negative_mask": torch.ones(n, k, dtype=torch.bool), "image_only": torch.zeros(n, dtype=torch.bool),
+              "positive_ids": ["a", "b", "c"], "chain_negative_mask": torch.tensor([True, False, True])}
+    args = SimpleNamespace(contrastive_temperature=0.05, image_contrastive_weight=1.0, direct_contrastive_weight=0.0)
+    total, metrics = MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args), embeddings, layout)
+    reason, anchor, altered = embeddings[:n], embeddings[n:2 * n], embeddings[(3 + k) * n:]
+    expected = info_nce(anchor, reason, temperature=0.05, positive_ids=["a", "b", "c"], hard_negatives=altered[:, None],
+                        hard_negative_mask=torch.tensor([[True], [False], [True]]))
+    torch.testing.assert_close(total, expected.loss)
+    without = info_nce(anchor, reason, temperature=0.05, positive_ids=["a", "b", "c"])
+    assert total > without.loss  # the altered chains are real extra candidates

@@ -65,7 +65,10 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
     def _contrastive_loss(self, embeddings: torch.Tensor, layout: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         n, k = int(layout["n_pairs"]), int(layout["hard_negatives"])
         reason, anchor, direct = embeddings[:n], embeddings[n:2 * n], embeddings[2 * n:3 * n]
-        negatives = embeddings[3 * n:].view(n, k, -1) if k else None
+        negatives = embeddings[3 * n:(3 + k) * n].view(n, k, -1) if k else None
+        # The product with a chain altered in one attribute value: a hard negative of the reason-mode term.
+        chain_mask = layout["chain_negative_mask"].to(embeddings.device)
+        chain_negatives = embeddings[(3 + k) * n:].view(n, 1, -1) if len(chain_mask) else None
         image_only = layout["image_only"].to(embeddings.device)
         ids = layout["positive_ids"]
         cfg = self.args
@@ -79,8 +82,11 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
             if global_rows == 0 or weight == 0:
                 continue
             sub_ids = [ids[i] for i in rows.tolist()]
-            reason_term = info_nce(anchor[rows], reason[rows], temperature=cfg.contrastive_temperature,
-                                   positive_ids=sub_ids)
+            reason_term = info_nce(
+                anchor[rows], reason[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
+                hard_negatives=None if chain_negatives is None else chain_negatives[rows],
+                hard_negative_mask=None if chain_negatives is None else chain_mask[rows, None],
+            )
             direct_term = info_nce(
                 anchor[rows], direct[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
                 hard_negatives=None if negatives is None else negatives[rows],
@@ -116,8 +122,11 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
                    "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
     embedder = MoonEmbedder.from_recipe(recipe)
+    # Saved in moon_rl.json: GRPO's preflight refuses to start from a model that never learnt to write a trace.
+    embedder.meta["reasoning_trained"] = bool(args.reasoning) and any(
+        catalogue.products[ex.positive].reasoning for ex in examples)
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
-                               seed=args.seed)
+                               seed=args.seed, chain_negatives=args.chain_negatives)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

@@ -2,7 +2,8 @@
 
 A row of the SFT dataset is one training pair (anchor -> product). The collator lays out, in one padded batch:
 
-    [ product + "<think>trace</think>" | anchor (direct) | product (direct) | hard negatives (direct) ]
+    [ product + "<think>trace</think>" | anchor (direct) | product (direct) | hard negatives (direct)
+      | product + "<think>altered trace</think>" (chain negatives, optional) ]
       ^ LM loss on the trace; its read-out is the reason-mode product embedding
 
 One forward (through the DDP-wrapped model, so gradient sync is exact) gives the LM loss and, via the backbone hooks,
@@ -12,6 +13,7 @@ prompt, trained by the contrastive term only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from moon_rl.data.catalogue import Catalogue
+from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values
 from moon_rl.data.records import Pair, Query
 from moon_rl.errors import DataError
 from moon_rl.modeling.embedder import MoonEmbedder
@@ -62,10 +65,12 @@ class MoonSFTCollator:
         trace_noise (`float`): fraction of trace tokens replaced by tokens of other traces, without LM targets.
         reasoning (`bool`): False ignores the traces (direct-mode contrastive training only).
         seed (`int`): seeds the noise, with the dataset row and the epoch (`set_epoch`, called by `NoiseEpoch`).
+        chain_negatives (`bool`): one more row per pair, the product with its trace altered in one attribute value
+            (reason mode, no LM target), for the reason-mode InfoNCE term's hard negative.
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
-                 trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0):
+                 trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
@@ -73,6 +78,8 @@ class MoonSFTCollator:
         self.trace_noise = trace_noise
         self.reasoning = reasoning
         self.seed = seed
+        self.chain_negatives = chain_negatives and reasoning
+        self._vocabulary: AttributeVocabulary | None = None
         self.epoch = 0
         self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
@@ -103,6 +110,33 @@ class MoonSFTCollator:
             self._noise_vocab = torch.tensor(sorted(ids) or [self.embedder.pad_id])
         return self._noise_vocab
 
+    def _generator(self, row: int, stream: int) -> torch.Generator:
+        """Draws that depend on (seed, epoch, dataset row, stream) only: see `_noisy`."""
+        key = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + row) * 7 + stream
+        return torch.Generator().manual_seed(key % 2**63)
+
+    def _altered_trace(self, product_id: str, row: int) -> list[int]:
+        """The product's trace with one attribute value it names replaced by another value of that attribute (as
+        token ids), or [] when the trace names none that has an alternative."""
+        product = self.catalogue.products[product_id]
+        trace = product.reasoning if self.reasoning else None
+        if not trace or not product.attributes:
+            return []
+        if self._vocabulary is None:
+            self._vocabulary = attribute_vocabulary(p.attributes for p in self.catalogue.products.values())
+        named = named_values(trace, self._vocabulary)
+        truth = {name: str(value).strip().lower() for name, value in product.attributes.items()}
+        options = sorted(name for name, values in named.items()
+                         if truth.get(name) in values and len(self._vocabulary[name]) > 1)
+        if not options:
+            return []
+        generator = self._generator(row, stream=1)
+        name = options[int(torch.randint(len(options), (1,), generator=generator))]
+        others = [v for v in self._vocabulary[name] if v != truth[name]]
+        other = others[int(torch.randint(len(others), (1,), generator=generator))]
+        altered = re.sub(rf"(?<![a-z0-9]){re.escape(truth[name])}(?![a-z0-9])", other, trace, flags=re.IGNORECASE)
+        return self.embedder.tokenize_reasoning([altered])[0]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -115,7 +149,7 @@ class MoonSFTCollator:
         """
         if not self.trace_noise or len(trace) <= 2:
             return trace, [False] * len(trace)
-        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + row) % 2**63)
+        generator = self._generator(row, stream=0)
         inner = torch.rand(len(trace) - 2, generator=generator) < self.trace_noise
         vocab = self._noise_tokens()
         picks = vocab[torch.randint(len(vocab), (int(inner.sum()),), generator=generator)].tolist()
@@ -152,6 +186,10 @@ class MoonSFTCollator:
         noised = [self._noisy(self._trace(ex.positive), int(row["pair"])) for ex, row in zip(examples, rows, strict=True)]
         traces = [trace for trace, _ in noised]
         completions = traces + [[] for _ in range(len(parts) - n)]
+        if self.chain_negatives:
+            altered = [self._altered_trace(ex.positive, int(row["pair"])) for ex, row in zip(examples, rows, strict=True)]
+            parts += products
+            completions += altered
         batch = self.embedder.prepare(None, completions, prompts=concat_prompts(parts))
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row in range(n):
@@ -173,6 +211,8 @@ class MoonSFTCollator:
             "negative_mask": torch.tensor([nid is not None for nid in negative_ids], dtype=torch.bool).view(n, k),
             "image_only": torch.tensor([ex.image_only for ex in examples], dtype=torch.bool),
             "has_trace": torch.tensor([bool(t) for t in traces], dtype=torch.bool),
+            "chain_negative_mask": (torch.tensor([bool(t) for t in altered], dtype=torch.bool) if self.chain_negatives
+                                    else torch.zeros(0, dtype=torch.bool)),
             "positive_ids": list(ex.positive for ex in examples),
         }
         return model_inputs
