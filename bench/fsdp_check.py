@@ -57,7 +57,8 @@ def recipe_for(out: Path, size: str, extra: list[str]):
                  f"{stage}.gradient_checkpointing=false", f"{stage}.dataloader_num_workers=0"]
     sets += ["sft.max_steps=4", "sft.per_device_train_batch_size=8",
              "grpo.max_steps=2", "grpo.use_vllm=false", "grpo.per_device_train_batch_size=16",
-             "grpo.num_generations=4", "grpo.max_completion_length=16", "grpo.beta=0.0"]
+             "grpo.num_generations=4", "grpo.max_completion_length=16", "grpo.beta=0.0",
+             "grpo.allow_untrained_reasoning=true"]  # a 4-step SFT cannot reason yet
     return load_recipe(str(ROOT / "recipes" / "tiny-cpu.yaml"), [*sets, *extra, *EXTRA])
 
 

@@ -304,7 +304,7 @@ def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result
     torch.manual_seed(cfg.seed)
     catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    rewards = [(getattr(fn, "__name__", "reward"), fn) for fn, _ in build_rewards(cfg.rewards)]
+    rewards = build_rewards(cfg.rewards)
 
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)

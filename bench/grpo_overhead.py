@@ -173,7 +173,7 @@ def build(args: argparse.Namespace, out: Path) -> NS:
     stock_state = stock_model.state_dict()
     assert all(torch.equal(init_model[k], stock_state[k]) for k in init_model), "stock copy differs from the embedder"
     dataset = grpo_dataset(embedder, catalogue, examples)
-    rewards = [(getattr(fn, "__name__", "reward"), fn) for fn, _ in build_rewards(recipe.grpo["rewards"])]
+    rewards = build_rewards(recipe.grpo["rewards"])
 
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)

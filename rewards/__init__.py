@@ -6,16 +6,20 @@ package registers the built-ins:
 
 - `retrieval_rank`: reciprocal rank of the positive among the candidates,
 - `retrieval_margin` (`temperature`): positive similarity minus a softmax-weighted mean of the negatives',
+- `retrieval_logprob` (`temperature`, `direction`): log-probability of the right match under a softmax, completion
+  searching queries, query searching other products' completions (what evaluation measures), or the mean of both,
 - `format`: exactly one well-formed `<think>...</think>` block, not truncated,
 - `attribute_recall`: fraction of the product's attribute values the reasoning names,
 - `length` (`budget`, `penalty`): a token budget with a truncation penalty.
 
 Recipes name rewards through `resolve_reward` / `build_rewards` (registered name, entry point in group
-`moon_rl.rewards`, `package.module:fn` or `path/to/file.py:fn`); `@reward("name")` registers your own.
+`moon_rl.rewards`, `package.module:fn` or `path/to/file.py:fn`); `build_rewards` returns one `RewardEntry(name, fn,
+weight)` per recipe entry, names unique. `@reward("name")` registers your own.
 """
 
 from rewards.registry import (
     ENTRY_POINT_GROUP,
+    RewardEntry,
     RewardError,
     RewardFunc,
     available_rewards,
@@ -23,14 +27,16 @@ from rewards.registry import (
     resolve_reward,
     reward,
 )
-from rewards.retrieval import RetrievalMargin, retrieval_rank
+from rewards.retrieval import RetrievalLogprob, RetrievalMargin, retrieval_rank
 from rewards.text import FormatReward, Length, attribute_recall, completion_text
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "FormatReward",
     "Length",
+    "RetrievalLogprob",
     "RetrievalMargin",
+    "RewardEntry",
     "RewardError",
     "RewardFunc",
     "attribute_recall",

@@ -16,6 +16,7 @@ Nothing is built until a recipe selects it. `args` become keyword arguments: a f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -35,6 +36,7 @@ from moon_rl.errors import RecipeError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "RewardEntry",
     "RewardError",
     "RewardFunc",
     "available_rewards",
@@ -63,6 +65,8 @@ RESERVED_ARGS = frozenset(
         "embeddings",
         "candidates",
         "positive_index",
+        "candidate_mask",
+        "product_ids",
         "truncated",
     }
 )
@@ -181,14 +185,35 @@ def resolve_reward(name: str, args: Mapping[str, Any] | None = None, *, base_dir
     return _bind(obj, dict(args or {}), display)
 
 
-def build_rewards(
-    entries: Sequence[Mapping[str, Any]], *, base_dir: Path | None = None
-) -> list[tuple[RewardFunc, float]]:
+@dataclasses.dataclass(frozen=True)
+class RewardEntry:
+    r"""
+    One built reward of a recipe: the name its metrics are logged under, the callable, and its weight.
+
+    `name` is also `fn.__name__` and the name TRL's `get_callable_name(fn)` gives, so a trainer that wraps `fn` under
+    `name` and one that hands `fn` to TRL as is both log `rewards/<name>/mean`, and no two entries share a key.
+
+    Args:
+        name (`str`):
+            Unique among the entries `build_rewards` returned together.
+        fn (`Callable`):
+            The reward, with its recipe `args` bound.
+        weight (`float`):
+            Its weight in the step's total reward.
+    """
+
+    name: str
+    fn: RewardFunc
+    weight: float
+
+
+def build_rewards(entries: Sequence[Mapping[str, Any]], *, base_dir: Path | None = None) -> list[RewardEntry]:
     r"""
     Build the rewards of a recipe's `grpo.rewards` list, reporting every bad entry at once.
 
-    Two entries that resolve to the same `__name__` (say two `length` budgets) get `_2`, `_3`, ... suffixes, so
-    their logs stay apart.
+    Each entry is named as TRL would log its callable (the registered or entry point name, or `fn` for the path
+    forms). Two entries with the same name (say two `length` budgets) become `length` and `length_2` (`_3`, ... then,
+    skipping any suffix another entry already uses), and the callable is renamed to match, so their logs stay apart.
 
     Args:
         entries (`Sequence[Mapping[str, Any]]`):
@@ -197,7 +222,8 @@ def build_rewards(
             Folder relative `path/to/file.py:fn` names resolve against; defaults to the current directory.
 
     Returns:
-        `list[tuple[Callable, float]]`: One `(reward, weight)` pair per entry, in order.
+        `list[RewardEntry]`: One entry per recipe entry, in order, with distinct names equal to their `fn.__name__`
+        (a callable that cannot carry the name, such as a partial of a differently named function, is wrapped).
 
     Raises:
         `RewardError`: One line per bad entry.
@@ -205,15 +231,15 @@ def build_rewards(
     Example:
     ```python
     >>> from rewards import build_rewards
-    >>> built = build_rewards([{"name": "retrieval_rank"}, {"name": "length", "weight": 0.5, "args": {"budget": 32}}])
-    >>> [(fn.__name__, weight) for fn, weight in built]
-    [('retrieval_rank', 1.0), ('length', 0.5)]
+    >>> built = build_rewards([{"name": "retrieval_rank"}, {"name": "length", "weight": 0.5, "args": {"budget": 32}},
+    ...                        {"name": "length", "args": {"budget": 64}}])
+    >>> [(entry.name, entry.fn.__name__, entry.weight) for entry in built]
+    [('retrieval_rank', 'retrieval_rank', 1.0), ('length', 'length', 0.5), ('length_2', 'length_2', 1.0)]
 
     ```
     """
-    built: list[tuple[RewardFunc, float]] = []
+    resolved: list[tuple[str, RewardFunc, float]] = []
     problems: list[str] = []
-    seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         where = f"rewards[{i}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
@@ -229,14 +255,63 @@ def build_rewards(
         except RewardError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        label = getattr(fn, "__name__", entry["name"])
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] > 1:
-            _set_name(fn, f"{label}_{seen[label]}")
-        built.append((fn, float(weight)))
+        resolved.append((getattr(fn, "__name__", None) or entry["name"], fn, float(weight)))
     if problems:
         raise RewardError("\n".join(problems))
+    names = _unique_names([label for label, _, _ in resolved])
+    built: list[RewardEntry] = []
+    for name, (_, fn, weight) in zip(names, resolved, strict=True):
+        built.append(RewardEntry(name, _named(fn, name, [entry.fn for entry in built]), weight))
     return built
+
+
+def _unique_names(labels: list[str]) -> list[str]:
+    """`labels` with repeats suffixed `_2`, `_3`, ...; a suffix never takes a name another label already has."""
+    taken = set(labels)
+    seen: set[str] = set()
+    out: list[str] = []
+    for label in labels:
+        name, k = label, 1
+        # `length, length, length_2`: the second `length` becomes `length_3`, not the third entry's `length_2`.
+        while name in seen or (name != label and name in taken):
+            k += 1
+            name = f"{label}_{k}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _trl_name(fn: Any) -> str:
+    # trl.trainer.utils.get_callable_name, copied so that `import rewards` stays free of trl: a partial is logged by
+    # the wrapped function's name, anything else by its `__name__`, else its class's.
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _named(fn: RewardFunc, name: str, others: list[RewardFunc]) -> RewardFunc:
+    """`fn`, renamed so that both `__name__` and the name TRL logs it under are `name`; wrapped when it cannot be."""
+    if not isinstance(fn, functools.partial) and all(fn is not other for other in others):
+        _set_name(fn, name)
+    if getattr(fn, "__name__", None) == name and _trl_name(fn) == name and all(fn is not other for other in others):
+        return fn
+    # A partial whose function has another name (a duplicate, or `@reward("alias")` on `def f`), an object whose name
+    # is read-only, or one object returned for two entries (renaming it would mislabel the other).
+    return _RenamedReward(fn, name)
+
+
+class _RenamedReward:
+    """A reward under another name; a module-level class, so that it pickles like the reward it wraps."""
+
+    def __init__(self, fn: RewardFunc, name: str) -> None:
+        self.fn = fn
+        self.__name__ = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.fn!r}, {self.__name__!r})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[float | None]:
+        return self.fn(*args, **kwargs)
 
 
 # --- lookup ---------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         tiny_sft_recipe(tmp_path / "run", max_steps=3, save_steps=2, batch_size=4) +
-        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
         "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 4}\n"
         "eval: {modes: [direct], baselines: []}\n"
@@ -53,5 +53,6 @@ def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     history = [e for e in json.loads((out / "log_history.json").read_text()) if "retrieval/candidates" in e]
     assert [entry["step"] for entry in history] == [1, 2]
     # Each process sampled its own anchors; the candidates it ranked against are the union over both processes.
-    assert all(entry["retrieval/candidates"] > entry["retrieval/local_candidates"] for entry in history)
+    assert all(entry["retrieval/batch_candidates"] > entry["retrieval/local_candidates"] for entry in history)
+    assert all(entry["retrieval/candidates"] > entry["retrieval/batch_candidates"] for entry in history)  # + queue
     assert "after GRPO" in json.loads((out / "metrics.json").read_text())["results"]

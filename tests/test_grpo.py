@@ -16,7 +16,7 @@ def grpo_recipe(tmp_path, *overrides: str):
     path.write_text(
         "model: {lora: null, heads: {embed_dim: 32}}\n"
         "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, learning_rate: 1.0e-3, beta: 0.0, max_steps: 2, logging_steps: 1,\n"
         "       save_steps: 100, gradient_checkpointing: false, temperature: 1.0, disable_tqdm: true,\n"
         "       rewards: [{name: retrieval_rank}], contrastive_weight: 0.5}\n"
@@ -48,6 +48,7 @@ def setup(tmp_path_factory):
     from moon_rl.modeling.inputs import to_item
     from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset
     from moon_rl.training.sft_data import sft_examples
+    from rewards import RewardEntry
 
     tmp = tmp_path_factory.mktemp("grpo")
     recipe = grpo_recipe(tmp)
@@ -61,7 +62,7 @@ def setup(tmp_path_factory):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
     reward = RecordingReward()
     trainer = MoonGRPOTrainer(
-        embedder, [("recording", reward)], recipe.grpo_config(),
+        embedder, [RewardEntry("recording", reward, 1.0)], recipe.grpo_config(),
         query_item=lambda pair: to_item(examples[pair].anchor, catalogue.image, embedder.max_images),
         heads_learning_rate=1e-3, train_dataset=grpo_dataset(embedder, catalogue, examples),
     )
@@ -78,13 +79,16 @@ def test_rewards_receive_embeddings_candidates_and_columns(setup):
     output = setup.trainer._generate_and_score_completions(generation_batch(setup, [0, 1, 2, 3]))
     call = setup.reward.calls[-1]
     assert call["embeddings"].shape == (8, 32)
-    assert call["candidates"].shape == (4, 32)  # the 4 distinct queries of the generation batch
+    # The 4 distinct queries of the generation batch first, then the queue (filled with training queries up front).
+    n_pairs = len(setup.trainer.train_dataset)
+    assert call["candidates"].shape == (4 + min(256, n_pairs) - 4, 32)
     assert call["positive_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert call["candidate_mask"].shape == (8, call["candidates"].shape[0]) and call["candidate_mask"][:, :4].all()
     assert len(call["truncated"]) == 8 and all(isinstance(t, bool) for t in call["truncated"])
     assert call["pair"] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert call["attributes"][0] == setup.catalogue.products[setup.examples[0].positive].attributes
-    torch.testing.assert_close(call["candidates"].norm(dim=1), torch.ones(4))
-    assert output["moon_positive"].shape == (8, 32) and output["moon_pair"].tolist() == call["pair"]
+    torch.testing.assert_close(call["candidates"].norm(dim=1), torch.ones(len(call["candidates"])))
+    assert output["moon_product"].shape == (8,) and output["moon_pair"].tolist() == call["pair"]
 
 
 def test_reward_and_loss_embeddings_are_the_same_function_of_the_same_tokens(setup):
@@ -168,7 +172,7 @@ def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
     def recipe(*overrides):
         return load_recipe(tmp_path / "with_file_reward.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
 
-    final = run_grpo(recipe(), evaluate=False)  # no SFT model: starts from the base
+    final = run_grpo(recipe(), evaluate=False)  # no SFT model: starts from the base (the recipe allows it)
     out = final.parent
     history = json.loads((out / "log_history.json").read_text())
     logged = {k for entry in history for k in entry}

@@ -34,7 +34,8 @@ model: {{lora: null, heads: {{embed_dim: 32}}}}
 data: {{catalogue: {catalogue}}}
 sft: {{bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, max_steps: 1, logging_steps: 1,
       save_steps: 100, gradient_checkpointing: false, disable_tqdm: true}}
-grpo: {{bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,
+grpo: {{bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8,
+       num_generations: 2,
        max_completion_length: 8, learning_rate: 1.0e-3, beta: 0.0, max_steps: 2, logging_steps: 1, save_steps: 100,
        gradient_checkpointing: false, temperature: 1.0, disable_tqdm: true, rewards: [{{name: retrieval_rank}}]}}
 eval: {{modes: [direct], baselines: [], faithfulness: false}}
@@ -202,7 +203,7 @@ def test_reward_that_raises_or_returns_nan_costs_the_step_not_the_run(catalogue,
     )
     recipe = write_recipe(tmp_path, catalogue, "grpo:\n  rewards: [{name: 'my_rewards.py:boom'}, "
                           "{name: 'my_rewards.py:half_nan'}, {name: retrieval_rank}]\n")
-    with caplog.at_level(logging.WARNING, logger="moon_rl.training.grpo"):
+    with caplog.at_level(logging.WARNING, logger="moon_rl.training.reward_context"):
         result = invoke("grpo", str(recipe))
     assert result.exit_code == 0, result.output
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reward '")]
@@ -222,7 +223,7 @@ def test_reward_that_raises_or_returns_nan_costs_the_step_not_the_run(catalogue,
 
 
 def test_context_reward_contract():
-    from moon_rl.training.grpo import ContextReward
+    from moon_rl.training.reward_context import ContextReward
 
     logged: list[tuple[str, float]] = []
 
@@ -236,6 +237,72 @@ def test_context_reward_contract():
     assert call(lambda completions, **kw: [1.0]) == [None, None, None]  # wrong length: the output is unusable
     assert call(lambda completions, **kw: ["x", 1, 2]) == [None, None, None]
     assert logged == [("rewards/r/failures", v) for v in (0.0, 2 / 3, 1.0, 1.0, 1.0)]
+
+
+def test_context_reward_passes_the_context_over_trl_keywords():
+    from moon_rl.training.reward_context import ContextReward
+
+    seen: list[dict] = []
+    reward = ContextReward(lambda completions, **kw: seen.append(kw) or [1.0], lambda: {"truncated": [True]}, "r")
+    assert reward(["a"], truncated=[False], colour=["red"]) == [1.0]
+    assert seen == [{"truncated": [True], "colour": ["red"]}]
+    assert reward.__name__ == "r"
+
+
+def _flaky(outcomes: list[str]):
+    """A reward that, call by call, succeeds ("ok"), raises ("raise") or returns an unusable output ("broken")."""
+    calls = iter(outcomes)
+
+    def fn(completions, **kwargs):
+        outcome = next(calls)
+        if outcome == "raise":
+            raise ConnectionError("reward service unavailable")
+        return [1.0] * len(completions) if outcome == "ok" else ["x"] * len(completions)
+
+    return fn
+
+
+def test_context_reward_stops_the_run_after_exactly_n_consecutive_failures():
+    from moon_rl.training.reward_context import ContextReward
+
+    n = 3
+    # n - 1 failures, a success (resets the streak), n - 1 failures again: never n in a row, the run goes on.
+    reward = ContextReward(_flaky(["raise", "broken", "ok", "raise", "raise", "raise"]), dict, "svc", n)
+    for _ in range(2 * (n - 1) + 1):
+        reward(["a", "b"])
+    # The n-th consecutive failure stops it, naming the reward and chaining the reward's own exception.
+    with pytest.raises(RuntimeError) as info:
+        reward(["a", "b"])
+    assert str(info.value) == (
+        "reward 'svc' failed on every completion for 3 consecutive steps; "
+        "last error: ConnectionError: reward service unavailable"
+    )
+    assert isinstance(info.value.__cause__, ConnectionError)
+    # A broken output (not an exception of the reward's own) counts the same, and chains the contract error.
+    broken = ContextReward(_flaky(["broken"] * n), dict, "svc", n)
+    for _ in range(n - 1):
+        assert broken(["a"]) == [None]
+    with pytest.raises(RuntimeError, match="failed on every completion for 3 consecutive steps") as info:
+        broken(["a"])
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_context_reward_nan_or_none_never_stops_the_run():
+    from moon_rl.training.reward_context import ContextReward
+
+    nan = ContextReward(lambda completions, **kw: [math.nan] * len(completions), dict, "nan", max_failure_steps=1)
+    none = ContextReward(lambda completions, **kw: [None] * len(completions), dict, "none", max_failure_steps=1)
+    for _ in range(10):
+        assert nan(["a", "b"]) == [None, None]
+        assert none(["a", "b"]) == [None, None]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, None])
+def test_context_reward_rejects_a_bad_failure_limit(bad):
+    from moon_rl.training.reward_context import ContextReward
+
+    with pytest.raises(ValueError, match=re.escape(f"`max_failure_steps` must be a positive integer, got {bad!r}.")):
+        ContextReward(lambda completions, **kw: [], dict, "r", bad)
 
 
 # ---------------------------------------------------------------------------------------------------- --debug

@@ -203,12 +203,12 @@ class TestTinyCpu:
         sft = recipe.sft_config()
         assert isinstance(sft, MoonSFTConfig)
         assert (sft.output_dir, sft.learning_rate, sft.use_cpu, sft.bf16) == ("runs/tiny-cpu/sft", 1e-3, True, False)
-        assert (sft.contrastive_weight, sft.contrastive_temperature) == (1.0, 0.05)
+        assert (sft.contrastive_weight, sft.contrastive_temperature, sft.chain_negatives) == (0.25, 0.05, True)
         grpo = recipe.grpo_config("elsewhere")
         assert isinstance(grpo, MoonGRPOConfig)
         assert grpo.output_dir == "elsewhere"
         assert grpo.rewards == [
-            {"name": "retrieval_rank", "weight": 1.0, "args": {}},
+            {"name": "retrieval_logprob", "weight": 1.0, "args": {}},
             {"name": "format", "weight": 0.2, "args": {}},
         ]
         assert grpo.generation_batch_size // grpo.num_generations >= grpo.min_distinct_anchors

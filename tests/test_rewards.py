@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import functools
 import importlib.metadata
@@ -19,7 +20,9 @@ from moon_rl.errors import RecipeError
 from rewards import (
     FormatReward,
     Length,
+    RetrievalLogprob,
     RetrievalMargin,
+    RewardEntry,
     RewardError,
     attribute_recall,
     available_rewards,
@@ -31,7 +34,7 @@ from rewards import registry as registry_module
 from rewards import retrieval as retrieval_module
 from rewards import text as text_module
 
-BUILTINS = ["attribute_recall", "format", "length", "retrieval_margin", "retrieval_rank"]
+BUILTINS = ["attribute_recall", "format", "length", "retrieval_logprob", "retrieval_margin", "retrieval_rank"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +54,23 @@ def _retrieval_batch() -> dict[str, torch.Tensor]:
 # --- retrieval_rank -------------------------------------------------------------------------------------------------
 
 
-def test_retrieval_rank_is_the_reciprocal_rank_and_logs_the_mrr():
+def test_retrieval_rank_is_the_reciprocal_rank_and_logs_nothing():
+    # The trainer logs `retrieval/mrr` over the whole candidate pool; a second one from the reward would clash.
     logged: list[tuple[str, float]] = []
     out = retrieval_rank(["a", "b", "c"], **_retrieval_batch(), log_metric=lambda k, v: logged.append((k, v)))
     assert out == [1.0, 0.5, 1 / 3]
-    assert logged == [("retrieval/mrr", (1.0 + 0.5 + 1 / 3) / 3)]
+    assert logged == []
+
+
+def test_retrieval_rank_ignores_a_masked_higher_scoring_candidate():
+    # The positive (0) scores 0.6, candidate 1 scores 0.8: rank 2. Masking candidate 1 (another query of the same
+    # product) makes it rank 1; masking the positive itself changes nothing, it always counts.
+    candidates = torch.eye(3)
+    embeddings = torch.tensor([[0.6, 0.8, 0.0]])
+    batch = {"embeddings": embeddings, "candidates": candidates, "positive_index": torch.tensor([0])}
+    assert retrieval_rank(["a"], **batch) == [0.5]
+    assert retrieval_rank(["a"], **batch, candidate_mask=torch.tensor([[True, False, True]])) == [1.0]
+    assert retrieval_rank(["a"], **batch, candidate_mask=torch.tensor([[False, True, True]])) == [0.5]
 
 
 def test_retrieval_rank_counts_only_strictly_better_candidates():
@@ -84,9 +99,23 @@ def test_retrieval_rank_ignores_unused_kwargs_and_accepts_conversational_complet
 def test_retrieval_rewards_reject_missing_or_inconsistent_tensors(kwargs, message):
     batch = _retrieval_batch() if kwargs else {}
     batch.update(kwargs)
-    for fn in (retrieval_rank, RetrievalMargin()):
+    for fn in (retrieval_rank, RetrievalMargin(), RetrievalLogprob()):
         with pytest.raises(ValueError, match=re.escape(message)):
             fn(["a", "b", "c"], **batch)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.ones(3, 3), "candidate_mask must be a bool tensor, got a torch.float32 tensor of shape (3, 3)."),
+        ([[True] * 3] * 3, "candidate_mask must be a bool tensor, got list."),
+        (torch.ones(3, 2, dtype=torch.bool), "candidate_mask (3, 2) must be (N, M) = (3, 3)"),
+    ],
+)
+def test_retrieval_rewards_reject_a_bad_candidate_mask(mask, message):
+    for fn in (retrieval_rank, RetrievalMargin(), RetrievalLogprob()):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fn(["a", "b", "c"], **_retrieval_batch(), candidate_mask=mask)
 
 
 # --- retrieval_margin -----------------------------------------------------------------------------------------------
@@ -105,6 +134,20 @@ def test_retrieval_margin_by_hand_with_two_negatives():
     assert out == pytest.approx([expected], abs=1e-7)
 
 
+def test_retrieval_margin_ignores_masked_negatives():
+    # As above, with the 0.8 negative masked: the only negative left scores 0.0, whatever the temperature.
+    candidates = torch.tensor([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.8, 0.6, 0.0]])
+    batch = {
+        "embeddings": torch.tensor([[1.0, 0.0, 0.0]]),
+        "candidates": candidates,
+        "positive_index": torch.tensor([0]),
+    }
+    out = RetrievalMargin(temperature=0.5)(["a"], **batch, candidate_mask=torch.tensor([[True, True, False]]))
+    assert out == pytest.approx([0.6], abs=1e-7)
+    # Every negative masked: no negatives, so None, as with a single candidate.
+    assert RetrievalMargin()(["a"], **batch, candidate_mask=torch.tensor([[True, False, False]])) == [None]
+
+
 def test_retrieval_margin_is_the_gap_to_the_hardest_negative_at_low_temperature():
     out = RetrievalMargin(temperature=1e-4)(["a", "b", "c"], **_retrieval_batch())
     assert out == pytest.approx([0.8 - 0.6, 0.6 - 0.8, 0.0 - 0.8], abs=1e-6)
@@ -121,6 +164,108 @@ def test_retrieval_margin_without_negatives_is_none():
 def test_retrieval_margin_rejects_bad_temperatures(temperature):
     with pytest.raises(ValueError, match="temperature"):
         RetrievalMargin(temperature=temperature)
+
+
+# --- retrieval_logprob ----------------------------------------------------------------------------------------------
+
+
+def _lse(*logits: float) -> float:
+    return math.log(sum(math.exp(x) for x in logits))
+
+
+def _two_products() -> dict:
+    # Queries 0 and 1 show product A, query 2 product B; completions c0 (A, query 0), c1 (A, query 1), c2 (B, query 2).
+    # At temperature 0.5 the logits s/T are: c0 (1.6, 1.2, 0), c1 (1.2, 1.6, 0), c2 (1.2, 0, 1.6).
+    return {
+        "embeddings": torch.tensor([[0.8, 0.6, 0.0], [0.6, 0.8, 0.0], [0.6, 0.0, 0.8]]),
+        "candidates": torch.eye(3),
+        "positive_index": torch.tensor([0, 1, 2]),
+    }
+
+
+# Each query's other same-product query is no negative.
+SAME_PRODUCT_MASK = torch.tensor([[True, False, True], [False, True, True], [True, True, True]])
+
+
+def _logprob(direction: str, **kwargs) -> list[float | None]:
+    return RetrievalLogprob(temperature=0.5, direction=direction)(["a", "b", "c"], **{**_two_products(), **kwargs})
+
+
+def test_retrieval_logprob_completion_to_query_by_hand():
+    assert _logprob("completion_to_query") == pytest.approx([1.6 - _lse(1.6, 1.2, 0.0)] * 3, abs=1e-6)
+    # Masking the same-product query removes exactly its term from c0's and c1's normaliser; c2 had none.
+    masked = _logprob("completion_to_query", candidate_mask=SAME_PRODUCT_MASK)
+    assert masked == pytest.approx([1.6 - _lse(1.6, 0.0), 1.6 - _lse(1.6, 0.0), 1.6 - _lse(1.6, 1.2, 0.0)], abs=1e-6)
+
+
+def test_retrieval_logprob_query_to_completion_by_hand():
+    # Query p_i ranks completion i against the other products' completions, read down column p_i of the logits.
+    by_product = [1.6 - _lse(1.6, 1.2), 1.6 - _lse(1.6, 0.0), 1.6 - _lse(1.6, 0.0, 0.0)]
+    assert _logprob("query_to_completion", product_id=["A", "A", "B"]) == pytest.approx(by_product, abs=1e-6)
+    # Without product ids, distinct positives mean distinct products: c1 competes for query 0 and c0 for query 1.
+    by_positive = [1.6 - _lse(1.6, 1.2, 1.2), 1.6 - _lse(1.6, 1.2, 0.0), by_product[2]]
+    assert _logprob("query_to_completion") == pytest.approx(by_positive, abs=1e-6)
+    # The trainer's same-product mask excludes them just as product ids do.
+    assert _logprob("query_to_completion", candidate_mask=SAME_PRODUCT_MASK) == pytest.approx(by_product, abs=1e-6)
+    # `product_ids` (the trainer's) wins over the dataset's `product_id` column.
+    out = _logprob("query_to_completion", product_ids=["A", "B", "C"], product_id=["A", "A", "B"])
+    assert out == pytest.approx(by_positive, abs=1e-6)
+
+
+def test_retrieval_logprob_both_is_the_mean_of_the_directions():
+    kwargs = {"product_id": ["A", "A", "B"], "candidate_mask": SAME_PRODUCT_MASK}
+    c2q, q2c = _logprob("completion_to_query", **kwargs), _logprob("query_to_completion", **kwargs)
+    assert _logprob("both", **kwargs) == pytest.approx([(a + b) / 2 for a, b in zip(c2q, q2c, strict=True)], abs=1e-12)
+    assert RetrievalLogprob().direction == "both"
+
+
+def test_retrieval_logprob_separates_completions_that_both_rank_first():
+    # c0 and c1 (both query 0, one product: two generations of one prompt) both rank first; c1 is the closer. With no
+    # product ids the shared positive makes them one product, so they do not compete for query 0.
+    # Logits at T = 0.5: c0 (1.6, 1.2), c1 (1.92, 0.56), c2 (1.2, 1.6).
+    batch = {
+        "embeddings": torch.tensor([[0.8, 0.6], [0.96, 0.28], [0.6, 0.8]]),
+        "candidates": torch.eye(2),
+        "positive_index": torch.tensor([0, 0, 1]),
+    }
+    assert retrieval_rank(["a", "b", "c"], **batch) == [1.0, 1.0, 1.0]
+    c2q = RetrievalLogprob(0.5, "completion_to_query")(["a", "b", "c"], **batch)
+    q2c = RetrievalLogprob(0.5, "query_to_completion")(["a", "b", "c"], **batch)
+    assert c2q == pytest.approx([1.6 - _lse(1.6, 1.2), 1.92 - _lse(1.92, 0.56), 1.6 - _lse(1.2, 1.6)], abs=1e-6)
+    assert q2c == pytest.approx([1.6 - _lse(1.6, 1.2), 1.92 - _lse(1.92, 1.2), 1.6 - _lse(1.6, 1.2, 0.56)], abs=1e-6)
+    assert c2q[1] > c2q[0] + 0.1 and q2c[1] > q2c[0] + 0.1
+    assert all(isinstance(r, float) for r in c2q + q2c)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0}, "`temperature` must be a positive number, got 0."),
+        ({"temperature": float("inf")}, "`temperature` must be finite, got inf."),
+        ({"temperature": "0.1"}, "`temperature` must be a positive number, got '0.1'."),
+        (
+            {"direction": "query2completion"},
+            "`direction` must be one of 'completion_to_query', 'query_to_completion', 'both', got 'query2completion'.",
+        ),
+    ],
+)
+def test_retrieval_logprob_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RetrievalLogprob(**kwargs)
+
+
+def test_retrieval_logprob_rejects_product_ids_of_the_wrong_length():
+    with pytest.raises(ValueError, match=re.escape("Reward 'retrieval_logprob': 3 completions but 2 product ids.")):
+        _logprob("both", product_id=["A", "B"])
+
+
+def test_retrieval_logprob_resolves_with_args():
+    fn = resolve_reward("retrieval_logprob", {"temperature": 0.5, "direction": "completion_to_query"})
+    assert (fn.__name__, fn.temperature, fn.direction) == ("retrieval_logprob", 0.5, "completion_to_query")
+    with pytest.raises(RewardError, match=re.escape("Reward 'retrieval_logprob' rejected args")):
+        resolve_reward("retrieval_logprob", {"direction": "sideways"})
+    with pytest.raises(RewardError, match=re.escape("candidate_mask cannot be set in args")):
+        resolve_reward("retrieval_rank", {"candidate_mask": None})
 
 
 # --- format ---------------------------------------------------------------------------------------------------------
@@ -470,6 +615,8 @@ def test_trl_logs_bound_builtins_under_their_registered_names():
 
 
 def test_build_rewards_weights_defaults_and_duplicate_names():
+    from trl.trainer.utils import get_callable_name
+
     built = build_rewards(
         [
             {"name": "retrieval_rank"},
@@ -477,12 +624,51 @@ def test_build_rewards_weights_defaults_and_duplicate_names():
             {"name": "length", "weight": 2, "args": {"budget": 32}},
         ]
     )
-    assert [(fn.__name__, weight) for fn, weight in built] == [
-        ("retrieval_rank", 1.0),
-        ("length", -0.5),
-        ("length_2", 2.0),
+    assert all(isinstance(entry, RewardEntry) for entry in built)
+    assert [(entry.name, entry.fn.__name__, entry.weight) for entry in built] == [
+        ("retrieval_rank", "retrieval_rank", 1.0),
+        ("length", "length", -0.5),
+        ("length_2", "length_2", 2.0),
     ]
-    assert [fn.budget for fn, _ in built[1:]] == [16, 32]
+    assert [entry.fn.budget for entry in built[1:]] == [16, 32]
+    # TRL logs `rewards/<get_callable_name(fn)>/mean`: the same names, so the two budgets' logs stay apart.
+    assert [get_callable_name(entry.fn) for entry in built] == ["retrieval_rank", "length", "length_2"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built[0].weight = 3.0
+
+
+def test_build_rewards_names_duplicate_functions_as_trl_logs_them(tmp_path):
+    # A function is bound with functools.partial, which TRL logs by the wrapped function's name: a second entry of the
+    # same function is wrapped so that TRL, too, logs it as `score_2`, and it still pickles and scores.
+    from trl.trainer.utils import get_callable_name
+
+    (tmp_path / "team.py").write_text(
+        "def score(completions, scale=1.0, **kwargs):\n    return [scale] * len(completions)\n"
+    )
+    built = build_rewards(
+        [
+            {"name": "team.py:score"},
+            {"name": "team.py:score", "args": {"scale": 2.0}},
+            {"name": "retrieval_rank"},
+            {"name": "retrieval_rank"},
+        ],
+        base_dir=tmp_path,
+    )
+    names = [entry.name for entry in built]
+    assert names == ["score", "score_2", "retrieval_rank", "retrieval_rank_2"]
+    assert [entry.fn.__name__ for entry in built] == names
+    assert [get_callable_name(entry.fn) for entry in built] == names
+    restored = pickle.loads(pickle.dumps(built[1].fn))
+    assert restored.__name__ == "score_2" and restored(["a"]) == [2.0]
+    assert built[0].fn(["a"]) == [1.0]
+
+
+def test_build_rewards_suffixes_never_take_another_entrys_name(tmp_path):
+    (tmp_path / "team.py").write_text("def length_2(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    entries = [{"name": "length"}, {"name": "length"}, {"name": "team.py:length_2"}]
+    built = build_rewards(entries, base_dir=tmp_path)
+    assert [entry.name for entry in built] == ["length", "length_3", "length_2"]
+    assert [entry.fn.__name__ for entry in built] == ["length", "length_3", "length_2"]
 
 
 def test_build_rewards_reports_every_bad_entry_at_once():

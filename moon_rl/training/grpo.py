@@ -23,9 +23,10 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,69 +34,70 @@ from datasets import Dataset
 from trl import GRPOTrainer
 
 from moon_rl.cache import atomic_write_text
+from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, chain_attribute_accuracy
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, assemble, concat_prompts
 from moon_rl.modeling.shared_images import shared_image_features
+from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
-from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce
+from moon_rl.training.losses import info_nce, stable_id_hash
+from moon_rl.training.reward_context import ContextReward
+
+if TYPE_CHECKING:
+    from rewards import RewardEntry
 
 logger = logging.getLogger(__name__)
 
 
-class ContextReward:
-    """A reward function called with moon-rl's per-batch context (embeddings, candidates, ...) as extra kwargs.
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (dropout off) inside the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
-    A reward that fails does not stop the run: if it raises, or returns something that is not one number (or None)
-    per completion, every completion of the step gets `None`; a NaN or infinite value becomes `None` for its
-    completion. TRL turns `None` into NaN and leaves it out of the step's reward (`nansum` over the reward functions,
-    `nanmean` over the group), so the other rewards still score the step. The first failure of each reward is logged
-    as a warning; `rewards/<name>/failures` logs the share of completions it failed to score, every step (0.0 when it
-    worked, so that every process logs the same metrics). A `None` the reward returns on purpose is no failure.
+
+@dataclass
+class RewardBatch:
+    """The state of one generation batch: what its reward functions get beside TRL's keywords, and what its loss steps
+    need (the candidate pool; each row's pair and product). One object per generation batch, replaced by the next.
+
+    Attributes:
+        embeddings (`torch.Tensor` of shape `(N, D)`): read-outs of this process's completions (no gradient, dropout
+            off), L2-normalised.
+        candidates (`torch.Tensor` of shape `(M, D)`): direct-mode query embeddings of the candidate pool
+            (training/candidates.py): every process's queries, the look-alikes' queries, the queue.
+        positive_index (`torch.Tensor` of shape `(N,)`): each completion's own query in `candidates`.
+        candidate_mask (`torch.Tensor` of shape `(N, M)`, bool): False where a candidate is another query of the
+            completion's own product (not a wrong answer); the positive is always True.
+        truncated (`list[bool]`): the completion ran out of tokens before closing its turn.
+        attributes (`list[dict[str, str]]`): the product's attributes, per completion.
+        pool (`Candidates`): the candidates with their pairs and products (the loss's InfoNCE negatives).
+        pairs (`torch.Tensor` of shape `(N,)`): each completion's pair (its query); rides along as `moon_pair`.
+        products (`torch.Tensor` of shape `(N,)`): its product (hashed id); rides along as `moon_product`.
     """
 
-    def __init__(self, fn: Callable[..., list[float | None]], context: Callable[[], dict[str, Any]], name: str):
-        self.fn = fn
-        self.context = context
-        self.__name__ = name  # TRL logs rewards under their callable's name
-        self.warned = False
+    embeddings: torch.Tensor
+    candidates: torch.Tensor
+    positive_index: torch.Tensor
+    candidate_mask: torch.Tensor
+    truncated: list[bool]
+    attributes: list[dict[str, str]]
+    pool: Candidates
+    pairs: torch.Tensor
+    products: torch.Tensor
 
-    def __call__(self, completions: list, **kwargs: Any) -> list[float | None]:
-        n = len(completions)
-        try:
-            values, failed = self._finite(self.fn(completions, **{**kwargs, **self.context()}), n)
-        except Exception as exc:  # a reward is user code: an error in it costs its score for the step, not the run
-            self._warn(f"raised {type(exc).__name__}: {exc}", exc_info=logger.isEnabledFor(logging.DEBUG))
-            values, failed = [None] * n, n
-        if failed:
-            self._warn(f"returned NaN or inf for {failed} of {n} completions")
-        if (log_metric := kwargs.get("log_metric")) is not None:
-            log_metric(f"rewards/{self.__name__}/failures", failed / max(n, 1))
-        return values
+    #: The fields reward functions receive as keyword arguments (rewards/ documents them).
+    REWARD_KWARGS = ("embeddings", "candidates", "positive_index", "candidate_mask", "truncated", "attributes")
 
-    @staticmethod
-    def _finite(output: Any, n: int) -> tuple[list[float | None], int]:
-        """One finite float or None per completion, and how many were NaN / inf; `ValueError` on a broken contract."""
-        values = list(output)
-        if len(values) != n:
-            raise ValueError(f"returned {len(values)} values for {n} completions (expected one per completion)")
-        out: list[float | None] = []
-        bad = 0
-        for value in values:
-            number = None if value is None else float(value)  # a string or a list raises: the output is unusable
-            if number is not None and not math.isfinite(number):
-                number, bad = None, bad + 1
-            out.append(number)
-        return out, bad
-
-    def _warn(self, what: str, exc_info: bool = False) -> None:
-        if not self.warned:
-            self.warned = True
-            logger.warning("reward %r %s; the step is scored without it there (warned once per reward; the share "
-                           "of completions it failed on is logged as rewards/%s/failures)", self.__name__, what,
-                           self.__name__, exc_info=exc_info)
+    def reward_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.REWARD_KWARGS}
 
 
 class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
@@ -103,29 +105,40 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
 
     Args:
         embedder (`MoonEmbedder`): the policy (`embedder.model`, trained by TRL) and its heads.
-        reward_funcs (`list[tuple[str, Callable]]`): `(name, fn)` with fn following rewards/'s contract.
+        reward_funcs (`Sequence[RewardEntry]`): named, weighted reward functions following rewards/'s contract
+            (`rewards.build_rewards` makes them from a recipe's `grpo.rewards`); TRL logs each under its name and sums
+            them with their weights.
         args (`MoonGRPOConfig`): TRL's GRPO fields plus moon-rl's.
         query_item (`Callable[[int], EmbedItem]`): the query (positive) of a pair, by the dataset's `pair` column.
         related_pairs (`Callable[[int], list[int]]`, *optional*): pairs whose queries join the candidates as hard
             negatives (e.g. the same kind of query for the pair's look-alike products). Without them a small
             generation batch of random products is ranked almost perfectly and the reward stops discriminating.
+        pair_products (`Sequence[str]`, *optional*): the product of each pair (by the dataset's `pair` column), so
+            that another query of a completion's own product is never counted as a wrong answer. Without it each
+            pair is its own product.
         heads_learning_rate (`float`): learning rate of the heads' optimizer.
         **kwargs: passed to `GRPOTrainer` (train_dataset, callbacks, ...).
     """
 
-    def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[tuple[str, Callable]], args: MoonGRPOConfig, *,
+    def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[RewardEntry], args: MoonGRPOConfig, *,
                  query_item: Callable[[int], EmbedItem], heads_learning_rate: float,
-                 related_pairs: Callable[[int], list[int]] | None = None, **kwargs: Any):
+                 related_pairs: Callable[[int], list[int]] | None = None, pair_products: Sequence[str] | None = None,
+                 **kwargs: Any):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         self.query_item = query_item
         self.related_pairs = related_pairs
-        self._reward_context: dict[str, Any] = {}
-        self._positives: dict[str, torch.Tensor] = {}
+        self.pair_products = pair_products
+        self.candidate_pool = CandidatePool(args.candidate_queue_size)
+        self._batch: RewardBatch | None = None  # the current generation batch (rewards, then its loss steps)
+        dataset = kwargs.get("train_dataset")
+        self.attribute_vocabulary: AttributeVocabulary = attribute_vocabulary(
+            json.loads(a or "{}") for a in dataset["attributes_json"]
+        ) if dataset is not None and "attributes_json" in dataset.column_names else {}
         self._query_prompts = PromptCache(embedder.processor)  # every step re-ranks the same queries
-        wrapped = [ContextReward(fn, lambda: self._reward_context, name) for name, fn in reward_funcs]
-        reward_weights = [float(entry["weight"]) for entry in args.rewards]
-        if len(reward_weights) == len(wrapped):
-            args.reward_weights = reward_weights
+        wrapped = [ContextReward(entry.fn, lambda: self._batch.reward_kwargs(), entry.name, args.max_reward_failure_steps)
+                   for entry in reward_funcs]
+        # The weights travel with their rewards: TRL's `reward_weights` is set here, never by the user (rejected).
+        args.reward_weights = [entry.weight for entry in reward_funcs]
         super().__init__(model=embedder.model, reward_funcs=wrapped, args=args, processing_class=embedder.processor,
                          **kwargs)
         self._finish_moon_init()
@@ -136,6 +149,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         related = [r for p in set(pairs) for r in self.related_pairs(p)] if self.related_pairs else []
         return sorted(set(pairs) | set(related))
 
+    def _pair_product(self, pair: int) -> str:
+        return self.pair_products[pair] if self.pair_products is not None else f"pair:{pair}"
+
+    def _query_batch(self, pairs: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Direct-mode model inputs of the pairs' queries (tokenised once per pair)."""
+        return self.embedder.prepare(None, prompts=concat_prompts(
+            [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in pairs]))
+
     @torch.no_grad()
     def _reward_forward(self, prompts: list, completion_ids_list: list[list[int]], candidate_pairs: list[int]
                         ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
@@ -144,6 +165,8 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         Completions are read out at their last token, exactly the tokens (and position) of the loss forward; the
         candidate queries get their end-of-turn appended (direct mode). Two forwards, not one: in one batch the short
         queries would be padded to the completions' length (measured: one merged forward 0.38 s, two 0.31 s).
+        Dropout (and LoRA dropout) is off: the reward compares chains of one product, and dropout noise was larger than
+        the differences between them.
         """
         prompt_ids, _, fields = self._tokenize_prompts(prompts)
         # TRL tokenises without `return_tensors`: image fields may come back as numpy arrays.
@@ -153,11 +176,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
                                    None if grid is None else torch.as_tensor(np.asarray(grid)))
         batch = assemble(prompt_batch, completion_ids_list, self.embedder.readout_id, self.embedder.pad_id,
                          self.embedder.image_token_id, append_readout=False)
-        queries = self.embedder.prepare(None, prompts=concat_prompts(
-            [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in candidate_pairs]))
+        queries = self._query_batch(candidate_pairs)
         # These forwards call the HF model directly, not through the FSDP wrapper: like TRL's generation, gather the
         # root unit's parameters first (the inner units gather their own). A no-op without FSDP.
-        with self._dist.summon_full_params(self.model_wrapped, recurse=False):
+        with self._dist.summon_full_params(self.model_wrapped, recurse=False), eval_mode(self.model):
             with shared_image_features(self.embedder.model):  # each prompt image appears num_generations times
                 embeddings = self.embedder(batch)
             candidates = self.embedder(queries)
@@ -165,47 +187,71 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         return embeddings, candidates, truncated
 
     @torch.no_grad()
-    def _gather_candidates(self, local_pairs: list[int], local_vectors: torch.Tensor, pairs: list[int]
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates of every process (a pair sampled on two processes counts once) and each row's positive."""
+    def _fill_queue(self, batch_size: int = 64) -> None:
+        """Fill the candidate queue before the first step with the queries of random training pairs.
+
+        A queue that filled up during training would make the first steps' rewards easier than the last ones' (fewer
+        candidates), and a rising reward would then say nothing. The draw is seeded: every process queues the same.
+        """
+        n_pairs = len(self.train_dataset)
+        chosen = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(self.args.seed))
+        chosen = chosen[:self.args.candidate_queue_size].tolist()
         device = self.accelerator.device
-        ids = gather_ids(torch.tensor(local_pairs, dtype=torch.long, device=device))
-        vectors = gather_with_grad(local_vectors)
-        order: dict[int, int] = {}
-        for row, pid in enumerate(ids.tolist()):
-            order.setdefault(pid, row)
-        keep = torch.tensor(sorted(order.values()), device=device)
-        candidates, candidate_ids = vectors[keep], ids[keep]
-        position = {pid: i for i, pid in enumerate(candidate_ids.tolist())}
-        return candidates, torch.tensor([position[p] for p in pairs], device=device)
+        with self._dist.summon_full_params(self.model_wrapped, recurse=False), eval_mode(self.model):
+            for start in range(0, len(chosen), batch_size):
+                pairs = chosen[start:start + batch_size]
+                products = torch.tensor([stable_id_hash(self._pair_product(p)) for p in pairs], device=device)
+                self.candidate_pool.push(torch.tensor(pairs, device=device), products,
+                                         self.embedder(self._query_batch(pairs)))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.args.candidate_queue_size and not len(self.candidate_pool):
+            self._fill_queue()
         pairs = [int(x["pair"]) for x in inputs]
         local_pairs = self._local_candidate_pairs(pairs)
         embeddings, local_candidates, truncated = self._reward_forward(prompts, completion_ids_list, local_pairs)
-        candidates, positive_index = self._gather_candidates(local_pairs, local_candidates, pairs)
-        scores = embeddings @ candidates.T
-        ranks = 1 + (scores > scores.gather(1, positive_index[:, None])).sum(1)
-        self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
-        # Candidates from every process (deduplicated) against this process's own: the gather at work.
-        self._log_metric("retrieval/candidates", float(len(candidates)))
+        pool = self.candidate_pool.build(local_pairs, [self._pair_product(p) for p in local_pairs], local_candidates)
+        positive_index = pool.positions(pairs)
+        device = embeddings.device
+        products = torch.tensor([stable_id_hash(self._pair_product(p)) for p in pairs], device=device)
+        self._batch = RewardBatch(
+            embeddings=embeddings, candidates=pool.vectors, positive_index=positive_index,
+            candidate_mask=pool.mask(products, positive_index), truncated=truncated,
+            attributes=[json.loads(x.get("attributes_json") or "{}") for x in inputs],
+            pool=pool, pairs=torch.tensor(pairs, device=device), products=products,
+        )
+        self._log_batch(self._batch, completions)
+        # The batch's own candidates over every process (deduplicated) against this process's: the gather at work.
+        self._log_metric("retrieval/batch_candidates", float(pool.fresh))
         self._log_metric("retrieval/local_candidates", float(len(local_pairs)))
-        self._log_metric("completions/truncated", float(np.mean(truncated)))
-        self._positives = {"moon_positive": candidates[positive_index].detach(),
-                           "moon_pair": torch.tensor(pairs, device=embeddings.device)}
-        self._reward_context = {
-            "embeddings": embeddings, "candidates": candidates, "positive_index": positive_index,
-            "truncated": truncated, "attributes": [json.loads(x.get("attributes_json") or "{}") for x in inputs],
-        }
-        try:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        finally:
-            self._reward_context = {}
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _log_batch(self, state: RewardBatch, completions: list) -> None:
+        """Per-step diagnostics of the reward signal: retrieval of the positives among the (masked) candidates, how
+        different a group's chains embed, and whether sampled chains name the product's attributes."""
+        scores = (state.embeddings @ state.candidates.T).masked_fill(~state.candidate_mask, -math.inf)
+        ranks = 1 + (scores > scores.gather(1, state.positive_index[:, None])).sum(1)
+        self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
+        self._log_metric("retrieval/candidates", float(state.candidates.shape[0]))
+        self._log_metric("retrieval/queue", float(len(self.candidate_pool)))
+        self._log_metric("completions/truncated", float(np.mean(state.truncated)))
+        group = self.num_generations
+        if group > 1 and len(state.embeddings) % group == 0:
+            grouped = state.embeddings.view(-1, group, state.embeddings.shape[-1])
+            cosine = grouped @ grouped.transpose(1, 2)
+            off_diagonal = ~torch.eye(group, dtype=torch.bool, device=cosine.device)
+            self._log_metric("spread/group_embedding_cosine", float(cosine[:, off_diagonal].mean()))
+        if self.attribute_vocabulary:
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            accuracy = chain_attribute_accuracy(texts, state.attributes, self.attribute_vocabulary)
+            for name, values in accuracy.items():
+                self._log_metric(f"chain/{name}", values["right"])
 
     def _generate_and_score_completions(self, inputs):
         with self._fsdp_autocast():
             output = super()._generate_and_score_completions(inputs)
-        output.update(self._positives)  # (B, ...) tensors: shuffled and split with the other rows
+        # (B,) tensors: TRL shuffles and splits them into micro-batches with the other rows.
+        output.update(moon_pair=self._batch.pairs, moon_product=self._batch.products)
         return output
 
     def _fsdp_autocast(self) -> contextlib.AbstractContextManager:
@@ -223,19 +269,45 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positives, pair_ids = inputs.pop("moon_positive"), inputs.pop("moon_pair")
+        # TRL keeps the generation batch and feeds it again when num_iterations > 1: never mutate it.
+        inputs = dict(inputs)
+        pair_ids, product_ids = inputs.pop("moon_pair"), inputs.pop("moon_product")
         with self.embedder.taps.capture() as records:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.args.contrastive_weight == 0:
             return loss
         embeddings = self.completion_embeddings(records, inputs)
-        term = info_nce(embeddings, positives, temperature=self.args.contrastive_temperature, positive_ids=pair_ids,
-                        symmetric=False)
+        term = self._contrastive(embeddings, pair_ids, product_ids)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["infonce"].append(float(term.global_loss))
         self._metrics[mode]["retrieval_acc"].append(float(term.accuracy))
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         return loss + self.args.contrastive_weight * term.loss / steps
+
+    def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor, product_ids: torch.Tensor):
+        """Symmetric InfoNCE between the micro-batch's completions and their queries, against the whole pool.
+
+        The queries are embedded here, with gradient (direct mode), so GRPO trains the query side too: with the
+        queries as fixed targets the backbone drifted away from them (image->product direct -35 of 480 queries at lr
+        1e-4). Completion -> query ranks each completion's query among the micro-batch's queries (every process's)
+        and the rest of the step's pool (other queries, look-alikes, the queue: detached); query -> completion ranks
+        the completions of every process's micro-batch. Queries of a completion's own product are never its negatives.
+        Sharded training (FSDP, DeepSpeed) cannot run this extra forward outside the wrapper: its queries are the
+        pool's detached ones.
+        """
+        pool = self._batch.pool
+        pairs = pair_ids.tolist()
+        unique = sorted(set(pairs))
+        queries = (pool.vectors[pool.positions(unique)] if self.is_sharded
+                   else self.embedder(self._query_batch(unique)))
+        positives = queries[torch.tensor([unique.index(p) for p in pairs], device=queries.device)]
+        others = ~torch.isin(pool.pairs, torch.tensor(unique, device=pool.pairs.device))
+        pool_vectors, pool_products = pool.vectors[others], pool.products[others]
+        negatives = pool_vectors[None].expand(len(pairs), -1, -1)
+        negative_mask = pool_products[None, :] != product_ids[:, None].to(pool_products.device)
+        return info_nce(embeddings, positives, temperature=self.args.contrastive_temperature,
+                        positive_ids=product_ids, hard_negatives=negatives if len(pool_vectors) else None,
+                        hard_negative_mask=negative_mask if len(pool_vectors) else None, symmetric=True)
 
     def completion_embeddings(self, records: list, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings of the loss forward's rows, read out at each completion's last token."""
@@ -294,6 +366,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.inputs import to_item
+    from moon_rl.training.preflight import check_can_learn, reasoning_preflight
     from moon_rl.training.sft_data import sft_examples
     from rewards import build_rewards
 
@@ -314,12 +387,18 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     base_dir = Path(recipe.files[-1]).parent if recipe.files else None
-    rewards = [(getattr(fn, "__name__", "reward"), fn) for fn, _ in build_rewards(args.rewards, base_dir=base_dir)]
+    rewards = build_rewards(args.rewards, base_dir=base_dir)
 
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
 
+    products = [to_item(catalogue.products[ex.positive], catalogue.image, embedder.max_images) for ex in examples]
+    report = reasoning_preflight(embedder, products,
+                                 catalogue_has_traces=any(p.reasoning for p in catalogue.products.values()),
+                                 max_new_tokens=args.max_completion_length, temperature=args.temperature)
+    check_can_learn(report, allow=args.allow_untrained_reasoning)
     trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
+                              pair_products=[ex.positive for ex in examples],
                               heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
     seconds = train_and_save(trainer, embedder, out, resume=resume)
