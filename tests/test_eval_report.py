@@ -10,6 +10,7 @@ from PIL import Image
 
 from moon_rl.data.records import Product
 from moon_rl.evaluation.faithfulness import derangement, faithfulness
+from moon_rl.evaluation.plots import training_curves, training_panels
 from moon_rl.evaluation.report import faithfulness_table, main_table, write_report, zero_shot_table
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
 from tests.helpers import tiny_sft_recipe
@@ -115,6 +116,62 @@ def test_report_folder_holds_tables_metrics_and_real_plots(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"] == {"grpo": "runs/x/grpo/final"}
 
 
+
+def _chain_result(colour: tuple[float, float], material: tuple[float, float] | None) -> dict:
+    metrics = {"recall@1": 0.5, "mrr@10": 0.5}
+    chains = {"colour": {"right": colour[0], "wrong": colour[1], "chance": 0.375, "n": 3}}
+    if material is not None:
+        chains["material"] = {"right": material[0], "wrong": material[1], "chance": 5 / 9, "n": 2}
+    return {"direct": {"text->product": metrics}, "reason": {"text->product": metrics}, "gallery_size": 3,
+            "n_queries": {"text->product": 3}, "split": "test", "chain_attributes": chains}
+
+
+def test_report_has_the_chain_attribute_table_and_metrics_json_keeps_it(tmp_path):
+    # `sft` has no material numbers (e.g. an older metrics.json): its cell is a dash, and chance comes from `grpo`.
+    results = {"sft": _chain_result((0.25, 0.5), None), "grpo": _chain_result((2 / 3, 1 / 3), (1.0, 0.0)),
+               "untrained": {"direct": {"text->product": {"recall@1": 0.1}}}}
+    summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
+    text = write_report(tmp_path, summary, run_dir=None, models={}).read_text()
+    assert ("## Chain attribute accuracy (reason mode)" in text and
+            "| model | mode | colour right / wrong | material right / wrong |\n|---|---|---:|---:|\n"
+            "| sft | reason | 0.250 / 0.500 | – / – |\n"
+            "| grpo | reason | 0.667 / 0.333 | 1.000 / 0.000 |\n"
+            "| chance | – | 0.375 / – | 0.556 / – |\n" in text)
+    # chain_attributes is no mode: the main table keeps one row per real mode.
+    assert main_table(results).count("| grpo |") == 2 and "chain_attributes" not in main_table(results)
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["grpo"]["chain_attributes"]["material"] == {"right": 1.0, "wrong": 0.0, "chance": 5 / 9, "n": 2}
+
+
+def test_no_chain_attribute_section_without_reason_chains(tmp_path):
+    results = {"untrained": {"direct": {"text->product": {"recall@1": 0.1}}}}
+    summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
+    assert "Chain attribute" not in write_report(tmp_path, summary, run_dir=None, models={}).read_text()
+
+
+def _grpo_spread_history() -> list[dict]:
+    return [row | {"frac_reward_zero_std": 0.5 - s / 20, "spread/group_embedding_cosine": 0.9 - s / 40,
+                   "spread/reward_std": 0.1 + s / 100, "chain/colour": s / 10, "chain/material": 0.2 + s / 20}
+            for s, row in enumerate(_history("grpo"), start=1)] + [{"step": 8, "train_runtime": 1.0}]
+
+
+def test_grpo_curves_gain_spread_and_chain_panels_only_when_logged(tmp_path):
+    titles = {panel.title: found for panel, found in training_panels(_grpo_spread_history(), "grpo")}
+    assert titles["group spread (zero-std groups, completion cosine)"] == ["frac_reward_zero_std",
+                                                                          "spread/group_embedding_cosine"]
+    assert titles["sampled chains naming the right value"] == ["chain/colour", "chain/material"]
+    assert titles["reward (weighted total; mean within-group std)"] == ["reward", "spread/reward_std"]
+    old = {panel.title: found for panel, found in training_panels(_history("grpo"), "grpo")}
+    assert list(old) == ["reward (weighted total; mean within-group std)", "reward per function (mean)", "InfoNCE",
+                         "completion length (tokens)"] and old["reward (weighted total; mean within-group std)"] == [
+                             "reward"]
+    # Six panels draw three rows, the older run's four two: both real images, the new one taller.
+    with_spread = Image.open(training_curves(_grpo_spread_history(), "grpo", tmp_path / "new.png"))
+    without = Image.open(training_curves(_history("grpo"), "grpo", tmp_path / "old.png"))
+    assert with_spread.size[1] > without.size[1] * 1.3 and with_spread.size[0] == without.size[0]
+    assert len(set(with_spread.convert("L").getdata())) > 10
+
+
 @pytest.mark.slow
 def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     from typer.testing import CliRunner
@@ -124,7 +181,7 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=2) +
-        "grpo: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, num_generations: 2,\n"
+        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
         "       gradient_checkpointing: false, disable_tqdm: true}\n"
         "embed: {max_new_tokens: 8}\n"

@@ -216,6 +216,10 @@ def test_evaluate_untrained_embedder(small_catalogue):
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
             assert metrics["recall@1"] < 0.5  # untrained: near chance
     assert results["chance"]["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
+    # The real greedy chains (decoded text) are scored against every attribute of the catalogue.
+    chains = results["chain_attributes"]
+    assert set(chains) == {a for p in small_catalogue.products.values() for a in p.attributes}
+    assert all(0.0 <= c["right"] <= 1.0 and 0.0 < c["chance"] < 1.0 and c["n"] == gallery_size for c in chains.values())
     table = format_table({"untrained": results})
     assert table.count("\n") == 4  # header, rule, direct, reason, chance
     assert "| untrained | reason |" in table and "text->product R@1" in table
@@ -241,3 +245,65 @@ def test_minilm_between_chance_and_text_ceiling(tmp_path):
     assert report.chance_r1 < text["recall@1"] <= report.text_ceiling_r1 + 0.1
     table = format_table({"all-MiniLM-L6-v2": results, "text-only ceiling": text_ceiling_result(catalogue)})
     assert "| all-MiniLM-L6-v2 | direct |" in table and "| text-only ceiling | direct |" in table
+
+
+# ------------------------------------------------------------------------------------------- chain attribute accuracy
+# Greedy chain of each gallery product. `b` names `green`, a colour only the non-gallery product `d` has: it is wrong
+# only if the vocabulary is the whole catalogue's.
+_CHAINS = {"a": "<think>a red wool jumper</think>", "b": "<think>a green silk scarf</think>",
+           "c": "<think>red, in wool</think>"}
+
+
+class _ChainEmbedder:
+    """Stands in for a MoonEmbedder: a one-hot per record, and in reason mode the fixed chains of `_CHAINS`."""
+
+    def __init__(self):
+        ids = sorted(_CHAINS)
+        # Token ids in `"ids"` mode: one id per chain, decoded back by the tokenizer below.
+        tokenizer = type("Tok", (), {"batch_decode": staticmethod(
+            lambda batch, skip_special_tokens=True: [_CHAINS[ids[seq[0]]] for seq in batch])})
+        self.processor = type("Proc", (), {"tokenizer": tokenizer})()
+        self._ids = ids
+
+    def encode(self, records, mode="direct", return_completions=False, **kwargs):
+        vecs = np.zeros((len(records), 8), np.float32)
+        for i, record in enumerate(records):
+            vecs[i, 1 + self._ids.index(record.id) if isinstance(record, Product) else 0] = 1.0
+        if mode != "reason" or not return_completions:
+            return vecs
+        traces = [[self._ids.index(r.id)] if return_completions == "ids" else _CHAINS[r.id] for r in records]
+        return vecs, traces
+
+
+def _attribute_catalogue() -> Catalogue:
+    attrs = {"d": {"colour": "green", "material": "wool"}, "a": {"colour": "red", "material": "wool"},
+             "b": {"colour": "blue", "material": "silk"}, "c": {"colour": "red"}}
+    products = {pid: Product(id=pid, title=f"product {pid}", attributes=a) for pid, a in attrs.items()}
+    pairs = [Pair(anchor=Query(text=f"q{pid}"), positive=pid) for pid in "abc"]
+    return Catalogue(base_dir=Path("."), products=products, pairs={"test": pairs}, galleries={"test": ["c", "a", "b"]})
+
+
+@pytest.mark.parametrize("faithfulness", [False, True])
+def test_chain_attributes_of_the_greedy_gallery_chains(faithfulness):
+    from moon_rl.evaluation.retrieval import result_modes
+
+    catalogue = _attribute_catalogue()
+    results = evaluate_embedder(_ChainEmbedder(), catalogue, "test", modes=("direct", "reason"), zero_shot=False,
+                                faithfulness=faithfulness)
+    # colour over the catalogue: red 2, blue 1, green 1; c and a name red (right), b names green for blue (wrong).
+    # material: c has none (n = 2); a names wool, b silk, both right; catalogue wool 2, silk 1.
+    assert results["chain_attributes"] == {
+        "colour": {"right": pytest.approx(2 / 3), "wrong": pytest.approx(1 / 3), "chance": pytest.approx(0.375),
+                   "n": 3},
+        "material": {"right": 1.0, "wrong": 0.0, "chance": pytest.approx(5 / 9), "n": 2},
+    }
+    assert set(result_modes(results)) == {"direct", "reason"}  # not mistaken for a mode
+    assert format_table({"m": results}).count("\n") == 4  # header, rule, direct, reason, chance
+    direct_only = evaluate_embedder(_ChainEmbedder(), catalogue, "test", modes=("direct",), zero_shot=False)
+    assert "chain_attributes" not in direct_only
+
+
+def test_no_chain_attributes_without_product_attributes():
+    results = evaluate_embedder(_ChainEmbedder(), _catalogue([Pair(anchor=Query(text="t"), positive="a")]), "test",
+                                modes=("reason",), zero_shot=False)
+    assert "chain_attributes" not in results and "reason" in results

@@ -12,23 +12,40 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
-#: Per stage: (panel title, metric keys or regexes of the trainer's log_history) in drawing order.
-TRAINING_PANELS: dict[str, list[tuple[str, list[str]]]] = {
+
+class Panel(NamedTuple):
+    """One training-curves panel: its title, the log_history keys (or `re:` regexes) it draws, and its y range.
+
+    `unit_interval` pins the y axis to [0, 1] for shares and cosines, so a flat 0.98 reads as near the top rather than
+    as a line through the middle of an auto-scaled axis.
+    """
+
+    title: str
+    patterns: list[str]
+    unit_interval: bool = False
+
+
+#: Per stage: the panels, in drawing order; a panel none of whose keys were logged is left out (older runs).
+TRAINING_PANELS: dict[str, list[Panel]] = {
     "sft": [
-        ("total loss", ["loss"]),
-        ("LM loss on the reasoning", ["lm_loss"]),
-        ("InfoNCE", [r"re:^infonce/"]),
-        ("in-batch retrieval accuracy", [r"re:^retrieval_acc/"]),
+        Panel("total loss", ["loss"]),
+        Panel("LM loss on the reasoning", ["lm_loss"]),
+        Panel("InfoNCE", [r"re:^infonce/"]),
+        Panel("in-batch retrieval accuracy", [r"re:^retrieval_acc/"]),
     ],
     "grpo": [
-        ("reward (weighted total)", ["reward"]),
-        ("reward per function (mean)", [r"re:^rewards/.+/mean$"]),
-        ("InfoNCE", ["infonce"]),
-        ("completion length (tokens)", ["completions/mean_length"]),
+        Panel("reward (weighted total; mean within-group std)", ["reward", "spread/reward_std"]),
+        Panel("reward per function (mean)", [r"re:^rewards/.+/mean$"]),
+        # Collapse of a group's spread starves GRPO of advantage: every group alike means no gradient.
+        Panel("group spread (zero-std groups, completion cosine)",
+              ["frac_reward_zero_std", "spread/group_embedding_cosine"], unit_interval=True),
+        Panel("sampled chains naming the right value", [r"re:^chain/"], unit_interval=True),
+        Panel("InfoNCE", ["infonce"]),
+        Panel("completion length (tokens)", ["completions/mean_length"]),
     ],
 }
 
@@ -98,26 +115,39 @@ def _matching(keys: Sequence[str], pattern: str) -> list[str]:
     return [pattern] if pattern in keys else []
 
 
+def _step_rows(log_history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    # The final summary row (train_runtime, ...) has a step too, but no per-step metrics worth a point.
+    return [r for r in log_history if "step" in r and "train_runtime" not in r]
+
+
+def training_panels(log_history: Sequence[Mapping[str, Any]], stage: str) -> list[tuple[Panel, list[str]]]:
+    """The stage's panels that have logged metrics, each with the log_history keys it draws (older runs lack some)."""
+    rows = _step_rows(log_history)
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float)})
+    panels = [(panel, [k for p in panel.patterns for k in _matching(keys, p)]) for panel in TRAINING_PANELS.get(stage, [])]
+    return [(panel, found) for panel, found in panels if found]
+
+
 def training_curves(log_history: Sequence[Mapping[str, Any]], stage: str, path: Path) -> Path | None:
     """The stage's logged training metrics against the optimizer step (panels from `TRAINING_PANELS`)."""
-    rows = [r for r in log_history if "step" in r and "train_runtime" not in r]
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float)})
-    panels = [(title, [k for p in patterns for k in _matching(keys, p)])
-              for title, patterns in TRAINING_PANELS.get(stage, [])]
-    panels = [(title, found) for title, found in panels if found]
+    rows = _step_rows(log_history)
+    panels = training_panels(log_history, stage)
     if not panels:
         return None
     plt = _pyplot()
     cols = min(len(panels), 2)
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(6 * cols, 3.4 * math.ceil(len(panels) / cols)),
                              squeeze=False)
-    for ax, (title, found) in zip(axes.flat, panels, strict=False):
+    for ax, (panel, found) in zip(axes.flat, panels, strict=False):
         for key in found:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
             ax.plot([s for s, _ in points], [v for _, v in points], label=key, marker="o", markersize=2)
-        ax.set(title=title, xlabel="step")
+        ax.set(title=panel.title, xlabel="step")
+        if panel.unit_interval:
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        if len(found) > 1:
+        # Several lines need a legend; so does a regex panel, whose title cannot say which key (`chain/colour`) it drew.
+        if len(found) > 1 or found != panel.patterns:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

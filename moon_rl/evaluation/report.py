@@ -119,6 +119,26 @@ def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     return markdown_table(header, rows)
 
 
+def chain_attribute_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Reason mode: per attribute, the share of greedy chains naming the right / a wrong value; a chance row last.
+
+    Chance (the expected right share of a chain naming one value at the catalogue's frequencies) depends only on the
+    catalogue, so it is one row, from the first model that has the attribute, rather than repeated in every cell.
+    """
+    entries = [(model, r["chain_attributes"]) for model, r in results.items() if r.get("chain_attributes")]
+    if not entries:
+        return None
+    attributes = sorted({a for _, found in entries for a in found})
+    header = ["model", "mode", *[f"{a} right / wrong" for a in attributes]]
+    rows = []
+    for model, found in entries:
+        cells = [found.get(a) or {} for a in attributes]
+        rows.append([model, "reason", *[f"{_cell(c.get('right'))} / {_cell(c.get('wrong'))}" for c in cells]])
+    chance = [next((found[a]["chance"] for _, found in entries if a in found), None) for a in attributes]
+    rows.append(["chance", "–", *[f"{_cell(c)} / –" for c in chance]])
+    return markdown_table(header, rows)
+
+
 # ------------------------------------------------------------------------------------------------------------ report
 def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None, models: Mapping[str, str]) -> Path:
     """`report.md`, `metrics.json` and the PNG plots of an evaluation `summary` into `out`; returns report.md."""
@@ -151,6 +171,12 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
                   "direct): greedy reasoning against no reasoning; swapped: every product read out after another "
                   "product's reasoning. Values near 1 and no drop when swapped mean the embedding ignores the "
                   "reasoning. Reported, not judged.", "", table, ""]
+    if (table := chain_attribute_table(results)) is not None:
+        lines += ["## Chain attribute accuracy (reason mode)", "",
+                  "Share of the gallery products' greedy reasoning chains that name the product's own value of each "
+                  "attribute (right) and another value of it (wrong; a chain may do both), matched as whole words "
+                  "against every value in the catalogue. Chance: the right share of a chain naming one value drawn "
+                  "at the catalogue's frequencies.", "", table, ""]
     examples = [(name, r.get("reason_examples") or []) for name, r in results.items()]
     if any(found for _, found in examples):
         lines += ["## Reasoning examples (greedy, first gallery products)", ""]

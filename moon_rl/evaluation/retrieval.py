@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from moon_rl.data.catalogue import Catalogue
+from moon_rl.data.chains import attribute_vocabulary, chain_attribute_accuracy
 from moon_rl.data.records import Product, Query
 from moon_rl.errors import DataError
 from moon_rl.evaluation.faithfulness import faithfulness as measure_faithfulness
@@ -47,7 +48,7 @@ TASKS: tuple[str, ...] = ("text->product", "image->product", "multimodal->produc
 RANK_CUTOFF = 10
 #: Keys of an `evaluate_embedder` result that are not modes.
 RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples",
-                              "zero_shot", "faithfulness"})
+                              "zero_shot", "faithfulness", "chain_attributes"})
 # Scores are computed this many queries at a time, so a large gallery never needs a full (queries x gallery) matrix.
 _QUERY_CHUNK = 1024
 
@@ -240,6 +241,17 @@ def _encode(embedder: Any, records: Sequence[Any], mode: str, catalogue: Catalog
     return out if mode == "reason" else (out, [])
 
 
+def _chain_attributes(traces: Sequence[str], products: Sequence[Product],
+                      catalogue: Catalogue) -> dict[str, dict[str, float]]:
+    """`chain_attribute_accuracy` of the gallery's chains; {} when no gallery product has attributes.
+
+    The vocabulary is the whole catalogue's, not the gallery's: a chain naming a value that only training products
+    have is still wrong, and chance follows the catalogue's value frequencies.
+    """
+    vocabulary = attribute_vocabulary(p.attributes for p in catalogue.products.values())
+    return chain_attribute_accuracy(traces, [p.attributes for p in products], vocabulary)
+
+
 _WELL_FORMED = re.compile(r"^<think>(?:(?!</?think>).)+</think>$", re.S)
 
 
@@ -279,7 +291,10 @@ def evaluate_embedder(
         `dict`: `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each mode, plus
         `"gallery_size"` (int), `"n_queries"` (`{task: int}`), `"chance"` (`{task: metrics}` of a random ranking;
         recall@1 = 1 / gallery_size) and `"split"`; with `zero_shot`, `"zero_shot"`: `{mode: {"classification":
-        ..., "attributes": ...}}`; with `faithfulness`, `"faithfulness"` (see `faithfulness.faithfulness`).
+        ..., "attributes": ...}}`; with `faithfulness`, `"faithfulness"` (see `faithfulness.faithfulness`); with the
+        `reason` mode and products with attributes, `"chain_attributes"`: `{attribute: {"right", "wrong", "chance",
+        "n"}}`, the share of the gallery's greedy chains naming the product's value, another value of the attribute,
+        and chance, over the whole catalogue's values (see `moon_rl.data.chains.chain_attribute_accuracy`).
 
     Raises:
         `DataError`: see `build_retrieval_tasks`.
@@ -319,6 +334,8 @@ def evaluate_embedder(
         if mode == "reason":
             results["reason_format_rate"] = well_formed_rate(traces)
             results["reason_examples"] = traces[:3]
+            if chains := _chain_attributes(traces, gallery_products, catalogue):
+                results["chain_attributes"] = chains
         results[mode] = task_metrics(gallery_vecs, ks)
         if space:
             results.setdefault("zero_shot", {})[mode] = zero_shot_tasks(gallery_products, gallery_vecs, space,
