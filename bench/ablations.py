@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Its sibling bench module (bench/ is on sys.path when this runs as a script; tests add it before importing).
+from results_md import machine_description, write_section  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -90,6 +92,8 @@ def recipe_for(args: argparse.Namespace, seed: int, folder: Path, extra: list[st
         f"sft.max_steps={args.sft_steps}", f"grpo.max_steps={args.grpo_steps}",
         "sft.save_strategy=no", "grpo.save_strategy=no", "sft.logging_steps=10", "grpo.logging_steps=10",
         "sft.disable_tqdm=true", "grpo.disable_tqdm=true", "eval.baselines=[]",
+        # A smoke run's few SFT steps cannot teach the reasoning yet: GRPO's preflight would refuse to start.
+        *(["grpo.allow_untrained_reasoning=true"] if args.quick else []),
         *extra,
     ])
 
@@ -198,8 +202,6 @@ def verdicts(runs: dict[str, list[dict[str, Any]]], n_seeds: int) -> list[str]:
 
 def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], baseline: dict | None,
                   command: str, total_seconds: float) -> None:
-    import torch
-
     from moon_rl.evaluation.retrieval import markdown_table
 
     header = ["variant", "gallery mode", *[label for label, _ in METRICS], "cos(chain, chain)", "cos(reason, direct)",
@@ -214,8 +216,7 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
         rows.append(["MiniLM (text only)", "direct", *[_fmt([baseline[key]]) for _, key in METRICS], "–", "–", "–",
                      "–"])
     table = [markdown_table(header, rows)]
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    machine = machine_description()
     text = [
         "# Ablations: MOON3.0's claims on the synthetic benchmark", "",
         f"Command: `{command}`  ", f"Machine: {machine}  ",
@@ -234,8 +235,9 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
         "the verdicts say what moon-rl's implementation shows at this scale, not what the paper found at 7B.", "",
         *verdicts(runs, len(args.seeds)), "",
     ]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(text), encoding="utf-8")
+    # Its own section of the file: other benches (bench/grpo_learns.py) write theirs beside it. A file from before
+    # the markers is all ablations text outside other sections, so that text is what gets replaced.
+    write_section(args.results, "ablations", "\n".join(text), adopt_unmarked=True)
 
 
 def main(argv: list[str] | None = None) -> Path:

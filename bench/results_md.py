@@ -1,0 +1,76 @@
+"""Sections of a shared results file: each bench owns the text between its own markers and leaves the rest alone.
+
+Several benches report into `bench/RESULTS.md`. A bench writes its section as
+
+    <!-- BEGIN name -->
+    ...
+    <!-- END name -->
+
+replacing that section when the markers exist and appending it otherwise, so that rerunning one bench neither
+duplicates its text nor erases another bench's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+_ANY_SECTION = re.compile(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", re.S)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The opening and closing marker lines of section `name`."""
+    return f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+
+
+def section_block(name: str, content: str) -> str:
+    """`content` between the markers of `name` (surrounding blank lines trimmed so rewrites are idempotent)."""
+    begin, end = markers(name)
+    return f"{begin}\n{content.strip(chr(10))}\n{end}"
+
+
+def replace_section(text: str, name: str, content: str, *, adopt_unmarked: bool = False) -> str:
+    """`text` with section `name` set to `content`; every byte outside that section is kept.
+
+    Args:
+        text (`str`): the current file content ("" for a new file).
+        name (`str`): the section's name, as in its markers.
+        content (`str`): the section's new markdown.
+        adopt_unmarked (`bool`, *optional*, defaults to `False`): when `text` has no markers for `name`, treat all of
+            its text outside other sections as this section's old content (replaced, and put first) instead of
+            appending. For a bench that used to own the whole file and now shares it.
+
+    Raises:
+        `ValueError`: `text` has the opening marker of `name` without its closing marker after it (or the reverse):
+            guessing where the section ends could delete someone else's text.
+    """
+    begin, end = markers(name)
+    block = section_block(name, content)
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    if start >= 0 and stop >= 0:
+        return text[:start] + block + text[stop + len(end):]
+    if start >= 0 or end in text:
+        raise ValueError(f"section {name!r} has unbalanced markers {begin!r} / {end!r}; fix the file by hand")
+    if adopt_unmarked:
+        others = [match.group(0) for match in _ANY_SECTION.finditer(text)]
+        return "\n\n".join([block, *others]) + "\n"
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+
+
+def write_section(path: Path, name: str, content: str, *, adopt_unmarked: bool = False) -> Path:
+    """Replace (or add) section `name` of the file at `path`, creating the file and its folder when missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    path.write_text(replace_section(old, name, content, adopt_unmarked=adopt_unmarked), encoding="utf-8")
+    return path
+
+
+def machine_description() -> str:
+    """One line naming the machine and the software versions a bench ran on: wall times mean nothing without it."""
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
