@@ -43,7 +43,7 @@ from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
-from moon_rl.training.losses import info_nce, stable_id_hash
+from moon_rl.training.losses import gather_ids, info_nce, stable_id_hash
 from moon_rl.training.reward_context import ContextReward
 
 if TYPE_CHECKING:
@@ -301,7 +301,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         queries = (pool.vectors[pool.positions(unique)] if self.is_sharded
                    else self.embedder(self._query_batch(unique)))
         positives = queries[torch.tensor([unique.index(p) for p in pairs], device=queries.device)]
-        others = ~torch.isin(pool.pairs, torch.tensor(unique, device=pool.pairs.device))
+        # Every process's micro-batch queries are in-batch candidates of the loss already (gathered, with gradient):
+        # the pool keeps only the others, so that no query is counted twice.
+        in_batch = gather_ids(torch.tensor(unique, dtype=torch.long, device=pool.pairs.device))
+        others = ~torch.isin(pool.pairs, in_batch)
         pool_vectors, pool_products = pool.vectors[others], pool.products[others]
         negatives = pool_vectors[None].expand(len(pairs), -1, -1)
         negative_mask = pool_products[None, :] != product_ids[:, None].to(pool_products.device)
