@@ -38,7 +38,7 @@ TRAINING_PANELS: dict[str, list[Panel]] = {
         Panel("in-batch retrieval accuracy", [r"re:^retrieval_acc/"]),
     ],
     "grpo": [
-        Panel("reward (weighted total; mean within-group std)", ["reward", "spread/reward_std"]),
+        Panel("reward (weighted total; mean within-group std)", ["reward", "reward_std"]),
         Panel("reward per function (mean)", [r"re:^rewards/.+/mean$"]),
         # Collapse of a group's spread starves GRPO of advantage: every group alike means no gradient.
         Panel("group spread (zero-std groups, completion cosine)",
