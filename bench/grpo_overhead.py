@@ -234,8 +234,10 @@ def instrument(trainer: GRPOTrainer, stages: StageTimers) -> None:
     stages.wrap(trainer, "training_step", "training_step (gen + loss + backward)")
     if isinstance(trainer, MoonGRPOTrainer):
         stages.wrap(trainer, "_reward_forward", "    reward: completions + candidates forward")
-        stages.wrap(trainer, "_gather_candidates", "    reward: gather candidates")
+        stages.wrap(trainer.candidate_pool, "build", "    reward: candidate pool (gather, queue)")
+        stages.wrap(trainer, "_log_batch", "    reward: diagnostics (mrr, spread, chain accuracy)")
         stages.wrap(trainer, "completion_embeddings", "  loss: heads on captured read-outs")
+        stages.wrap(trainer, "_contrastive", "  loss: InfoNCE with the queries' forward")
         stages.wrap(moon_grpo, "info_nce", "  loss: InfoNCE")
         fire = trainer.embedder.heads.fire
         if fire is not None:
