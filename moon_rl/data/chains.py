@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["AttributeVocabulary", "attribute_vocabulary", "chain_attribute_accuracy", "named_values"]
+__all__ = ["AttributeVocabulary", "attribute_vocabulary", "chain_attribute_accuracy", "named_values", "replace_value"]
 
 #: attribute -> {value (lowercase) -> how many products have it}
 AttributeVocabulary = dict[str, dict[str, int]]
@@ -36,10 +36,17 @@ def attribute_vocabulary(attributes: Iterable[Mapping[str, str]]) -> AttributeVo
     return {name: dict(sorted(counter.items())) for name, counter in sorted(counts.items())}
 
 
+_WORD = r"(?<![a-z0-9])(?:{})(?![a-z0-9])"  # a value as whole words: `red` is not in `tired`
+
+
 def _pattern(values: Iterable[str]) -> re.Pattern[str]:
-    # Longest first, so "navy blue" wins over "blue" where both are values; whole words only.
-    alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-    return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?![a-z0-9])")
+    # Longest first, so "navy blue" wins over "blue" where both are values.
+    return re.compile(_WORD.format("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))))
+
+
+def replace_value(chain: str, value: str, other: str) -> str:
+    """`chain` with every whole-word occurrence of `value` (any case) replaced by `other`."""
+    return re.sub(_WORD.format(re.escape(value)), other, chain, flags=re.IGNORECASE)
 
 
 def named_values(chain: str, vocabulary: AttributeVocabulary) -> dict[str, set[str]]:

@@ -13,7 +13,6 @@ prompt, trained by the contrastive term only.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from moon_rl.data.catalogue import Catalogue
-from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values
+from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values, replace_value
 from moon_rl.data.records import Pair, Query
 from moon_rl.errors import DataError
 from moon_rl.modeling.embedder import MoonEmbedder
@@ -134,8 +133,7 @@ class MoonSFTCollator:
         name = options[int(torch.randint(len(options), (1,), generator=generator))]
         others = [v for v in self._vocabulary[name] if v != truth[name]]
         other = others[int(torch.randint(len(others), (1,), generator=generator))]
-        altered = re.sub(rf"(?<![a-z0-9]){re.escape(truth[name])}(?![a-z0-9])", other, trace, flags=re.IGNORECASE)
-        return self.embedder.tokenize_reasoning([altered])[0]
+        return self.embedder.tokenize_reasoning([replace_value(trace, truth[name], other)])[0]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
