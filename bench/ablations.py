@@ -226,7 +226,7 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
         "Mean ± spread (population standard deviation over seeds). Recall@1 and zero-shot accuracies are measured "
         "with the gallery embedded in reason mode (direct mode for (a), which never learns to reason); queries are "
         "always embedded in direct mode. Variants (c), (f) reuse (b)'s SFT model of the same seed; their wall time "
-        "includes it. A seed sets the heads' initialisation, the data order, the trace noise and the sampling; the "
+        "includes it. A seed sets the heads' initialisation, the data order, the altered chains (and trace noise) and the sampling; the "
         "builtin backbone's random initialisation is the same for all seeds.", "",
         *table, "",
         "## Verdicts", "",
