@@ -120,7 +120,7 @@ def check_can_learn(report: PreflightReport, allow: bool) -> None:
         return
     raise MoonError(
         f"GRPO cannot learn from this starting model: {what} (e.g. {example!r}). Run `moon-rl sft` first on a "
-        "catalogue whose products have `reasoning` traces (or annotate the catalogue), raise "
+        "catalogue whose products have `reasoning` traces, raise "
         "`grpo.max_completion_length`, or set `grpo.allow_untrained_reasoning: true` to train anyway"
     )
 
