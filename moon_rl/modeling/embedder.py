@@ -11,8 +11,9 @@ through hooks (modeling/taps.py), so it shapes both generation and the read-out.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,17 @@ from moon_rl.modeling.taps import (
 Mode = Literal["direct", "reason"]
 FORMAT_VERSION = 1
 MODES: tuple[str, ...] = ("direct", "reason")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode (dropout off) inside the block, its own mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def heads_config_for(model: nn.Module, heads_spec: Any) -> HeadsConfig:
@@ -186,15 +198,11 @@ class MoonEmbedder(nn.Module):
                 prompts.prompt_ids, [item.images for item in items], max_new_tokens=max_new_tokens or self.max_new_tokens,
                 temperature=temperature if do_sample else 0.0,
             )
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return hf_generate(
                 self.model, prompts, pad_id=self.pad_id, eos_id=self.readout_id, image_token_id=self.image_token_id,
                 max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=do_sample, temperature=temperature,
             )
-        finally:
-            self.model.train(was_training)
 
     def _vllm_generator(self):
         """vLLM engine over this model's full weights (FIRE is not applied inside vLLM; the read-out forward has it)."""
@@ -229,10 +237,8 @@ class MoonEmbedder(nn.Module):
         if completions is not None and len(completions) != len(records):
             raise MoonError(f"completions: got {len(completions)} for {len(records)} records")
         traces: list[Any] = [[] if return_completions == "ids" else ""] * len(records)
-        was_training = self.training
-        self.eval()
-        bar = tqdm(total=len(records), desc=f"embed ({mode})", unit="item", disable=not show_progress)
-        try:
+        with eval_mode(self), tqdm(total=len(records), desc=f"embed ({mode})", unit="item",
+                                   disable=not show_progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch_items = [to_item(records[i], load_image, self.max_images) for i in idx]
@@ -250,9 +256,6 @@ class MoonEmbedder(nn.Module):
                     for i, trace in zip(idx, decoded, strict=True):
                         traces[i] = trace
                 bar.update(len(idx))
-        finally:
-            bar.close()
-            self.train(was_training)
         return (out, traces) if return_completions else out
 
     # ------------------------------------------------------------------ artifacts

@@ -66,6 +66,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_int(name: str, value: object, minimum: int) -> None:
+    """`ValueError` unless `value` is an integer (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
 @dataclass
 class MoonContrastiveMixin:
     r"""
@@ -133,9 +139,8 @@ class MoonContrastiveMixin:
             )
         # transformers checks none of these: a negative batch size would fail deep inside the first DataLoader.
         for name in _POSITIVE_INT_FIELDS:
-            value = getattr(self, name, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            if (value := getattr(self, name, None)) is not None:
+                _check_int(name, value, 1)
         super().__post_init__()  # the TRL config's own validation
 
 
@@ -206,8 +211,7 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.hard_negatives, bool) or not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
-            raise ValueError(f"`hard_negatives` must be an integer >= 0, got {self.hard_negatives!r}.")
+        _check_int("hard_negatives", self.hard_negatives, 0)
         if not _is_number(self.trace_noise) or not 0.0 <= self.trace_noise < 1.0:
             raise ValueError(f"`trace_noise` must be a number in [0, 1), got {self.trace_noise!r}; 0 turns it off.")
         super().__post_init__()
@@ -296,11 +300,8 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
             raise ValueError(f"`min_distinct_anchors` must be an int >= 1, got {self.min_distinct_anchors!r}.")
         if self.min_distinct_anchors < 1:
             raise ValueError(f"`min_distinct_anchors` must be >= 1, got {self.min_distinct_anchors}.")
-        for name in ("candidate_queue_size", "max_reward_failure_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "candidate_queue_size" else 1):
-                raise ValueError(f"`{name}` must be an integer >= {0 if name == 'candidate_queue_size' else 1}, "
-                                 f"got {value!r}.")
+        _check_int("candidate_queue_size", self.candidate_queue_size, 0)
+        _check_int("max_reward_failure_steps", self.max_reward_failure_steps, 1)
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ValueError(
                 f"`init_from` must be a model folder path or None (the SFT stage output), got {self.init_from!r}."

@@ -22,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from trl import GRPOTrainer
 from moon_rl.cache import atomic_write_text
 from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, chain_attribute_accuracy
 from moon_rl.errors import MoonError
-from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, assemble, concat_prompts
 from moon_rl.modeling.shared_images import shared_image_features
 from moon_rl.training.candidates import CandidatePool, Candidates
@@ -45,22 +44,9 @@ from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_em
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
 from moon_rl.training.losses import gather_ids, info_nce, stable_id_hash
 from moon_rl.training.reward_context import ContextReward
-
-if TYPE_CHECKING:
-    from rewards import RewardEntry
+from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode (dropout off) inside the block, its own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -229,9 +215,8 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
     def _log_batch(self, state: RewardBatch, completions: list) -> None:
         """Per-step diagnostics of the reward signal: retrieval of the positives among the (masked) candidates, how
         different a group's chains embed, and whether sampled chains name the product's attributes."""
-        scores = (state.embeddings @ state.candidates.T).masked_fill(~state.candidate_mask, -math.inf)
-        ranks = 1 + (scores > scores.gather(1, state.positive_index[:, None])).sum(1)
-        self._log_metric("retrieval/mrr", float((1.0 / ranks.float()).mean()))
+        reciprocal_ranks = retrieval_rank(completions, **state.reward_kwargs())
+        self._log_metric("retrieval/mrr", float(np.mean(reciprocal_ranks)))
         self._log_metric("retrieval/candidates", float(state.candidates.shape[0]))
         self._log_metric("retrieval/queue", float(len(self.candidate_pool)))
         self._log_metric("completions/truncated", float(np.mean(state.truncated)))
@@ -242,7 +227,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             off_diagonal = ~torch.eye(group, dtype=torch.bool, device=cosine.device)
             self._log_metric("spread/group_embedding_cosine", float(cosine[:, off_diagonal].mean()))
         if self.attribute_vocabulary:
-            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            texts = [completion_text(c) for c in completions]
             accuracy = chain_attribute_accuracy(texts, state.attributes, self.attribute_vocabulary)
             for name, values in accuracy.items():
                 self._log_metric(f"chain/{name}", values["right"])
@@ -371,7 +356,6 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     from moon_rl.modeling.inputs import to_item
     from moon_rl.training.preflight import check_can_learn, reasoning_preflight
     from moon_rl.training.sft_data import sft_examples
-    from rewards import build_rewards
 
     # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
     if problems := generation_batch_problems(recipe.grpo):
