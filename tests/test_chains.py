@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moon_rl.data.chains import attribute_vocabulary, chain_attribute_accuracy, named_values
+from moon_rl.data.chains import attribute_vocabulary, chain_attribute_accuracy, named_values, value_spans
 
 # colour: red 2, blue 1, navy blue 1 (of 4); material: wool 3, silk 1 (of 4).
 VOCABULARY = {"colour": {"blue": 1, "navy blue": 1, "red": 2}, "material": {"silk": 1, "wool": 3}}
@@ -50,3 +50,10 @@ def test_default_vocabulary_is_the_products_own_and_lengths_must_match():
                                 "chance": pytest.approx(5 / 9), "n": 3}}
     with pytest.raises(ValueError, match="2 chains for 1 attribute sets"):
         chain_attribute_accuracy(["a", "b"], [{"colour": "red"}], VOCABULARY)
+
+
+def test_value_spans_are_the_whole_word_values_of_any_attribute():
+    vocabulary = {"colour": {"red": 1, "navy blue": 1, "blue": 1}, "material": {"wool": 2}}
+    chain = "colour navy blue. material wool. tired of red"
+    assert [chain[a:b] for a, b in value_spans(chain, vocabulary)] == ["navy blue", "wool", "red"]
+    assert value_spans("Colour RED.", vocabulary) == [(7, 10)]

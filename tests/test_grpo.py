@@ -113,6 +113,30 @@ def test_reward_and_loss_embeddings_are_the_same_function_of_the_same_tokens(set
     assert (reward_embeddings - seen["loss"].detach()).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("rows", ["advantaged", "all"])
+def test_infonce_pulls_only_completions_at_least_as_good_as_their_group(setup, rows):
+    trainer = setup.trainer
+    output = dict(trainer._generate_and_score_completions(generation_batch(setup, [4, 5, 6, 7])))
+    output["advantages"] = torch.tensor([1.0, -1.0, 0.0, 0.0, -0.5, 0.5, 2.0, -2.0])
+    seen = {}
+    original, setting = trainer._contrastive, trainer.args.contrastive_rows
+
+    def spy(embeddings, pair_ids, product_ids):
+        seen.update(pairs=pair_ids.tolist(), rows=len(embeddings))
+        return original(embeddings, pair_ids, product_ids)
+
+    trainer._contrastive, trainer.args.contrastive_rows = spy, rows
+    trainer.current_gradient_accumulation_steps = 1
+    try:
+        loss = trainer.compute_loss(trainer.model, output)
+    finally:
+        trainer._contrastive, trainer.args.contrastive_rows = original, setting
+    assert torch.isfinite(loss)
+    keep = (output["advantages"] >= 0).tolist() if rows == "advantaged" else [True] * 8
+    assert seen["pairs"] == [p for p, k in zip(output["moon_pair"].tolist(), keep, strict=True) if k]
+    assert seen["rows"] == sum(keep)
+
+
 def test_truncated_completions_are_read_at_their_last_token_and_flagged(setup):
     setup.reward.calls.clear()
     setup.trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11]))

@@ -260,3 +260,64 @@ def test_the_reason_term_ranks_the_true_chain_above_the_altered_one():
     torch.testing.assert_close(total, expected.loss)
     without = info_nce(anchor, reason, temperature=0.05, positive_ids=["a", "b", "c"])
     assert total > without.loss  # the altered chains are real extra candidates
+
+
+def test_value_tokens_and_photo_rows(tmp_path):
+    """`value_mask` marks exactly the attribute values a trace names; a photo row shows the photo without the text and
+    has LM targets everywhere in the trace except on the values the product's text names."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.data.chains import named_values
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.modeling.inputs import product_text
+    from moon_rl.training.sft_data import IGNORE_INDEX, MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    collator = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1, value_token_weight=1.0,
+                               photo_traces=True)
+    n = 6
+    batch = collator([{"pair": i} for i in range(n)])
+    moon, tokenizer, vocabulary = batch["moon"], embedder.processor.tokenizer, collator.vocabulary
+    assert batch["input_ids"].shape[0] == 5 * n and int(moon["photo_rows"]) == n
+    image_id = embedder.image_token_id
+    text_only_values = 0
+    for i, ex in enumerate(examples[:n]):
+        product = catalogue.products[ex.positive]
+        truth = {name: str(value).lower() for name, value in product.attributes.items()}
+        in_trace = named_values(product.reasoning, vocabulary)
+        marked = tokenizer.decode(batch["input_ids"][i][moon["value_mask"][i]]).split()
+        assert sorted(marked) == sorted(v for values in in_trace.values() for v in values)
+        photo = 4 * n + i
+        prompt = tokenizer.decode(batch["input_ids"][photo][batch["attention_mask"][photo].bool() & moon["prompt_mask"][photo]])
+        assert product.title not in prompt and (batch["input_ids"][photo] == image_id).any()
+        targets = tokenizer.decode(batch["labels"][photo][batch["labels"][photo] != IGNORE_INDEX])
+        in_text = named_values(product_text(product), vocabulary)
+        for name, value in truth.items():
+            if value in in_text.get(name, set()):
+                text_only_values += 1
+                assert value not in named_values(targets, vocabulary).get(name, set()), (targets, name)
+            else:
+                assert value in named_values(targets, vocabulary).get(name, set()), (targets, name)
+        photo_marked = tokenizer.decode(batch["input_ids"][photo][moon["value_mask"][photo]]).split()
+        assert all(value not in in_text.get(name, set()) for name, value in truth.items() if value in photo_marked)
+    assert text_only_values >= 2 * n  # material and brand (at least) come from the text: the rule was exercised
+
+
+def test_value_token_loss_is_the_mean_nll_of_the_marked_tokens():
+    """Position t - 1's hidden state scores token t (the shift of every causal LM), through the model's LM head."""
+    from types import SimpleNamespace
+
+    from moon_rl.training.sft import MoonSFTTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden, ids = torch.randn(2, 5, 8, generator=gen), torch.randint(11, (2, 5), generator=gen)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3] = mask[1, 1] = mask[1, 4] = True
+    fake = SimpleNamespace(embedder=SimpleNamespace(model=SimpleNamespace(get_output_embeddings=lambda: head)))
+    loss = MoonSFTTrainer._value_token_loss(fake, hidden, ids, mask)
+    expected = torch.stack([-torch.log_softmax(head(hidden[r, c - 1]), -1)[ids[r, c]] for r, c in ((0, 3), (1, 1), (1, 4))])
+    torch.testing.assert_close(loss, expected.mean())
+    assert float(MoonSFTTrainer._value_token_loss(fake, hidden, ids, torch.zeros_like(mask))) == 0.0

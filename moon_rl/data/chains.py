@@ -19,7 +19,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["AttributeVocabulary", "attribute_vocabulary", "chain_attribute_accuracy", "named_values", "replace_value"]
+__all__ = [
+    "AttributeVocabulary", "attribute_vocabulary", "chain_attribute_accuracy", "named_values", "replace_value",
+    "value_spans",
+]
 
 #: attribute -> {value (lowercase) -> how many products have it}
 AttributeVocabulary = dict[str, dict[str, int]]
@@ -57,6 +60,13 @@ def named_values(chain: str, vocabulary: AttributeVocabulary) -> dict[str, set[s
         if values and (found := set(_pattern(values).findall(text))):
             named[name] = found
     return named
+
+
+def value_spans(chain: str, vocabulary: AttributeVocabulary) -> list[tuple[int, int]]:
+    """Character spans `(start, end)` of every attribute value `chain` names (any attribute), in order."""
+    text = chain.lower()
+    spans = {m.span() for values in vocabulary.values() if values for m in _pattern(values).finditer(text)}
+    return sorted(spans)
 
 
 def chain_attribute_accuracy(

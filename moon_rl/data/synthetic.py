@@ -432,7 +432,7 @@ def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[in
     return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
 
 
-def _pattern_fill(size: int, colour: tuple[int, int, int], pattern: str, period: int, phase: int) -> Image.Image:
+def pattern_fill(size: int, colour: tuple[int, int, int], pattern: str, period: int, phase: int) -> Image.Image:
     """The product's surface: the colour, with the pattern in a shade of the same colour (so colour stays legible)."""
     light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150
     second = _mix(colour, (0, 0, 0), 0.45) if light else _mix(colour, (255, 255, 255), 0.55)
@@ -489,7 +489,7 @@ def _draw_view(attrs: dict[str, str], size: int, rng: random.Random, np_rng: np.
 
     colour = COLOURS[attrs["colour"]]
     period = max(6, round(size * scale / 7))
-    fill = _pattern_fill(size, colour, attrs["pattern"], period, rng.randrange(period))
+    fill = pattern_fill(size, colour, attrs["pattern"], period, rng.randrange(period))
     image = Image.composite(fill, background, mask)
     # A one-pixel outline just inside the silhouette keeps white and pale products visible on pale backgrounds.
     inside = mask.point(lambda p: 255 if p > 160 else 0)

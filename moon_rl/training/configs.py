@@ -180,6 +180,12 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             (those positions get no LM target). The reason-mode read-out then learns to check the reasoning against
             the raw image and text instead of copying it: a model's own greedy traces are noisier than the teacher's,
             and a read-out trained on clean traces only is misled by them. `0` keeps the traces as they are.
+        value_token_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of an extra LM loss on the trace tokens that name an attribute value (the mean negative
+            log-likelihood of those tokens, from the same forward), added to TRL's loss over all trace tokens. In a
+            trace like `category shirt. colour red. pattern striped.` most tokens are fixed words learned in a few
+            steps; the values are what the chain is for, and the ones only the image shows (pattern) are the hardest
+            to learn. Needs products with `attributes` whose values the traces name. `0` turns it off.
 
     Example:
 
@@ -210,8 +216,23 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
                   "reason-mode read-out learns not to trust the reasoning blindly. 0 = off."},
     )
 
+    value_token_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an extra LM loss on the trace tokens that name an attribute value (the words "
+                  "the chain is for). 0 = off."},
+    )
+
+    photo_traces: bool = field(
+        default=False,
+        metadata={"help": "One more LM row per pair: the product's photos alone, then its trace (no loss on the "
+                  "values the product's text names)."},
+    )
+
     def __post_init__(self) -> None:
         _check_int("hard_negatives", self.hard_negatives, 0)
+        if not _is_number(self.value_token_weight) or self.value_token_weight < 0:
+            raise ValueError(f"`value_token_weight` must be a number >= 0, got {self.value_token_weight!r}; 0 turns "
+                             "it off.")
         if not _is_number(self.trace_noise) or not 0.0 <= self.trace_noise < 1.0:
             raise ValueError(f"`trace_noise` must be a number in [0, 1), got {self.trace_noise!r}; 0 turns it off.")
         super().__post_init__()
@@ -256,6 +277,11 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
         max_reward_failure_steps (`int`, *optional*, defaults to `5`):
             A reward that fails on every completion for this many consecutive steps stops the run with its exception
             (one failing step is excluded from that step's reward and logged).
+        contrastive_rows (`str`, *optional*, defaults to `"advantaged"`):
+            Which completions GRPO's InfoNCE term pulls onto their queries. `"advantaged"`: those whose advantage is
+            >= 0 (at least as good as their group's mean reward). `"all"`: every completion; the read-out then learns
+            to match a query from any sampled chain, right or wrong, i.e. to ignore what the chain says, and the
+            reward loses the spread the policy gradient needs.
     """
 
     rewards: list[dict[str, Any]] = field(
@@ -289,8 +315,15 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
         metadata={"help": "Consecutive steps a reward may fail on every completion before the run stops."},
     )
 
+    contrastive_rows: str = field(
+        default="advantaged",
+        metadata={"help": "Completions in GRPO's InfoNCE: 'advantaged' (advantage >= 0) or 'all'."},
+    )
+
     def __post_init__(self) -> None:
         self.rewards = normalise_rewards(self.rewards)
+        if self.contrastive_rows not in ("advantaged", "all"):
+            raise ValueError(f"`contrastive_rows` must be 'advantaged' or 'all', got {self.contrastive_rows!r}.")
         if self.reward_weights is not None:
             raise ValueError(
                 f"`reward_weights` ({self.reward_weights!r}) is TRL's list for its own `reward_funcs`; moon-rl weights "

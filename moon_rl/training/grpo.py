@@ -262,6 +262,12 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         if self.args.contrastive_weight == 0:
             return loss
         embeddings = self.completion_embeddings(records, inputs)
+        if self.args.contrastive_rows == "advantaged":
+            # Only the completions at least as good as their group's mean: pulling a chain the reward ranks below
+            # its siblings onto its query would teach the read-out to ignore what the chain says.
+            advantages = inputs["advantages"]
+            keep = (advantages if advantages.dim() == 1 else advantages[:, 0]) >= 0  # (B, T) from TRL subclasses
+            embeddings, pair_ids, product_ids = embeddings[keep], pair_ids[keep], product_ids[keep]
         term = self._contrastive(embeddings, pair_ids, product_ids)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["infonce"].append(float(term.global_loss))

@@ -56,11 +56,29 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         contrastive, metrics = self._contrastive_loss(embeddings, layout)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["lm_loss"].append(float(lm_loss.detach()))
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
         # As TRL does for its auxiliary loss: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
         steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
-        return lm_loss + self.args.contrastive_weight * contrastive / steps
+        loss = lm_loss + self.args.contrastive_weight * contrastive / steps
+        if self.args.value_token_weight:
+            value_loss = self._value_token_loss(records[-1].last_hidden, inputs["input_ids"], layout["value_mask"])
+            metrics["lm_loss/values"] = float(value_loss.detach())
+            loss = loss + self.args.value_token_weight * value_loss / steps
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        return loss
+
+    def _value_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of the trace tokens that name an attribute value (zero when there are none).
+
+        Scored from the last hidden states the hooks captured in TRL's own forward (the position before each value
+        token predicts it), through the LM head on those few positions only: no second forward, no full logits.
+        """
+        rows, cols = value_mask.to(hidden.device).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            return hidden.sum() * 0.0  # connected to the graph, so every process runs the same backward
+        head = self.embedder.model.get_output_embeddings()
+        logits = head(hidden[rows, cols - 1].to(head.weight.dtype)).float()
+        return torch.nn.functional.cross_entropy(logits, input_ids.to(hidden.device)[rows, cols])
 
     def _contrastive_loss(self, embeddings: torch.Tensor, layout: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         n, k = int(layout["n_pairs"]), int(layout["hard_negatives"])
@@ -68,7 +86,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         negatives = embeddings[3 * n:(3 + k) * n].view(n, k, -1) if k else None
         # The product with a chain altered in one attribute value: a hard negative of the reason-mode term.
         chain_mask = layout["chain_negative_mask"].to(embeddings.device)
-        chain_negatives = embeddings[(3 + k) * n:].view(n, 1, -1) if len(chain_mask) else None
+        chain_negatives = embeddings[(3 + k) * n:(4 + k) * n].view(n, 1, -1) if len(chain_mask) else None
         image_only = layout["image_only"].to(embeddings.device)
         ids = layout["positive_ids"]
         cfg = self.args
@@ -126,7 +144,8 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     embedder.meta["reasoning_trained"] = bool(args.reasoning) and any(
         catalogue.products[ex.positive].reasoning for ex in examples)
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
-                               seed=args.seed, chain_negatives=args.chain_negatives)
+                               seed=args.seed, chain_negatives=args.chain_negatives,
+                               value_token_weight=args.value_token_weight, photo_traces=args.photo_traces)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

@@ -20,11 +20,12 @@ import torch
 from transformers import TrainerCallback
 
 from moon_rl.data.catalogue import Catalogue
-from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values, replace_value
+from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values, replace_value, value_spans
+from moon_rl.data.prompts import format_reasoning
 from moon_rl.data.records import Pair, Query
 from moon_rl.errors import DataError
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.modeling.inputs import PromptBatch, PromptCache, concat_prompts, to_item
+from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts, product_text, to_item
 
 IGNORE_INDEX = -100
 
@@ -66,10 +67,13 @@ class MoonSFTCollator:
         seed (`int`): seeds the noise, with the dataset row and the epoch (`set_epoch`, called by `NoiseEpoch`).
         chain_negatives (`bool`): one more row per pair, the product with its trace altered in one attribute value
             (reason mode, no LM target), for the reason-mode InfoNCE term's hard negative.
+        value_token_weight (`float`): when non-zero, the batch's `moon.value_mask` marks the LM targets that are
+            attribute values the trace names (for the trainer's extra loss on them); all False otherwise.
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
-                 trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False):
+                 trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False,
+                 value_token_weight: float = 0.0, photo_traces: bool = False):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
@@ -78,6 +82,9 @@ class MoonSFTCollator:
         self.reasoning = reasoning
         self.seed = seed
         self.chain_negatives = chain_negatives and reasoning
+        self.value_token_weight = value_token_weight
+        self.photo_traces = photo_traces and reasoning
+        self._value_masks: dict[str, list[bool]] = {}
         self._vocabulary: AttributeVocabulary | None = None
         self.epoch = 0
         self._noise_vocab: torch.Tensor | None = None
@@ -114,6 +121,41 @@ class MoonSFTCollator:
         key = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + row) * 7 + stream
         return torch.Generator().manual_seed(key % 2**63)
 
+    @property
+    def vocabulary(self) -> AttributeVocabulary:
+        """Every value each attribute takes over the catalogue's products (built on first use)."""
+        if self._vocabulary is None:
+            self._vocabulary = attribute_vocabulary(p.attributes for p in self.catalogue.products.values())
+        return self._vocabulary
+
+    def _value_tokens(self, product_id: str) -> tuple[list[bool], list[bool]]:
+        """Per token of the product's trace (as `_trace` gives them): does it belong to an attribute value the trace
+        names, and to one that the product's own text names too (a value its photo alone need not show)."""
+        if product_id not in self._value_masks:
+            product = self.catalogue.products[product_id]
+            trace = product.reasoning if self.reasoning else None
+            ids = self._trace(product_id)
+            values, in_text = [False] * len(ids), [False] * len(ids)
+            if trace:
+                text = format_reasoning(trace)
+                encoded = self.embedder.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                if list(encoded["input_ids"]) == list(ids):
+                    written = {v for found in named_values(product_text(product), self.vocabulary).values() for v in found}
+                    spans = value_spans(text, self.vocabulary)
+                    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+                        hits = [text[a:b].lower() for a, b in spans if a < end and start < b]
+                        values[i], in_text[i] = bool(hits), any(h in written for h in hits)
+            self._value_masks[product_id] = (values, in_text)
+        return self._value_masks[product_id]
+
+    def _photo_prompt(self, product_id: str) -> PromptBatch:
+        """The product's photos alone, as a product prompt without its text."""
+        def make() -> EmbedItem:
+            item = to_item(self.catalogue.products[product_id], self.catalogue.image, self.embedder.max_images)
+            return EmbedItem(images=item.images, kind="product", id=item.id)
+
+        return self._prompts.get(("photo", product_id), make)
+
     def _altered_trace(self, product_id: str, row: int) -> list[int]:
         """The product's trace with one attribute value it names replaced by another value of that attribute (as
         token ids), or [] when the trace names none that has an alternative."""
@@ -121,17 +163,15 @@ class MoonSFTCollator:
         trace = product.reasoning if self.reasoning else None
         if not trace or not product.attributes:
             return []
-        if self._vocabulary is None:
-            self._vocabulary = attribute_vocabulary(p.attributes for p in self.catalogue.products.values())
-        named = named_values(trace, self._vocabulary)
+        named = named_values(trace, self.vocabulary)
         truth = {name: str(value).strip().lower() for name, value in product.attributes.items()}
         options = sorted(name for name, values in named.items()
-                         if truth.get(name) in values and len(self._vocabulary[name]) > 1)
+                         if truth.get(name) in values and len(self.vocabulary[name]) > 1)
         if not options:
             return []
         generator = self._generator(row, stream=1)
         name = options[int(torch.randint(len(options), (1,), generator=generator))]
-        others = [v for v in self._vocabulary[name] if v != truth[name]]
+        others = [v for v in self.vocabulary[name] if v != truth[name]]
         other = others[int(torch.randint(len(others), (1,), generator=generator))]
         return self.embedder.tokenize_reasoning([replace_value(trace, truth[name], other)])[0]
 
@@ -188,8 +228,14 @@ class MoonSFTCollator:
             altered = [self._altered_trace(ex.positive, int(row["pair"])) for ex, row in zip(examples, rows, strict=True)]
             parts += products
             completions += altered
+        photo_rows = [i for i, ex in enumerate(examples) if self.photo_traces and traces[i]
+                      and self.catalogue.products[ex.positive].images]
+        first_photo = len(parts)
+        parts += [self._photo_prompt(examples[i].positive) for i in photo_rows]
+        completions += [self._trace(examples[i].positive) for i in photo_rows]
         batch = self.embedder.prepare(None, completions, prompts=concat_prompts(parts))
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        value_mask = torch.zeros_like(labels, dtype=torch.bool)
         for row in range(n):
             if traces[row]:
                 # Targets: the trace and the read-out token that closes the turn (the model learns to stop); never a
@@ -199,6 +245,19 @@ class MoonSFTCollator:
                 replaced = torch.tensor(noised[row][1] + [False] * (len(positions) - len(traces[row])))
                 targets[positions[replaced]] = False
                 labels[row, targets] = batch["input_ids"][row, targets]
+                values = self._value_tokens(examples[row].positive)[0]
+                if self.value_token_weight and any(values):
+                    named = torch.tensor(values + [False] * (len(positions) - len(values)))
+                    value_mask[row, positions[named & ~replaced]] = True
+        for offset, row in enumerate(photo_rows):
+            # Photo alone: every trace token is a target except the values only the product's text could tell.
+            photo = first_photo + offset
+            positions = (batch["attention_mask"][photo].bool() & ~batch["prompt_mask"][photo]).nonzero().flatten()
+            values, in_text = (torch.tensor(m + [False] * (len(positions) - len(m)))
+                               for m in self._value_tokens(examples[row].positive))
+            labels[photo, positions[~in_text]] = batch["input_ids"][photo, positions[~in_text]]
+            if self.value_token_weight:
+                value_mask[photo, positions[values & ~in_text]] = True
         model_inputs = {k2: v for k2, v in batch.items() if k2 not in ("prompt_mask", "readout_index")}
         model_inputs["labels"] = labels
         model_inputs["moon"] = {
@@ -211,7 +270,9 @@ class MoonSFTCollator:
             "has_trace": torch.tensor([bool(t) for t in traces], dtype=torch.bool),
             "chain_negative_mask": (torch.tensor([bool(t) for t in altered], dtype=torch.bool) if self.chain_negatives
                                     else torch.zeros(0, dtype=torch.bool)),
+            "photo_rows": torch.tensor(len(photo_rows)),
             "positive_ids": list(ex.positive for ex in examples),
+            "value_mask": value_mask,
         }
         return model_inputs
 

@@ -1,0 +1,91 @@
+"""Vision pre-training of `builtin:tiny-vl`: a stand-in for the pretrained vision encoder every real VLM ships with.
+
+A real Qwen2.5-VL tells stripes from dots out of the box; a random-init tower does not, and it does not learn to
+through the language model either. Measured on the synthetic catalogue's 120 test products (product photo alone, one
+seed), training the whole model to write the pattern word after `<think>pattern` (LM loss only, batch 32, lr 1e-3):
+from the random tower 0.35 right after 400 steps (chance 0.17); from a tower pre-trained as below 0.92 after 200.
+Inside SFT the random tower's texture features stay weak (a linear probe on them reads the pattern at 0.26-0.30),
+so SFT taught chains the colour from pixels but not the pattern (0.24). Pre-training on texture *and* colour at once
+left the tower at 0.45 on held-out swatches (the colour term dominated); colour needs no pre-training (SFT reads it
+at 0.98 from the random tower).
+
+So the builder pre-trains the tower once, before saving: `PRETRAIN_STEPS` steps of naming the texture of procedurally
+drawn swatches (a textured ellipse or rectangle in any of the generator's colours, on a pale noisy background: the
+synthetic generator's textures, never its product images, silhouettes or catalogue), with a linear head on the mean
+of the tower's output tokens that is then discarded. Deterministic in the seed; about 22 s on 2 CPU cores for `tiny`
+(held-out swatch accuracy 0.99).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from moon_rl.data.synthetic import BACKGROUNDS, COLOURS, PATTERNS, pattern_fill
+
+__all__ = ["PRETRAIN_STEPS", "draw_swatch", "pretrain_vision"]
+
+PRETRAIN_STEPS = 250
+_COLOUR_NAMES = tuple(COLOURS)
+
+
+def draw_swatch(rng: random.Random, size: int) -> tuple[Image.Image, int, int]:
+    """One swatch: a random textured ellipse or rectangle on a pale noisy gradient; (image, texture, colour) ids."""
+    texture, colour = rng.randrange(len(PATTERNS)), rng.randrange(len(_COLOUR_NAMES))
+    period = max(6, round(size * rng.uniform(0.7, 1.05) / 7))
+    fill = pattern_fill(size, COLOURS[_COLOUR_NAMES[colour]], PATTERNS[texture], period, rng.randrange(period))
+    bg0, bg1 = rng.sample(BACKGROUNDS, 2)
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
+    gradient = np.asarray(bg0, np.float32) * (1 - t) + np.asarray(bg1, np.float32) * t
+    image = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+    w, h = (rng.uniform(0.65, 1.0) * size for _ in range(2))
+    x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+    mask = Image.new("L", (size, size), 0)
+    shape = ImageDraw.Draw(mask).ellipse if rng.random() < 0.5 else ImageDraw.Draw(mask).rectangle
+    shape((x0, y0, x0 + w, y0 + h), fill=255)
+    return Image.composite(fill, image, mask), texture, colour
+
+
+def pretrain_vision(model, image_processor, *, steps: int = PRETRAIN_STEPS, seed: int = 0, batch_size: int = 32,
+                    image_size: int = 112, learning_rate: float = 1e-3) -> float:
+    """Train `model`'s vision tower (and merger) in place to name swatches' textures; returns held-out accuracy.
+
+    Args:
+        model: a Qwen2.5-VL-architecture model (`model.model.visual` is the tower).
+        image_processor: the model's image processor (the swatches go through it as product photos do).
+        steps (`int`): optimizer steps of `batch_size` fresh swatches each.
+        seed (`int`): seeds the swatches (the head's initialisation follows torch's global seed).
+        batch_size (`int`): swatches per step.
+        image_size (`int`): swatch side in pixels (the synthetic catalogue's).
+        learning_rate (`float`): AdamW's.
+    """
+    visual = model.model.visual
+    width = model.config.vision_config.out_hidden_size
+    rng = random.Random(f"tiny-vl-vision:{seed}")
+    head = torch.nn.Linear(width, len(PATTERNS))
+    optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=learning_rate)
+
+    def batch(n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        drawn = [draw_swatch(rng, image_size) for _ in range(n)]
+        inputs = image_processor(images=[image for image, _, _ in drawn], return_tensors="pt")
+        return inputs, torch.tensor([texture for _, texture, _ in drawn])
+
+    def pooled(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        counts = (inputs["image_grid_thw"].prod(-1) // visual.spatial_merge_size**2).tolist()
+        return torch.stack([chunk.mean(0) for chunk in tokens.split(counts)])
+
+    visual.train()
+    for _ in range(steps):
+        inputs, texture = batch(batch_size)
+        loss = torch.nn.functional.cross_entropy(head(pooled(inputs)), texture)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        inputs, texture = batch(128)
+        return float((head(pooled(inputs)).argmax(-1) == texture).float().mean())
