@@ -23,7 +23,8 @@ add the CUDA context (~0.5-1 GiB) and allocator slack. Per device, for a micro b
 
 seq = prompt text + `data.max_images_per_product` x `model.image_max_pixels` / (patch x merge)^2 image tokens +
 `grpo.max_completion_length` (at most `sft.max_length` in SFT). Rows: `per_device_train_batch_size`, x (3 +
-`hard_negatives`) in SFT (trace, anchor, direct product, negatives of each pair, padded to the longest).
+`hard_negatives` + `chain_negatives` + `photo_traces`) in SFT (trace, anchor, direct product, negatives, altered chain
+and photo-only trace of each pair, padded to the longest).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def plan_recipe(recipe: Any, gpus: int = 1, strategy: str = "ddp", gpu_memory_gi
         get = functools.partial(config_value, stage, getattr(recipe, stage))  # the field's value or its default
         seq, rows = prompt_tokens + image_tokens + completion, get("per_device_train_batch_size")
         if stage == "sft":
-            rows, seq = rows * (3 + get("hard_negatives")), min(seq, get("max_length") or seq)
+            per_pair = 3 + get("hard_negatives") + bool(get("chain_negatives")) + bool(get("photo_traces"))
+            rows, seq = rows * per_pair, min(seq, get("max_length") or seq)
         eager = act * arch.heads * seq if model.attn_implementation == "eager" else 0
         full = rows * seq * arch.layers * (layer + eager)
         ckpt = rows * seq * (arch.layers * act * h + 1.5 * (layer + eager))

@@ -8,6 +8,8 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
   read-out from that same forward. Added: `contrastive_weight * (InfoNCE(anchor, reason-mode product)
   + direct_contrastive_weight * InfoNCE(anchor, direct product, hard negatives))`, image-only anchors weighted by
   `image_contrastive_weight`, divided by the gradient-accumulation steps as TRL does for its auxiliary loss.
+  With `value_token_weight`, plus that weight x the mean negative log-likelihood of the trace tokens that name an
+  attribute value, scored from the same forward's last hidden states.
 * heads, their optimizer, checkpoints and resume: `MoonTrainerMixin` (training/common.py).
 """
 
@@ -137,8 +139,10 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     without_trace = sum(1 for ex in examples if not (args.reasoning and catalogue.products[ex.positive].reasoning))
-    logger.warning("SFT on %d pairs (%d image-only anchors); %d pairs have no reasoning trace and train on the "
-                   "contrastive term only", len(examples), sum(ex.image_only for ex in examples), without_trace)
+    logger.info("SFT on %d pairs (%d image-only anchors)", len(examples), sum(ex.image_only for ex in examples))
+    if without_trace:
+        logger.warning("%d of %d SFT pairs have no reasoning trace and train on the contrastive term only",
+                       without_trace, len(examples))
     embedder = MoonEmbedder.from_recipe(recipe)
     # Saved in moon_rl.json: GRPO's preflight refuses to start from a model that never learnt to write a trace.
     embedder.meta["reasoning_trained"] = bool(args.reasoning) and any(

@@ -3,8 +3,14 @@
 A row of the SFT dataset is one training pair (anchor -> product). The collator lays out, in one padded batch:
 
     [ product + "<think>trace</think>" | anchor (direct) | product (direct) | hard negatives (direct)
-      | product + "<think>altered trace</think>" (chain negatives, optional) ]
+      | product + "<think>altered trace</think>" (chain negatives, optional)
+      | product photo alone + "<think>trace</think>" (photo traces, optional) ]
       ^ LM loss on the trace; its read-out is the reason-mode product embedding
+
+A photo-trace row has LM targets on the trace except the attribute values the product's text names (a photo cannot
+show a brand): the image-only values (pattern, colour) must then be read from pixels, not recalled from the title.
+With `value_token_weight`, `moon.value_mask` marks the LM targets that are attribute values, for the trainer's extra
+loss on them.
 
 One forward (through the DDP-wrapped model, so gradient sync is exact) gives the LM loss and, via the backbone hooks,
 the read-out of every row. Products without a `reasoning` trace get no LM targets: their first row is the direct
@@ -69,6 +75,8 @@ class MoonSFTCollator:
             (reason mode, no LM target), for the reason-mode InfoNCE term's hard negative.
         value_token_weight (`float`): when non-zero, the batch's `moon.value_mask` marks the LM targets that are
             attribute values the trace names (for the trainer's extra loss on them); all False otherwise.
+        photo_traces (`bool`): one more row per pair whose product has a trace and a photo: the photo alone, then the
+            trace (see the module docstring).
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
@@ -84,7 +92,7 @@ class MoonSFTCollator:
         self.chain_negatives = chain_negatives and reasoning
         self.value_token_weight = value_token_weight
         self.photo_traces = photo_traces and reasoning
-        self._value_masks: dict[str, list[bool]] = {}
+        self._value_masks: dict[str, tuple[list[bool], list[bool]]] = {}
         self._vocabulary: AttributeVocabulary | None = None
         self.epoch = 0
         self._noise_vocab: torch.Tensor | None = None
