@@ -186,6 +186,11 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             trace like `category shirt. colour red. pattern striped.` most tokens are fixed words learned in a few
             steps; the values are what the chain is for, and the ones only the image shows (pattern) are the hardest
             to learn. Needs products with `attributes` whose values the traces name. `0` turns it off.
+        photo_traces (`bool`, *optional*, defaults to `False`):
+            One more LM row per pair whose product has a trace and a photo: the photos alone (no title or
+            description), then the trace, with no LM target on the attribute values the product's text names (a photo
+            cannot show a brand). With the text in the prompt the model recalls a training product's pattern from its
+            title instead of reading the photo; these rows take that shortcut away. About a fifth more SFT time.
 
     Example:
 
@@ -280,8 +285,8 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
         contrastive_rows (`str`, *optional*, defaults to `"advantaged"`):
             Which completions GRPO's InfoNCE term pulls onto their queries. `"advantaged"`: those whose advantage is
             >= 0 (at least as good as their group's mean reward). `"all"`: every completion; the read-out then learns
-            to match a query from any sampled chain, right or wrong, i.e. to ignore what the chain says, and the
-            reward loses the spread the policy gradient needs.
+            to match a query from any sampled chain, right or wrong, i.e. to ignore what the chain says (on `tiny-cpu`
+            over 3 seeds: cos(chain, chain) 0.965 with `all`, 0.954 with `advantaged`; greedy pattern 0.464 vs 0.486).
     """
 
     rewards: list[dict[str, Any]] = field(
