@@ -432,6 +432,15 @@ def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[in
     return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
 
 
+def pale_background(size: int, top: tuple[int, int, int], bottom: tuple[int, int, int],
+                    np_rng: np.random.Generator) -> Image.Image:
+    """A vertical gradient from `top` to `bottom` with light pixel noise (a product photo's backdrop)."""
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    gradient = np.asarray(top, np.float32) * (1 - t) + np.asarray(bottom, np.float32) * t
+    noise = np_rng.normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+
+
 def pattern_fill(size: int, colour: tuple[int, int, int], pattern: str, period: int, phase: int) -> Image.Image:
     """The product's surface: the colour, with the pattern in a shade of the same colour (so colour stays legible)."""
     light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150
@@ -482,10 +491,7 @@ def _draw_view(attrs: dict[str, str], size: int, rng: random.Random, np_rng: np.
         draw.polygon([place(x, y) for x, y in polygon], fill=255 if op == "+" else 0)
     mask = mask.reduce(2)
 
-    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
-    gradient = np.asarray(bg0, np.float32) * (1 - t) + np.asarray(bg1, np.float32) * t
-    noise = np_rng.normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
-    background = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+    background = pale_background(size, bg0, bg1, np_rng)
 
     colour = COLOURS[attrs["colour"]]
     period = max(6, round(size * scale / 7))

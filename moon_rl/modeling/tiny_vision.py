@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from moon_rl.data.synthetic import BACKGROUNDS, COLOURS, PATTERNS, pattern_fill
+from moon_rl.data.synthetic import BACKGROUNDS, COLOURS, PATTERNS, pale_background, pattern_fill
 
 __all__ = ["PRETRAIN_STEPS", "draw_swatch", "pretrain_vision"]
 
@@ -36,11 +36,7 @@ def draw_swatch(rng: random.Random, size: int) -> tuple[Image.Image, int, int]:
     texture, colour = rng.randrange(len(PATTERNS)), rng.randrange(len(_COLOUR_NAMES))
     period = max(6, round(size * rng.uniform(0.7, 1.05) / 7))
     fill = pattern_fill(size, COLOURS[_COLOUR_NAMES[colour]], PATTERNS[texture], period, rng.randrange(period))
-    bg0, bg1 = rng.sample(BACKGROUNDS, 2)
-    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
-    gradient = np.asarray(bg0, np.float32) * (1 - t) + np.asarray(bg1, np.float32) * t
-    image = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+    image = pale_background(size, *rng.sample(BACKGROUNDS, 2), np.random.default_rng(rng.getrandbits(32)))
     w, h = (rng.uniform(0.65, 1.0) * size for _ in range(2))
     x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
     mask = Image.new("L", (size, size), 0)
