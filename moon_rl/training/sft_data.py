@@ -253,8 +253,8 @@ class MoonSFTCollator:
                 replaced = torch.tensor(noised[row][1] + [False] * (len(positions) - len(traces[row])))
                 targets[positions[replaced]] = False
                 labels[row, targets] = batch["input_ids"][row, targets]
-                values = self._value_tokens(examples[row].positive)[0]
-                if self.value_token_weight and any(values):
+                values = self._value_tokens(examples[row].positive)[0] if self.value_token_weight else []
+                if any(values):
                     named = torch.tensor(values + [False] * (len(positions) - len(values)))
                     value_mask[row, positions[named & ~replaced]] = True
         for offset, row in enumerate(photo_rows):
