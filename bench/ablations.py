@@ -231,8 +231,8 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]
         *table, "",
         "## Verdicts", "",
         "A claim is *supported* when the full recipe beats the ablated variant by more than the larger of the two "
-        "seed spreads, *not shown* otherwise. This is a 1M-parameter random-init model on a synthetic catalogue: "
-        "the verdicts say what moon-rl's implementation shows at this scale, not what the paper found at 7B.", "",
+        "seed spreads, *not shown* otherwise. This is a 1M-parameter model, random-init but for its pre-trained vision "
+        "tower, on a synthetic catalogue: the verdicts say what moon-rl's implementation shows at this scale, not what the paper found at 7B.", "",
         *verdicts(runs, len(args.seeds)), "",
     ]
     # Its own section of the file: other benches (bench/grpo_learns.py) write theirs beside it. A file from before

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"Command: `{command}`  ", f"Machine: {machine_description()}  ",
             f"{len(rows)} models, {minutes:.1f} minutes. Per split, the first {args.max_products} products (by id) "
             "with a query of each kind. *Policy*: share whose greedy chain names the true value. *Judge*: share whose "
-            "true-value rewrite of that chain gets the best reward against the product's own query (cos: cosine, "
+            "true-value rewrite of that chain gets a higher reward than every other rewrite (a tie is no) against the "
+            "product's own query (cos: cosine, "
             "the query -> completion score; logprob: completion -> query over all the split's queries). Mean ± "
             "population std over the models of a kind.", "",
             *lines,
