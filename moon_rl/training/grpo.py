@@ -3,8 +3,8 @@
 Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM included, is inherited unchanged):
 
 * `_calculate_rewards`: one no-grad forward embeds every sampled completion (prompt + completion, read out at its
-  last token: the end of turn, or the last sampled token of a truncated completion, which is flagged; the vision
-  tower runs once per distinct prompt image). A second one embeds the pairs' queries in direct mode as candidates
+  last token: the end of turn, or the last sampled token of a truncated completion, which is flagged; each distinct
+  prompt, vision tower included, runs once and its completions run on its KV cache: modeling/shared_prompts.py). A second one embeds the pairs' queries in direct mode as candidates
   (tokenised once per pair), gathered across processes. Reward functions (rewards/) get
   `embeddings`, `candidates`, `positive_index`, `truncated` and `attributes` on top of TRL's keyword arguments and
   every dataset column.
@@ -36,8 +36,8 @@ from moon_rl.cache import atomic_write_text
 from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, chain_attribute_accuracy
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
-from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, assemble, concat_prompts
-from moon_rl.modeling.shared_images import shared_image_features
+from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
+from moon_rl.modeling.shared_prompts import embed_completions
 from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
@@ -160,14 +160,12 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         prompt_batch = PromptBatch([list(p) for p in prompt_ids],
                                    None if pixels is None else torch.as_tensor(np.asarray(pixels)),
                                    None if grid is None else torch.as_tensor(np.asarray(grid)))
-        batch = assemble(prompt_batch, completion_ids_list, self.embedder.readout_id, self.embedder.pad_id,
-                         self.embedder.image_token_id, append_readout=False)
         queries = self._query_batch(candidate_pairs)
         # These forwards call the HF model directly, not through the FSDP wrapper: like TRL's generation, gather the
         # root unit's parameters first (the inner units gather their own). A no-op without FSDP.
         with self._dist.summon_full_params(self.model_wrapped, recurse=False), eval_mode(self.model):
-            with shared_image_features(self.embedder.model):  # each prompt image appears num_generations times
-                embeddings = self.embedder(batch)
+            # Each prompt appears num_generations times: its forward runs once, its completions on its KV cache.
+            embeddings = embed_completions(self.embedder, prompt_batch, completion_ids_list)
             candidates = self.embedder(queries)
         truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
         return embeddings, candidates, truncated

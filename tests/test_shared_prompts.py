@@ -1,0 +1,78 @@
+"""embed_completions: each distinct prompt runs once, its completions on its KV cache, with the very embeddings one
+forward over the whole sequences gives (positions, image features, fusion, FIRE and read-out alike)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
+from moon_rl.modeling.inputs import EmbedItem, assemble, tokenize_prompts
+from moon_rl.modeling.shared_prompts import distinct_prompts, embed_completions
+from moon_rl.modeling.taps import backbone_of
+from tests.test_embedder import image, randomise_heads, tiny_recipe
+
+RED, BLUE, WIDE_BLUE = image((200, 30, 30)), image((30, 30, 200)), image((30, 30, 200), (96, 128))
+PRODUCTS = {
+    "a": EmbedItem(text="Title: a", images=[RED], kind="product"),
+    "a-blue": EmbedItem(text="Title: a", images=[BLUE], kind="product"),  # same ids as "a", other pixels
+    "two": EmbedItem(text="Title: two views", images=[WIDE_BLUE, RED], kind="product"),
+    "text": EmbedItem(text="Title: no photo", kind="product"),
+}
+# Rows as a GRPO batch could hold them, interleaved; completions of every length, one empty.
+ROWS = ["a", "a-blue", "a", "two", "text", "a", "two", "a-blue"]
+COMPLETIONS = [[101, 102, 103], [104], [105, 106, 107, 108, 109, 110, 111], [], [112, 113], [114, 115, 116, 117],
+               [118], [119, 120, 121, 122, 123]]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> MoonEmbedder:
+    embedder = MoonEmbedder.from_recipe(tiny_recipe(lora=None))
+    randomise_heads(embedder)  # fusion and FIRE must contribute, or a wrong feature would go unseen
+    return embedder
+
+
+def test_distinct_prompts_compare_ids_and_pixels(embedder):
+    prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ROWS])
+    assert prompts.prompt_ids[0] == prompts.prompt_ids[1]  # "a" and "a-blue" differ only in their pixels
+    firsts, owner = distinct_prompts(prompts, embedder.image_token_id, merge_size=2)
+    assert firsts == [0, 1, 3, 4]
+    assert owner == [0, 1, 0, 2, 3, 0, 2, 1]
+
+
+def test_shared_prompt_forward_gives_the_whole_sequence_embeddings_and_runs_each_prompt_once(embedder):
+    prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ROWS])
+    batch = assemble(prompts, COMPLETIONS, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
+                     append_readout=False)
+    rows_per_forward: list[int] = []
+    handle = backbone_of(embedder.model).register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad(), eval_mode(embedder.model):
+            whole = embedder(batch)
+            rows_per_forward.clear()
+            shared = embed_completions(embedder, prompts, COMPLETIONS)
+    finally:
+        handle.remove()
+    assert rows_per_forward == [4, 8]  # the 4 distinct prompts, then the 8 completions on their caches
+    torch.testing.assert_close(shared, whole, atol=2e-5, rtol=1e-4)
+    # Each row is its own: the same prompt with another completion embeds differently.
+    assert (shared[0] - shared[2]).abs().max() > 1e-3
+
+
+def test_without_repeated_prompts_it_is_the_plain_forward(embedder):
+    names = ["a", "a-blue", "two", "text"]
+    prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in names])
+    completions = COMPLETIONS[:4]
+    rows_per_forward: list[int] = []
+    handle = backbone_of(embedder.model).register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad(), eval_mode(embedder.model):
+            shared = embed_completions(embedder, prompts, completions)
+    finally:
+        handle.remove()
+    assert rows_per_forward == [4]
+    whole = embedder(assemble(prompts, completions, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
+                              append_readout=False))
+    torch.testing.assert_close(shared, whole.detach(), atol=1e-6, rtol=1e-5)
