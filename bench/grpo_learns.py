@@ -137,6 +137,7 @@ def training_signal(history: Sequence[Mapping[str, Any]], reward_key: str | None
         if values:
             head, tail = edge_windows(values)
             signal[f"chain_first/{attr}"], signal[f"chain_last/{attr}"] = _mean(head), _mean(tail)
+        signal[f"reward_judge/{attr}"] = _mean(series(f"reward_judge/{attr}"))
     return signal
 
 
@@ -291,7 +292,8 @@ def signal_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
             ["retrieval reward, last − first", "reward_gain"], ["group embedding cosine", "group_cosine"]]
     for attr in ATTRIBUTES:
         rows += [[f"sampled-chain {attr}, first 20%", f"chain_first/{attr}"],
-                 [f"sampled-chain {attr}, last 20%", f"chain_last/{attr}"]]
+                 [f"sampled-chain {attr}, last 20%", f"chain_last/{attr}"],
+                 [f"reward preferred the chain naming the true {attr} (groups that disagree)", f"reward_judge/{attr}"]]
     found = [[label, fmt(values(runs, "signal", key))] for label, key in rows if values(runs, "signal", key)]
     return _table(["GRPO training signal", "mean ± spread"], found or [["(nothing logged)", "–"]])
 

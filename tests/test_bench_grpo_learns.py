@@ -65,7 +65,8 @@ def test_edge_windows_take_a_fifth_of_the_steps_and_at_least_one():
 def test_training_signal_reads_trl_log_history():
     history: list[dict[str, Any]] = [
         {"step": i + 1, "frac_reward_zero_std": 0.5 if i < 5 else 0.0, "rewards/retrieval_rank/mean": float(i),
-         "spread/group_embedding_cosine": 0.9, "chain/colour": 0.1 * i} for i in range(10)]
+         "spread/group_embedding_cosine": 0.9, "chain/colour": 0.1 * i,
+         **({"reward_judge/pattern": 0.25 * (i % 3)} if i % 2 else {})} for i in range(10)]
     history.append({"step": 10, "train_runtime": 12.0, "train_loss": 0.1})  # TRL's end-of-training summary row
     signal = grpo_learns.training_signal(history, "rewards/retrieval_rank/mean")
     assert signal["logged_steps"] == 10 and signal["zero_spread"] == pytest.approx(0.25)
@@ -73,6 +74,8 @@ def test_training_signal_reads_trl_log_history():
     assert signal["group_cosine"] == pytest.approx(0.9)
     assert signal["chain_first/colour"] == pytest.approx(0.05) and signal["chain_last/colour"] == pytest.approx(0.85)
     assert "chain_first/brand" not in signal
+    # Logged on the steps where some group had to choose (1, 3, 5, 7, 9): their mean, 0.25 * (1+0+2+1+0) / 5.
+    assert signal["reward_judge/pattern"] == pytest.approx(0.2) and signal["reward_judge/brand"] is None
     assert grpo_learns.training_signal(history, None)["reward_first"] is None
 
 

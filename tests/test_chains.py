@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from moon_rl.data.chains import attribute_vocabulary, chain_attribute_accuracy, named_values, value_spans
+from moon_rl.data.chains import (
+    attribute_vocabulary,
+    chain_attribute_accuracy,
+    named_values,
+    reward_prefers_truth,
+    value_spans,
+)
 
 # colour: red 2, blue 1, navy blue 1 (of 4); material: wool 3, silk 1 (of 4).
 VOCABULARY = {"colour": {"blue": 1, "navy blue": 1, "red": 2}, "material": {"silk": 1, "wool": 3}}
@@ -57,3 +63,22 @@ def test_value_spans_are_the_whole_word_values_of_any_attribute():
     chain = "colour navy blue. material wool. tired of red"
     assert [chain[a:b] for a, b in value_spans(chain, vocabulary)] == ["navy blue", "wool", "red"]
     assert value_spans("Colour RED.", vocabulary) == [(7, 10)]
+
+
+def test_reward_prefers_truth_counts_only_groups_that_must_choose_and_ties_are_no_preference():
+    chains = [
+        "colour red. material wool.", "colour blue. material wool.",       # group 0: colour disagrees, red best
+        "colour red. material silk.", "colour red and blue. material silk.",  # group 1: two colours named = not right
+        "colour blue. material wool.", "colour red. material wool.",       # group 2: tie on colour
+        "material wool.", "colour navy blue. material silk.",               # group 3: no colour / a wrong one
+    ]
+    attributes = [{"colour": "red", "material": "wool"}] * 2 + [{"colour": "red", "material": "silk"}] * 2 \
+        + [{"colour": "red", "material": "wool"}] * 2 + [{"colour": "navy blue", "material": "wool"}] * 2
+    rewards = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5, 0.3, float("nan")]
+    found = reward_prefers_truth(chains, attributes, rewards, 2, VOCABULARY)
+    # colour: group 0 right wins; group 1 the right chain (0.2) loses to "red and blue" (0.8); group 2 ties;
+    # group 3 the right chain has no reward (NaN never wins) but the other (no colour) has 0.3: it loses.
+    # material: only group 3 must choose (truth wool): chain 6 names it (0.3), chain 7 names silk (NaN): a win.
+    assert found == {"colour": (1, 4), "material": (1, 1)}
+    with pytest.raises(ValueError, match="multiple of group_size=3"):
+        reward_prefers_truth(chains, attributes, rewards, 3, VOCABULARY)

@@ -216,3 +216,24 @@ def test_too_few_distinct_anchors_is_a_clear_error(tmp_path):
     recipe = grpo_recipe(tmp_path, "grpo.per_device_train_batch_size=4", "grpo.num_generations=2")
     with pytest.raises(MoonError, match=r"distinct anchor\(s\).*per_device_train_batch_size"):
         run_grpo(recipe)
+
+
+def test_reward_judge_is_logged_from_the_weighted_total_reward_per_group(setup):
+    trainer = setup.trainer
+    product = setup.catalogue.products[setup.examples[0].positive]
+    truth = product.attributes["pattern"]
+    other = next(v for v in trainer.attribute_vocabulary["pattern"] if v != truth)
+    texts = [f"<think>pattern {truth}.</think>", f"<think>pattern {other}.</think>"] * 2  # two groups of two
+    completions = [[{"role": "assistant", "content": text}] for text in texts]
+    attributes = [product.attributes] * 4
+    # Two reward functions: the first prefers the truth in both groups, the weighted total only in the second.
+    rewards_per_func = torch.tensor([[1.0, 3.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    saved = trainer.reward_weights
+    trainer.reward_weights = torch.tensor([1.0, -1.0])
+    trainer._pending_metrics.pop("reward_judge/pattern", None)
+    try:
+        trainer._log_reward_judge(rewards_per_func, completions, attributes)
+    finally:
+        trainer.reward_weights = saved
+    assert trainer._pending_metrics["reward_judge/pattern"] == [0.5]  # totals -2 vs 0 (lost), 1 vs 0 (won)
+    assert "reward_judge/colour" not in trainer._pending_metrics  # no chain names a colour: no group had to choose

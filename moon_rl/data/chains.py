@@ -10,18 +10,20 @@ multi-word value like `navy blue` must appear as that phrase). Per attribute:
 - `chance`: the expected `right` of a chain naming one value drawn from the catalogue's distribution of that
   attribute (sum of squared value frequencies), for comparison.
 
-Pure functions of strings and dicts: evaluation reports them for greedy chains, GRPO logs them for sampled chains.
+Pure functions of strings and dicts: evaluation reports them for greedy chains, GRPO logs them for sampled chains,
+and whether its reward preferred the chains that name the truth (`reward_prefers_truth`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "AttributeVocabulary", "attribute_vocabulary", "chain_attribute_accuracy", "named_values", "replace_value",
-    "value_spans",
+    "reward_prefers_truth", "value_spans",
 ]
 
 #: attribute -> {value (lowercase) -> how many products have it}
@@ -115,3 +117,58 @@ def chain_attribute_accuracy(
             result[name] = {"right": right[name] / total[name], "wrong": wrong[name] / total[name],
                             "chance": sum((c / size) ** 2 for c in frequencies), "n": total[name]}
     return result
+
+
+def reward_prefers_truth(
+    chains: Sequence[str], attributes: Sequence[Mapping[str, str]], rewards: Sequence[float], group_size: int,
+    vocabulary: AttributeVocabulary,
+) -> dict[str, tuple[int, int]]:
+    """Per attribute, in how many groups the reward preferred a chain naming the truth, out of the groups it had to choose.
+
+    A group (`group_size` consecutive chains of one product, as GRPO samples them) *has to choose* for an attribute when
+    some of its chains name exactly the product's value and others do not (a wrong value, several, or none). The reward
+    *prefers the truth* there when its best right chain scores strictly above its best other chain: a tie is no
+    preference. A reward that teaches the attribute does so in most such groups; one at or below half pushes the policy
+    away from the truth as often as towards it.
+
+    Args:
+        chains (`Sequence[str]`): the sampled chains (decoded text), groups contiguous.
+        attributes (`Sequence[Mapping[str, str]]`): each chain's product attributes.
+        rewards (`Sequence[float]`): each chain's total reward (NaN: no reward; never the best).
+        group_size (`int`): chains per group.
+        vocabulary (`AttributeVocabulary`): values per attribute.
+
+    Returns:
+        `dict[str, tuple[int, int]]`: `{attribute: (groups where the reward preferred the truth, groups that had to
+        choose)}`, for the attributes where at least one group had to choose.
+
+    Example:
+    ```python
+    >>> vocabulary = {"pattern": {"solid": 1, "striped": 1}}
+    >>> chains = ["pattern solid.", "pattern striped.", "pattern solid.", "pattern solid."]
+    >>> reward_prefers_truth(chains, [{"pattern": "solid"}] * 4, [0.2, 0.9, 0.5, 0.5], 2, vocabulary)
+    {'pattern': (0, 1)}
+
+    ```
+    """
+    if not len(chains) == len(attributes) == len(rewards) or group_size < 1 or len(chains) % group_size:
+        raise ValueError(f"reward_prefers_truth: {len(chains)} chains, {len(attributes)} attribute sets and "
+                         f"{len(rewards)} rewards must be equal in number and a multiple of group_size={group_size}")
+    counts: dict[str, list[int]] = {}
+    for start in range(0, len(chains), group_size):
+        rows = range(start, start + group_size)
+        named = [named_values(chains[i], vocabulary) for i in rows]
+        for name, value in (attributes[start] or {}).items():
+            if name not in vocabulary:
+                continue
+            truth = str(value).strip().lower()
+            right = [found.get(name) == {truth} for found in named]
+            if all(right) or not any(right):
+                continue
+            score = [-math.inf if math.isnan(float(rewards[i])) else float(rewards[i]) for i in rows]
+            best_right = max(s for s, r in zip(score, right, strict=True) if r)
+            best_other = max(s for s, r in zip(score, right, strict=True) if not r)
+            tally = counts.setdefault(name, [0, 0])
+            tally[0] += best_right > best_other
+            tally[1] += 1
+    return {name: (won, total) for name, (won, total) in counts.items()}

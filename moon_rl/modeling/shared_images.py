@@ -18,6 +18,11 @@ from torch import nn
 from moon_rl.modeling.taps import backbone_of
 
 
+def image_key(pixels: torch.Tensor) -> bytes:
+    """An image's pixel patches as raw bytes, whatever the dtype (numpy has no bfloat16): equal bytes, equal image."""
+    return pixels.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 @contextlib.contextmanager
 def shared_image_features(model: nn.Module) -> Iterator[None]:
     """Inside the block, duplicate images in one vision-tower call are encoded once (Qwen2/2.5-VL style towers)."""
@@ -39,9 +44,7 @@ def shared_image_features(model: nn.Module) -> Iterator[None]:
         first: dict[bytes, int] = {}
         index = []  # occurrence -> distinct image
         for chunk in chunks:
-            # Raw bytes whatever the dtype (numpy has no bfloat16): equal bytes, equal image.
-            key = chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-            index.append(first.setdefault(key, len(first)))
+            index.append(first.setdefault(image_key(chunk), len(first)))
         if len(first) == len(index):
             return None
         keep = [index.index(u) for u in range(len(first))]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moon_rl.modeling.inputs import PromptBatch, assemble
-from moon_rl.modeling.shared_images import shared_image_features
+from moon_rl.modeling.shared_images import image_key, shared_image_features
 from moon_rl.modeling.taps import ForwardRecord, backbone_of
 
 
@@ -51,7 +51,7 @@ def distinct_prompts(prompts: PromptBatch, image_token_id: int, merge_size: int)
     owner: list[int] = []
     for row, (ids, images) in enumerate(zip(prompts.prompt_ids, _row_images(prompts, image_token_id, merge_size),
                                             strict=True)):
-        key = (tuple(ids), tuple(chunks[i].cpu().numpy().tobytes() for i in images))
+        key = (tuple(ids), tuple(image_key(chunks[i]) for i in images))
         if key not in first:
             first[key] = len(firsts)
             firsts.append(row)

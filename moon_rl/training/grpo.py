@@ -29,11 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from trl import GRPOTrainer
 
 from moon_rl.cache import atomic_write_text
-from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, chain_attribute_accuracy
+from moon_rl.data.chains import (
+    AttributeVocabulary,
+    attribute_vocabulary,
+    chain_attribute_accuracy,
+    reward_prefers_truth,
+)
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
@@ -208,7 +214,25 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         # The batch's own candidates over every process (deduplicated) against this process's: the gather at work.
         self._log_metric("retrieval/batch_candidates", float(pool.fresh))
         self._log_metric("retrieval/local_candidates", float(len(local_pairs)))
-        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._log_reward_judge(rewards_per_func, completions, self._batch.attributes)
+        return rewards_per_func
+
+    def _log_reward_judge(self, rewards_per_func: torch.Tensor, completions: list,
+                          attributes: list[dict[str, str]]) -> None:
+        """`reward_judge/<attribute>`: of the groups whose chains disagree on naming the product's value, the share in
+        which the total reward preferred a chain that names it (data/chains.py `reward_prefers_truth`). At or below 0.5
+        the reward teaches the attribute no better than a coin; `bench/reward_judge.py` measures the same offline."""
+        if not self.attribute_vocabulary:
+            return
+        # TRL gathered the rewards over every process (groups may straddle processes): gather the chains alike.
+        rows = gather_object([(completion_text(c), a) for c, a in zip(completions, attributes, strict=True)])
+        weights = self.reward_weights.to(rewards_per_func.device)
+        totals = (rewards_per_func * weights[None, :]).nansum(dim=1)  # TRL's own sum of the weighted rewards
+        judged = reward_prefers_truth([text for text, _ in rows], [attrs for _, attrs in rows], totals.tolist(),
+                                      self.num_generations, self.attribute_vocabulary)
+        for name, (preferred, groups) in judged.items():
+            self._log_metric(f"reward_judge/{name}", preferred / groups)
 
     def _log_batch(self, state: RewardBatch, completions: list) -> None:
         """Per-step diagnostics of the reward signal: retrieval of the positives among the (masked) candidates, how
