@@ -151,7 +151,8 @@ def test_no_chain_attribute_section_without_reason_chains(tmp_path):
 
 def _grpo_spread_history() -> list[dict]:
     return [row | {"frac_reward_zero_std": 0.5 - s / 20, "spread/group_embedding_cosine": 0.9 - s / 40,
-                   "reward_std": 0.1 + s / 100, "chain/colour": s / 10, "chain/material": 0.2 + s / 20}
+                   "reward_std": 0.1 + s / 100, "chain/colour": s / 10, "chain/material": 0.2 + s / 20,
+                   "reward_judge/colour": 0.4 + s / 50}
             for s, row in enumerate(_history("grpo"), start=1)] + [{"step": 8, "train_runtime": 1.0}]
 
 
@@ -160,12 +161,13 @@ def test_grpo_curves_gain_spread_and_chain_panels_only_when_logged(tmp_path):
     assert titles["group spread (zero-std groups, completion cosine)"] == ["frac_reward_zero_std",
                                                                           "spread/group_embedding_cosine"]
     assert titles["sampled chains naming the right value"] == ["chain/colour", "chain/material"]
+    assert titles["reward preferred the right chain (groups that disagree)"] == ["reward_judge/colour"]
     assert titles["reward (weighted total; mean within-group std)"] == ["reward", "reward_std"]
     old = {panel.title: found for panel, found in training_panels(_history("grpo"), "grpo")}
     assert list(old) == ["reward (weighted total; mean within-group std)", "reward per function (mean)", "InfoNCE",
                          "completion length (tokens)"] and old["reward (weighted total; mean within-group std)"] == [
                              "reward"]
-    # Six panels draw three rows, the older run's four two: both real images, the new one taller.
+    # Seven panels draw four rows, the older run's four two: both real images, the new one taller.
     with_spread = Image.open(training_curves(_grpo_spread_history(), "grpo", tmp_path / "new.png"))
     without = Image.open(training_curves(_history("grpo"), "grpo", tmp_path / "old.png"))
     assert with_spread.size[1] > without.size[1] * 1.3 and with_spread.size[0] == without.size[0]

@@ -44,6 +44,8 @@ TRAINING_PANELS: dict[str, list[Panel]] = {
         Panel("group spread (zero-std groups, completion cosine)",
               ["frac_reward_zero_std", "spread/group_embedding_cosine"], unit_interval=True),
         Panel("sampled chains naming the right value", [r"re:^chain/"], unit_interval=True),
+        # Below 0.5 the reward pushes the policy away from the truth as often as towards it.
+        Panel("reward preferred the right chain (groups that disagree)", [r"re:^reward_judge/"], unit_interval=True),
         Panel("InfoNCE", ["infonce"]),
         Panel("completion length (tokens)", ["completions/mean_length"]),
     ],
