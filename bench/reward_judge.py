@@ -14,9 +14,11 @@ own query, per query kind:
   over every query of the split, the product's other queries masked out.
 
 Beside it, **greedy**: the share of the same products whose own greedy chain names the true value. A judge less
-accurate than the policy on the training products (where GRPO samples) pushes the policy away from the truth as often
-as towards it: sampling and rewarding cannot beat imitating the traces there. The section `reward_judge` of the
-results file gets the table (mean ± population std over models of one kind).
+accurate than the policy on the training products (where GRPO samples) knows less about the attribute than the traces
+the policy imitated: rewarding samples by it cannot beat imitating them there. GRPO logs the online counterpart,
+`reward_judge/<attribute>` (data/chains.py `reward_prefers_truth`): in the sampled groups whose chains disagree, how
+often the total reward preferred a right one. The section `reward_judge` of the results file gets the table (mean ±
+population std over models of one kind).
 """
 
 from __future__ import annotations
