@@ -224,7 +224,6 @@ def test_reward_judge_is_logged_from_the_weighted_total_reward_per_group(setup):
     truth = product.attributes["pattern"]
     other = next(v for v in trainer.attribute_vocabulary["pattern"] if v != truth)
     texts = [f"<think>pattern {truth}.</think>", f"<think>pattern {other}.</think>"] * 2  # two groups of two
-    completions = [[{"role": "assistant", "content": text}] for text in texts]
     attributes = [product.attributes] * 4
     # Two reward functions: the first prefers the truth in both groups, the weighted total only in the second.
     rewards_per_func = torch.tensor([[1.0, 3.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
@@ -232,7 +231,7 @@ def test_reward_judge_is_logged_from_the_weighted_total_reward_per_group(setup):
     trainer.reward_weights = torch.tensor([1.0, -1.0])
     trainer._pending_metrics.pop("reward_judge/pattern", None)
     try:
-        trainer._log_reward_judge(rewards_per_func, completions, attributes)
+        trainer._log_reward_judge(rewards_per_func, texts, attributes)
     finally:
         trainer.reward_weights = saved
     assert trainer._pending_metrics["reward_judge/pattern"] == [0.5]  # totals -2 vs 0 (lost), 1 vs 0 (won)

@@ -210,15 +210,16 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             attributes=[json.loads(x.get("attributes_json") or "{}") for x in inputs],
             pool=pool, pairs=torch.tensor(pairs, device=device), products=products,
         )
-        self._log_batch(self._batch, completions)
+        texts = [completion_text(c) for c in completions]
+        self._log_batch(self._batch, completions, texts)
         # The batch's own candidates over every process (deduplicated) against this process's: the gather at work.
         self._log_metric("retrieval/batch_candidates", float(pool.fresh))
         self._log_metric("retrieval/local_candidates", float(len(local_pairs)))
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._log_reward_judge(rewards_per_func, completions, self._batch.attributes)
+        self._log_reward_judge(rewards_per_func, texts, self._batch.attributes)
         return rewards_per_func
 
-    def _log_reward_judge(self, rewards_per_func: torch.Tensor, completions: list,
+    def _log_reward_judge(self, rewards_per_func: torch.Tensor, texts: list[str],
                           attributes: list[dict[str, str]]) -> None:
         """`reward_judge/<attribute>`: of the groups whose chains disagree on naming the product's value, the share in
         which the total reward preferred a chain that names it (data/chains.py `reward_prefers_truth`). At or below 0.5
@@ -226,7 +227,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         if not self.attribute_vocabulary:
             return
         # TRL gathered the rewards over every process (groups may straddle processes): gather the chains alike.
-        rows = gather_object([(completion_text(c), a) for c, a in zip(completions, attributes, strict=True)])
+        rows = gather_object(list(zip(texts, attributes, strict=True)))
         weights = self.reward_weights.to(rewards_per_func.device)
         totals = (rewards_per_func * weights[None, :]).nansum(dim=1)  # TRL's own sum of the weighted rewards
         judged = reward_prefers_truth([text for text, _ in rows], [attrs for _, attrs in rows], totals.tolist(),
@@ -234,7 +235,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         for name, (preferred, groups) in judged.items():
             self._log_metric(f"reward_judge/{name}", preferred / groups)
 
-    def _log_batch(self, state: RewardBatch, completions: list) -> None:
+    def _log_batch(self, state: RewardBatch, completions: list, texts: list[str]) -> None:
         """Per-step diagnostics of the reward signal: retrieval of the positives among the (masked) candidates, how
         different a group's chains embed, and whether sampled chains name the product's attributes."""
         reciprocal_ranks = retrieval_rank(completions, **state.reward_kwargs())
@@ -249,7 +250,6 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             off_diagonal = ~torch.eye(group, dtype=torch.bool, device=cosine.device)
             self._log_metric("spread/group_embedding_cosine", float(cosine[:, off_diagonal].mean()))
         if self.attribute_vocabulary:
-            texts = [completion_text(c) for c in completions]
             accuracy = chain_attribute_accuracy(texts, state.attributes, self.attribute_vocabulary)
             for name, values in accuracy.items():
                 self._log_metric(f"chain/{name}", values["right"])
