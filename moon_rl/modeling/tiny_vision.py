@@ -4,9 +4,9 @@ A real Qwen2.5-VL tells stripes from dots out of the box; a random-init tower do
 through the language model either. Measured on the synthetic catalogue's 120 test products (product photo alone, one
 seed), training the whole model to write the pattern word after `<think>pattern` (LM loss only, batch 32, lr 1e-3):
 from the random tower 0.35 right after 400 steps (chance 0.17); from a tower pre-trained as below 0.92 after 200.
-In SFT the random tower's model learned to write the colour from pixels (0.98) but not the pattern (0.24). Pre-training on texture *and* colour at once
-left the tower at 0.45 on held-out swatches (the colour term dominated); colour needs no pre-training (SFT reads it
-at 0.98 from the random tower).
+In SFT the random tower's model learned to write the colour from pixels (0.98) but not the pattern (0.24).
+Pre-training on texture *and* colour at once left the tower at 0.45 on held-out swatches (the colour term dominated);
+colour needs no pre-training (SFT reads it at 0.98 from the random tower).
 
 So the builder pre-trains the tower once, before saving: `PRETRAIN_STEPS` steps of naming the texture of procedurally
 drawn swatches (a textured ellipse or rectangle in any of the generator's colours, on a pale noisy background: the

@@ -4,10 +4,10 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
 
 * `_calculate_rewards`: one no-grad forward embeds every sampled completion (prompt + completion, read out at its
   last token: the end of turn, or the last sampled token of a truncated completion, which is flagged; each distinct
-  prompt, vision tower included, runs once and its completions run on its KV cache: modeling/shared_prompts.py). A second one embeds the pairs' queries in direct mode as candidates
-  (tokenised once per pair), gathered across processes. Reward functions (rewards/) get
-  `embeddings`, `candidates`, `positive_index`, `truncated` and `attributes` on top of TRL's keyword arguments and
-  every dataset column.
+  prompt, vision tower included, runs once and its completions run on its KV cache: modeling/shared_prompts.py). A
+  second one embeds the pairs' queries in direct mode as candidates (tokenised once per pair), gathered across
+  processes. Reward functions (rewards/) get `embeddings`, `candidates`, `positive_index`, `truncated` and
+  `attributes` on top of TRL's keyword arguments and every dataset column.
 * `_generate_and_score_completions`: the output dict also carries each row's positive (its query's embedding,
   detached) and pair id, so they follow the rows through TRL's shuffle and micro-batch split.
 * `compute_loss`: GRPO loss + `contrastive_weight` x InfoNCE(read-out of each completion from the policy's own loss
