@@ -123,7 +123,7 @@ def reward_prefers_truth(
     chains: Sequence[str], attributes: Sequence[Mapping[str, str]], rewards: Sequence[float], group_size: int,
     vocabulary: AttributeVocabulary,
 ) -> dict[str, tuple[int, int]]:
-    """Per attribute: in how many groups the reward preferred a chain naming the truth, of the groups that had to choose.
+    """Per attribute: the groups where the reward preferred a chain naming the truth, of the groups that had to choose.
 
     A group (`group_size` consecutive chains of one product, as GRPO samples them) *has to choose* for an attribute when
     some of its chains name exactly the product's value and others do not (a wrong value, several, or none). The reward
