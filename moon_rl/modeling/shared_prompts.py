@@ -43,15 +43,18 @@ def _row_images(prompts: PromptBatch, image_token_id: int, merge_size: int) -> l
 
 def distinct_prompts(prompts: PromptBatch, image_token_id: int, merge_size: int) -> tuple[list[int], list[int]]:
     """The first row of each distinct prompt (same ids and same pixels), and each row's distinct prompt."""
+    return _distinct(prompts, _row_images(prompts, image_token_id, merge_size))
+
+
+def _distinct(prompts: PromptBatch, images: list[list[int]]) -> tuple[list[int], list[int]]:
     grid = prompts.image_grid_thw
     chunks = (torch.split(prompts.pixel_values, grid.prod(-1).tolist())
               if prompts.pixel_values is not None and grid is not None else ())
     first: dict[tuple, int] = {}
     firsts: list[int] = []
     owner: list[int] = []
-    for row, (ids, images) in enumerate(zip(prompts.prompt_ids, _row_images(prompts, image_token_id, merge_size),
-                                            strict=True)):
-        key = (tuple(ids), tuple(image_key(chunks[i]) for i in images))
+    for row, (ids, row_images) in enumerate(zip(prompts.prompt_ids, images, strict=True)):
+        key = (tuple(ids), tuple(image_key(chunks[i]) for i in row_images))
         if key not in first:
             first[key] = len(firsts)
             firsts.append(row)
@@ -67,17 +70,18 @@ def embed_completions(embedder: Any, prompts: PromptBatch, completions: Sequence
     """
     backbone = backbone_of(embedder.model)
     merge = getattr(getattr(backbone, "visual", None), "spatial_merge_size", None)
-    firsts, owner = distinct_prompts(prompts, embedder.image_token_id, merge or 1)
+    images = _row_images(prompts, embedder.image_token_id, merge or 1)
+    firsts, owner = _distinct(prompts, images)
     if merge is None or not hasattr(backbone, "get_rope_index") or len(firsts) == len(owner):
         batch = assemble(prompts, completions, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
                          append_readout=False)
         with shared_image_features(embedder.model):
             return embedder(batch)
-    return _shared_forward(embedder, backbone, prompts, completions, firsts, owner)
+    return _shared_forward(embedder, backbone, prompts, completions, firsts, owner, images)
 
 
 def _shared_forward(embedder: Any, backbone: Any, prompts: PromptBatch, completions: Sequence[Sequence[int]],
-                    firsts: list[int], owner: list[int]) -> torch.Tensor:
+                    firsts: list[int], owner: list[int], images: list[list[int]]) -> torch.Tensor:
     device = embedder.device
     pad, image_token = embedder.pad_id, embedder.image_token_id
     unique_ids = [prompts.prompt_ids[row] for row in firsts]
@@ -105,7 +109,6 @@ def _shared_forward(embedder: Any, backbone: Any, prompts: PromptBatch, completi
     # The distinct prompts' own images only.
     pixels = unique_grid = None
     if grid is not None and prompts.pixel_values is not None:
-        images = _row_images(prompts, image_token, backbone.visual.spatial_merge_size)
         chunks = torch.split(prompts.pixel_values, grid.prod(-1).tolist())
         keep = [i for row in firsts for i in images[row]]
         pixels = torch.cat([chunks[i] for i in keep]).to(device)
