@@ -33,6 +33,7 @@ from moon_rl.modeling.inputs import (
     PromptBatch,
     assemble,
     batch_order_key,
+    fit_images,
     to_item,
     tokenize_prompts,
 )
@@ -195,7 +196,7 @@ class MoonEmbedder(nn.Module):
         prompts = prompts or tokenize_prompts(self.processor, items)
         if self.generation_backend == "vllm":
             return self._vllm_generator().generate(
-                prompts.prompt_ids, [item.images for item in items], max_new_tokens=max_new_tokens or self.max_new_tokens,
+                prompts.prompt_ids, [fit_images(self.processor, item.images) for item in items], max_new_tokens=max_new_tokens or self.max_new_tokens,
                 temperature=temperature if do_sample else 0.0,
             )
         with eval_mode(self.model):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from moon_rl.data.prompts import PRODUCT_INSTRUCTION, QUERY_INSTRUCTION
 from moon_rl.data.records import Product, Query
@@ -115,10 +116,45 @@ class PromptBatch:
     image_grid_thw: torch.Tensor | None
 
 
+def fitted_size(image_processor: Any, height: int, width: int) -> tuple[int, int] | None:
+    """(height, width) that `image_processor` resizes a `height` x `width` image to, or None if it is not a
+    Qwen-VL-style processor (patch and merge sizes, a pixel range in `size`)."""
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    size = dict(getattr(image_processor, "size", None) or {})
+    min_pixels = size.get("shortest_edge", getattr(image_processor, "min_pixels", None))
+    max_pixels = size.get("longest_edge", getattr(image_processor, "max_pixels", None))
+    if not (patch and merge and min_pixels and max_pixels):
+        return None
+    try:
+        return smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as err:  # an aspect ratio over 200: say which image, not just the ratio
+        raise DataError(f"a {width}x{height} image cannot be shown to the model: {err}") from None
+
+
+def fit_images(processor: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """`images` resized (the processor's resampling) to the size the recipe's processor gives them.
+
+    The recipe sets the processor's pixel range (`model.image_min_pixels` / `image_max_pixels`); vLLM, which loads the
+    model by name, resizes with the model's default range instead and would count different image tokens than the prompt
+    holds (a 112-px image: 64 tokens at the 3B recipe's range, 16 at the default). An image already at a size the
+    processor keeps (sides multiples of patch x merge, area in range) is kept by any processor whose range contains it,
+    so every prompt (SFT, GRPO, embedding, evaluation, vLLM) gets its images through here.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    out = []
+    for image in images:
+        target = fitted_size(image_processor, image.height, image.width)
+        if target is not None and target != (image.height, image.width):
+            resample = getattr(image_processor, "resample", None)
+            image = image.resize((target[1], target[0]), Image.Resampling(int(resample) if resample is not None else 3))
+        out.append(image)
+    return out
+
+
 def tokenize_prompts(processor: Any, items: Sequence[EmbedItem]) -> PromptBatch:
     """Chat-templated prompts (with generation prompt) for `items`, through the real multimodal processor."""
     texts = [processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False) for item in items]
-    images = [image for item in items for image in item.images]
+    images = fit_images(processor, [image for item in items for image in item.images])
     enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
     ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
     return PromptBatch(prompt_ids=ids, pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"))

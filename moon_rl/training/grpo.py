@@ -367,13 +367,15 @@ def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
 
 def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Dataset:
     """One row per training pair: the product prompt (TRL inserts the images), images, pair id, attributes."""
-    from moon_rl.modeling.inputs import to_item
+    from moon_rl.modeling.inputs import fit_images, to_item
 
     rows = []
     for i, ex in enumerate(examples):
         product = catalogue.products[ex.positive]
         item = to_item(product, catalogue.image, embedder.max_images)
-        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "images": item.images, "pair": i,
+        # Fitted here, not only in the trainer's processor call: TRL hands these images to vLLM as they are.
+        images = fit_images(embedder.processor, item.images)
+        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "images": images, "pair": i,
                      "product_id": product.id, "attributes_json": json.dumps(product.attributes, sort_keys=True)})
     return Dataset.from_list(rows)
 
