@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -236,3 +238,70 @@ def test_shared_image_features_encode_each_distinct_image_once(full_embedder):
         handle.remove()
     assert seen == [4, 2]  # four image occurrences, two distinct images
     torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-5)  # fusion and FIRE saw the same features
+
+
+def test_full_weight_folder_is_a_complete_hf_model_folder(tmp_path, full_embedder):
+    """vLLM loads `model/` by path: the tokenizer and processor (with the recipe's pixel range) must be there."""
+    from transformers import AutoTokenizer
+
+    from moon_rl.modeling.loading import load_processor
+
+    full_embedder.save(tmp_path / "m")
+    folder = tmp_path / "m" / "model"
+    assert {"config.json", "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in folder.iterdir()}
+    processor = load_processor(folder)
+    assert processor.image_processor.size == full_embedder.processor.image_processor.size
+    assert AutoTokenizer.from_pretrained(folder)("red shirt")["input_ids"] == \
+        full_embedder.processor.tokenizer("red shirt")["input_ids"]
+
+
+def test_lora_model_merges_into_a_full_folder_for_vllm(tmp_path, monkeypatch):
+    """A LoRA embedder can generate with vLLM: the adapter is merged into a copy written as a full folder whose
+    logits equal the adapter model's; the adapter model itself stays unmerged."""
+    from moon_rl.inference import generation
+    from moon_rl.modeling.loading import load_model, write_merged_model
+
+    embedder = MoonEmbedder.from_recipe(tiny_recipe()).eval()  # no LoRA dropout in the reference logits
+    with torch.no_grad():
+        for name, param in embedder.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = embedder.prepare([EmbedItem(text="red striped shirt", images=[image((200, 30, 30))], kind="product")])
+    inputs = {k: v for k, v in batch.items() if k not in ("prompt_mask", "readout_index")}
+    with torch.no_grad():
+        expected = embedder.model(**inputs).logits
+    write_merged_model(embedder.model, embedder.processor, tmp_path / "merged")
+    merged = load_model(tmp_path / "merged", embedder_spec := tiny_recipe().model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(embedder.model(**inputs).logits, expected)  # the original is untouched
+    assert any("lora_A" in n for n, _ in embedder.model.named_parameters())
+    assert embedder_spec.lora is not None and not any("lora" in n for n, _ in merged.named_parameters())
+
+    opened = []
+
+    class FakeVLLM:
+        def __init__(self, model_path, **kwargs):
+            opened.append(Path(model_path))
+
+        def generate(self, prompt_ids, images, **kwargs):
+            return [[] for _ in prompt_ids]
+
+    monkeypatch.setattr(generation, "VLLMGenerator", FakeVLLM)
+    embedder.generation_backend = "vllm"
+    embedder.encode(["red shirt"], mode="reason")
+    assert len(opened) == 1 and (opened[0] / "config.json").is_file() and (opened[0] / "tokenizer_config.json").is_file()
+    del embedder
+    import gc
+
+    gc.collect()
+    assert not opened[0].exists()  # the temporary folder goes with the embedder
+
+
+def test_merging_a_quantised_base_is_a_clear_error():
+    from moon_rl.errors import MoonError
+    from moon_rl.modeling.loading import write_merged_model
+
+    quantised = SimpleNamespace(get_base_model=lambda: SimpleNamespace(is_loaded_in_4bit=True))
+    with pytest.raises(MoonError, match=r"QLoRA.*cannot be merged.*generation_backend 'hf'"):
+        write_merged_model(quantised, None, "unused")

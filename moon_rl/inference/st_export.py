@@ -55,7 +55,8 @@ SHIPPED: tuple[Shipped, ...] = (
     Shipped("heads", "moon_rl.modeling.heads"),
     Shipped("taps", "moon_rl.modeling.taps"),
     Shipped("compat", "moon_rl.modeling.compat"),
-    Shipped("inputs", "moon_rl.modeling.inputs", ("EmbedItem", "PromptBatch", "tokenize_prompts", "assemble")),
+    Shipped("inputs", "moon_rl.modeling.inputs",
+            ("EmbedItem", "PromptBatch", "fitted_size", "fit_images", "tokenize_prompts", "assemble")),
     Shipped("loading", "moon_rl.modeling.loading", ("load_processor",)),
     Shipped("embedder", "moon_rl.modeling.embedder", tuple(f"MoonEmbedder.{m}" for m in EMBEDDER_PARTS)),
 )

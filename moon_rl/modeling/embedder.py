@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -210,10 +213,17 @@ class MoonEmbedder(nn.Module):
         from moon_rl.inference.generation import VLLMGenerator
 
         if self._vllm is None:
-            if hasattr(self.model, "peft_config"):
-                raise MoonError("embed.generation_backend 'vllm' needs a full-weight model: vLLM cannot load a LoRA "
-                                "adapter folder; export a merged model (moon-rl export sentence-transformers) or use 'hf'")
-            self._vllm = VLLMGenerator(unwrap_hf_model(self.model).name_or_path)
+            inner = self.model.module if hasattr(self.model, "module") else self.model
+            if hasattr(inner, "peft_config"):
+                # vLLM loads full weights by path: the adapter merged into a copy, in a folder removed with the embedder.
+                from moon_rl.modeling.loading import write_merged_model
+
+                folder = Path(tempfile.mkdtemp(prefix="moon-rl-vllm-"))
+                weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+                source = str(write_merged_model(inner, self.processor, folder))
+            else:
+                source = unwrap_hf_model(self.model).name_or_path
+            self._vllm = VLLMGenerator(source)
         return self._vllm
 
     @torch.inference_mode()
@@ -274,6 +284,9 @@ class MoonEmbedder(nn.Module):
                 weights = "adapter"
             else:
                 inner.save_pretrained(tmp / "model", state_dict=state_dict)
+                # A complete HF folder beside the weights: vLLM (and TRL's vLLM when GRPO starts from this model) loads
+                # `model/` by path and needs the tokenizer and processor there, with the recipe's pixel range.
+                self.processor.save_pretrained(tmp / "model")
                 weights = "full"
             self.processor.save_pretrained(tmp / "processor")
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()},

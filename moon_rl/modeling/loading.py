@@ -146,3 +146,25 @@ def load_backbone(model_spec: Any, *, path: str | Path | None = None) -> tuple[P
     if model_spec.lora is not None:
         model = apply_lora(model, model_spec)
     return model, processor
+
+
+def write_merged_model(peft_model: PeftModel, processor: Any, folder: str | Path) -> Path:
+    """A full-weight HF folder (weights, config, tokenizer, processor) of `peft_model` with its LoRA merged in.
+
+    For engines that load full weights by path (vLLM). The merge runs on a copy (peft's `merge_and_unload`), so the
+    adapter model keeps training or embedding unchanged; the copy costs one more set of weights until it is written.
+    A quantised base cannot be merged without loss: that is an error, not a silent re-quantisation.
+    """
+    import copy
+
+    base = peft_model.get_base_model()
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        raise MoonError("a LoRA model on a quantised base (QLoRA) cannot be merged for vLLM without loss; use "
+                        "generation_backend 'hf', or export the model (moon-rl export sentence-transformers merges the "
+                        "adapter into the unquantised base) and load that")
+    folder = Path(folder)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.save_pretrained(folder)
+    del merged
+    processor.save_pretrained(folder)
+    return folder
