@@ -236,3 +236,15 @@ def test_reward_judge_is_logged_from_the_weighted_total_reward_per_group(setup):
         trainer.reward_weights = saved
     assert trainer._pending_metrics["reward_judge/pattern"] == [0.5]  # totals -2 vs 0 (lost), 1 vs 0 (won)
     assert "reward_judge/colour" not in trainer._pending_metrics  # no chain names a colour: no group had to choose
+
+
+def test_an_init_from_that_holds_no_model_is_an_error(tmp_path):
+    """Named explicitly, a wrong folder must not quietly become 'start from the base model'."""
+    from moon_rl.errors import MoonError
+    from moon_rl.training.grpo import run_grpo
+
+    (tmp_path / "sft-typo").mkdir()
+    recipe = grpo_recipe(tmp_path, f"grpo.init_from={tmp_path / 'sft-typo'}")
+    with pytest.raises(MoonError, match=r"grpo.init_from: .*sft-typo is not a moon-rl model folder"):
+        run_grpo(recipe, evaluate=False)
+    assert not (tmp_path / "run" / "grpo" / "final").exists()

@@ -265,7 +265,8 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
         > Parameters that control the initial model
 
         init_from (`str` or `None`, *optional*, defaults to `None`):
-            Model folder to start GRPO from. `None` means the SFT stage output of the same recipe.
+            Model folder to start GRPO from (an error when it holds no moon-rl model). `None` means the SFT stage output
+            of the same recipe, or the recipe's base model (with a warning) when there is none.
 
         > Parameters that control the candidate pool and the checks
 

@@ -396,6 +396,10 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     init = recipe.grpo_init_path(args)
     if (init / "moon_rl.json").is_file():
         embedder = MoonEmbedder.load(init, trainable=True)
+    elif args.init_from is not None:
+        # Asked for by name: starting from the base model instead would train the wrong model without a word.
+        raise MoonError(f"grpo.init_from: {init} is not a moon-rl model folder (no moon_rl.json); point it at a saved "
+                        "model (e.g. <output_dir>/sft/final) or remove it to start from this recipe's SFT output")
     else:
         logger.warning("grpo: no trained model at %s; starting from the recipe's base model", init)
         embedder = MoonEmbedder.from_recipe(recipe).train()
