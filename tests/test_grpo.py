@@ -238,8 +238,62 @@ def test_reward_judge_is_logged_from_the_weighted_total_reward_per_group(setup):
     assert "reward_judge/colour" not in trainer._pending_metrics  # no chain names a colour: no group had to choose
 
 
+def test_infonce_drops_completions_the_loss_masks_as_truncated(setup):
+    """With `mask_truncated_completions`, TRL zeroes a truncated completion's mask: its tokens are hidden from the loss
+    forward, whose read-out would then not be the reward's (its last token), so it must leave the InfoNCE too."""
+    trainer = setup.trainer
+    calls = []
+    original, setting = trainer._contrastive, trainer.args.contrastive_rows
+
+    def spy(embeddings, pair_ids, product_ids):
+        calls.append(pair_ids.tolist())
+        return original(embeddings, pair_ids, product_ids)
+
+    output = dict(trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11])))
+    masked = [1, 4, 6]  # what TRL does to truncated completions under mask_truncated_completions
+    output["completion_mask"] = output["completion_mask"].clone()
+    output["completion_mask"][masked] = 0
+    trainer._contrastive, trainer.args.contrastive_rows = spy, "all"
+    trainer.current_gradient_accumulation_steps = 1
+    try:
+        loss = trainer.compute_loss(trainer.model, dict(output))
+        output["completion_mask"] = torch.zeros_like(output["completion_mask"])  # all masked: the policy loss alone
+        alone = trainer.compute_loss(trainer.model, dict(output))
+    finally:
+        trainer._contrastive, trainer.args.contrastive_rows = original, setting
+    assert torch.isfinite(loss) and torch.isfinite(alone)
+    pairs = output["moon_pair"].tolist()
+    assert calls == [[pairs[i] for i in range(8) if i not in masked]]  # and no call for the all-masked batch
+
+
+def test_generation_ends_at_the_readout_token_only(tmp_path):
+    """A model listing a second end token (Qwen2.5-VL: <|endoftext|>) must not stop chains there: they would be read
+    out at a token SFT never trained as the read-out, unlike `embed` and `eval`, which stop at the end of turn."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.grpo import MoonGRPOTrainer, _end_generation_at_readout, grpo_dataset
+    from moon_rl.training.sft_data import sft_examples
+    from rewards import RewardEntry
+
+    recipe = grpo_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")[:8]
+    embedder = MoonEmbedder.from_recipe(recipe).train()
+    other_end = embedder.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    embedder.model.generation_config.eos_token_id = [embedder.readout_id, other_end]
+    trainer = MoonGRPOTrainer(embedder, [RewardEntry("recording", RecordingReward(), 1.0)], recipe.grpo_config(),
+                              query_item=lambda pair: None, heads_learning_rate=1e-3,
+                              train_dataset=grpo_dataset(embedder, catalogue, examples))
+    assert trainer.generation_config.eos_token_id == [embedder.readout_id]
+    assert trainer.eos_token_ids == [embedder.readout_id]
+    vllm_args = SimpleNamespace(use_vllm=True, generation_kwargs={"top_k": 5})
+    _end_generation_at_readout(vllm_args, 7)
+    assert vllm_args.generation_kwargs == {"top_k": 5, "stop_token_ids": [7], "ignore_eos": True}
+
+
 def test_an_init_from_that_holds_no_model_is_an_error(tmp_path):
     """Named explicitly, a wrong folder must not quietly become 'start from the base model'."""
+    # Last in this file: building a config resets accelerate's state, which the module's trainer still uses.
     from moon_rl.errors import MoonError
     from moon_rl.training.grpo import run_grpo
 

@@ -127,6 +127,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             json.loads(a or "{}") for a in dataset["attributes_json"]
         ) if dataset is not None and "attributes_json" in dataset.column_names else {}
         self._query_prompts = PromptCache(embedder.processor)  # every step re-ranks the same queries
+        _end_generation_at_readout(args, embedder.readout_id)
         wrapped = [ContextReward(entry.fn, lambda: self._batch.reward_kwargs(), entry.name, args.max_reward_failure_steps)
                    for entry in reward_funcs]
         # The weights travel with their rewards: TRL's `reward_weights` is set here, never by the user (rejected).
@@ -134,6 +135,8 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         super().__init__(model=embedder.model, reward_funcs=wrapped, args=args, processing_class=embedder.processor,
                          **kwargs)
         self._finish_moon_init()
+        # TRL's completion mask and truncation test follow `eos_token_ids`: the read-out token alone, as generation.
+        self.eos_token_ids = [embedder.readout_id]
 
     # ------------------------------------------------------------------ rewards
     def _local_candidate_pairs(self, pairs: list[int]) -> list[int]:
@@ -284,6 +287,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         if self.args.contrastive_weight == 0:
             return loss
         embeddings = self.completion_embeddings(records, inputs)
+        # `mask_truncated_completions` hides a truncated completion's tokens from the loss forward: its read-out there is
+        # not the one the reward saw (read at its last token), so it leaves the InfoNCE as it leaves the policy loss.
+        shown = inputs["completion_mask"].sum(1) > 0
+        if not shown.all():
+            embeddings, pair_ids, product_ids = embeddings[shown], pair_ids[shown], product_ids[shown]
+            inputs = {**inputs, "advantages": inputs["advantages"][shown]}
+        if not len(embeddings) and self.accelerator.num_processes == 1:
+            return loss  # nothing left to pull (several processes still join the InfoNCE's gathers, with no rows)
         if self.args.contrastive_rows == "advantaged":
             # Only the completions at least as good as their group's mean: pulling a chain the reward ranks below
             # its siblings onto its query would teach the read-out to ignore what the chain says.
@@ -311,8 +322,11 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         pool = self._batch.pool
         pairs = pair_ids.tolist()
         unique = sorted(set(pairs))
-        queries = (pool.vectors[pool.positions(unique)] if self.is_sharded
-                   else self.embedder(self._query_batch(unique)))
+        if not unique:  # no rows here (all masked or filtered); other processes' gathers still need this one
+            queries = embeddings.new_zeros((0, embeddings.shape[-1]))
+        else:
+            queries = (pool.vectors[pool.positions(unique)] if self.is_sharded
+                       else self.embedder(self._query_batch(unique)))
         positives = queries[torch.tensor([unique.index(p) for p in pairs], device=queries.device)]
         # Every process's micro-batch queries are in-batch candidates of the loss already (gathered, with gradient):
         # the pool keeps only the others, so that no query is counted twice.
@@ -344,6 +358,22 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             rows.append(self.embedder.embed_record(record, batch))
             start += n
         return torch.cat(rows)
+
+
+def _end_generation_at_readout(args: MoonGRPOConfig, readout_id: int) -> None:
+    """Completions end at the read-out token (the end of turn) only, as `embed` and `eval` generate them.
+
+    The read-out rule: a completion is read at its end-of-turn token, and one without it (truncated) at its last token.
+    Models list other end tokens too (Qwen2.5-VL: `<|endoftext|>`); a chain stopped there would be read at a token SFT
+    never trained as the read-out, and differently in training than in evaluation. Set before TRL builds its
+    generation config (transformers) or sampling parameters (vLLM: stop on the read-out token, ignore the model's EOS).
+    """
+    kwargs = dict(args.generation_kwargs or {})
+    if args.use_vllm:
+        kwargs.update(stop_token_ids=[readout_id], ignore_eos=True)
+    else:
+        kwargs.update(eos_token_id=[readout_id])
+    args.generation_kwargs = kwargs
 
 
 def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
