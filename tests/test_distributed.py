@@ -29,7 +29,7 @@ def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
         tiny_sft_recipe(tmp_path / "run", max_steps=3, save_steps=2, batch_size=4) +
         "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
         "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
-        "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 4}\n"
+        "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 8}\n"
         "eval: {modes: [direct], baselines: []}\n"
     )
     result = torchrun(tmp_path, "sft", recipe)
@@ -45,7 +45,8 @@ def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert "trained" in metrics["results"]
 
-    # GRPO from that SFT model: the retrieval reward ranks every process's candidates, the log is written once.
+    # GRPO from that SFT model: the retrieval reward ranks every process's candidates, the log is written once. The
+    # generation batch is global, as TRL counts it: 8 rows x 2 processes / 2 generations = 8 anchors (min 8).
     result = torchrun(tmp_path, "grpo", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "run" / "grpo"

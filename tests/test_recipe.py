@@ -266,3 +266,34 @@ class TestRoundTrip:
     def test_defaults_recipe_is_valid(self) -> None:
         assert Recipe().stages == ["data", "sft", "grpo", "embed", "eval"]
         assert Recipe().model.lora is not None and Recipe().model.lora.target_modules.startswith(".*language_model")
+
+
+def test_generation_batch_is_global_as_trl_counts_it():
+    """TRL's generation batch spans every process; the anchors check and TRL's divisibility rule must count it so."""
+    from moon_rl.training.configs import generation_batch_problems
+
+    per_device = {"per_device_train_batch_size": 4, "num_generations": 4, "min_distinct_anchors": 2}
+    assert "1 distinct anchor(s)" in generation_batch_problems(per_device, num_processes=1)[0]
+    assert generation_batch_problems(per_device, num_processes=2) == []  # 4 x 2 processes / 4 = 2 anchors
+    global_size = {"per_device_train_batch_size": 4, "num_generations": 2, "generation_batch_size": 12}
+    assert generation_batch_problems(global_size, num_processes=1) == []  # 12 / 2 = 6 anchors over 3 steps
+    (problem,) = generation_batch_problems(global_size, num_processes=2)
+    assert "generation_batch_size (12) is not divisible by grpo.per_device_train_batch_size (4) x 2 processes" in problem
+    # 16 completions over 2 processes are 8 anchors, as TRL's global count, not 16 per process.
+    assert "8 distinct anchor(s)" in generation_batch_problems(
+        {**global_size, "generation_batch_size": 16, "min_distinct_anchors": 9}, num_processes=2)[0]
+
+
+def test_single_process_generation_batch_matches_trl(tmp_path):
+    """One process: our generation batch is TRL's `generation_batch_size` after its own resolution."""
+    from moon_rl.training.configs import generation_batch_problems
+
+    values = {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 2, "num_generations": 3,
+              "min_distinct_anchors": 4, "bf16": False, "use_cpu": True, "report_to": "none"}
+    import json
+
+    recipe = load_recipe(write(tmp_path / "r.yaml", f"grpo: {json.dumps(values)}\n"), [f"output_dir={tmp_path}"])
+    config = recipe.grpo_config()
+    assert config.generation_batch_size == 12 and config.generation_batch_size // config.num_generations == 4
+    assert generation_batch_problems(values) == []
+    assert generation_batch_problems({**values, "min_distinct_anchors": 5})

@@ -259,8 +259,9 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
             `path/to/file.py:fn`), `args` are passed to the reward. Weights may be negative (a penalty). After
             construction every entry has all three keys. Use this instead of TRL's `reward_weights`.
         min_distinct_anchors (`int`, *optional*, defaults to `4`):
-            Fewest distinct anchors a generation batch (`generation_batch_size / num_generations`) must hold, so the
-            retrieval rewards and InfoNCE have negatives to rank against. Checked by `Recipe.check()`.
+            Fewest distinct anchors a generation batch (`generation_batch_size / num_generations`, over all processes,
+            as TRL counts it) must hold, so the retrieval rewards and InfoNCE have negatives to rank against. Checked
+            by `Recipe.check()` (one process) and by `moon-rl grpo` (its processes).
 
         > Parameters that control the initial model
 
@@ -468,34 +469,43 @@ GENERATION_BATCH_FIELDS = (
 )
 
 
-def generation_batch_problems(values: Mapping[str, Any]) -> list[str]:
+def generation_batch_problems(values: Mapping[str, Any], num_processes: int = 1) -> list[str]:
     """Check that each GRPO generation batch holds whole groups and enough distinct anchors.
 
-    The generation batch of one process is `per_device_train_batch_size * steps_per_generation` (TRL's default
-    `steps_per_generation` is `gradient_accumulation_steps`), or `generation_batch_size` when set. It must be divisible
-    by `num_generations`, and hold at least `min_distinct_anchors` anchors (`generation batch / num_generations`) so
-    that retrieval rewards and InfoNCE have negatives. Checking per process is stricter than TRL's global check.
+    As in TRL, the generation batch is global: `generation_batch_size` when set (it must then be divisible by
+    `per_device_train_batch_size x num_processes`), else `per_device_train_batch_size x num_processes x
+    steps_per_generation` (TRL's default `steps_per_generation` is `gradient_accumulation_steps`). It must be divisible
+    by `num_generations`, and hold at least `min_distinct_anchors` anchors (`generation batch / num_generations`): the
+    retrieval rewards and InfoNCE rank against the queries of every process's completions.
 
     Args:
         values: a recipe's `grpo` section; missing fields take the `MoonGRPOConfig` defaults.
+        num_processes (`int`, *optional*, defaults to `1`): training processes (`WORLD_SIZE`); `recipe validate`
+            checks the single-process run.
 
     Returns:
-        One message per broken rule, naming the fields to change; empty when both hold.
+        One message per broken rule, naming the fields to change; empty when all hold.
     """
     batch, accumulation, steps, generation_batch, generations, min_anchors = (
         config_value("grpo", values, name) for name in GENERATION_BATCH_FIELDS
     )
     if generation_batch is not None and steps is not None:
         return []  # TRL rejects setting both, with a clear message
-    numbers = (batch, accumulation, generations, min_anchors, generation_batch or 1, steps or 1)
+    numbers = (batch, accumulation, generations, min_anchors, generation_batch or 1, steps or 1, num_processes)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in numbers):
         return []  # bad types or values are reported by the type check and TRL
+    processes = f" x {num_processes} processes" if num_processes > 1 else ""
     if generation_batch is None:
         steps = accumulation if steps is None else steps
-        generation_batch = batch * steps
-        how = f"per_device_train_batch_size ({batch}) x steps_per_generation ({steps})"
+        generation_batch = batch * num_processes * steps
+        how = f"per_device_train_batch_size ({batch}){processes} x steps_per_generation ({steps})"
     else:
-        how = "generation_batch_size"
+        how = f"generation_batch_size ({generation_batch})"
+        if generation_batch % (batch * num_processes):
+            return [
+                f"grpo.generation_batch_size ({generation_batch}) is not divisible by grpo.per_device_train_batch_size "
+                f"({batch}){processes} (TRL splits it into whole per-device batches); change either"
+            ]
     if generation_batch % generations:
         return [
             f"the GRPO generation batch, {how} = {generation_batch}, is not divisible by grpo.num_generations "

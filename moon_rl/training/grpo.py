@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,7 +419,8 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     from moon_rl.training.sft_data import sft_examples
 
     # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
-    if problems := generation_batch_problems(recipe.grpo):
+    # WORLD_SIZE: set by torchrun / accelerate launch before anything is initialised (TRL's own count is the same).
+    if problems := generation_batch_problems(recipe.grpo, num_processes=int(os.environ.get("WORLD_SIZE", "1"))):
         raise MoonError("; ".join(problems))
     args = recipe.grpo_config()
     out = Path(args.output_dir)
