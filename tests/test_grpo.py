@@ -173,6 +173,8 @@ def test_heads_have_their_own_optimizer_and_train(setup):
     assert {id(p) for p in group["params"]} == heads and group["lr"] <= 1e-3
     changed = [n for n, p in trainer.embedder.heads.named_parameters() if not torch.equal(p, before[n])]
     assert "proj.weight" in changed
+    logged = [e["heads_grad_norm"] for e in trainer.state.log_history if "heads_grad_norm" in e]
+    assert len(logged) == trainer.state.global_step and all(n > 0 for n in logged)  # logging_steps 1
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"infonce", "retrieval/mrr", "rewards/recording/mean", "completions/mean_length"} <= logged
 

@@ -117,3 +117,41 @@ def test_fp16_loss_scale_is_undone_and_skipped_steps_are_skipped():
         assert all(torch.equal(p, b) for p, b in zip(scaled_heads.parameters(), before, strict=True)), case
         assert all(p.grad is None for p in scaled_heads.parameters())
     assert scaled.scheduler.last_epoch == 1  # the skipped steps did not advance the schedule
+
+
+def test_heads_gradients_are_clipped_to_the_trainers_max_grad_norm():
+    heads = make_heads()
+    opt = HeadsOptimizer(heads, 1.0)
+    opt.build_optimizer(torch.optim.SGD, {})
+    before = [p.detach().clone() for p in heads.parameters()]
+    for p in heads.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    norm = 3.0 * sum(p.numel() for p in heads.parameters()) ** 0.5
+    opt.on_pre_optimizer_step(SimpleNamespace(max_grad_norm=0.5), None, None)
+    opt.on_optimizer_step(SimpleNamespace(max_grad_norm=0.5), None, None)
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, heads.parameters(), strict=True)])
+    assert opt.grad_norm == pytest.approx(norm)  # logged before clipping, as the Trainer's grad_norm
+    assert float(moved.norm()) == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1: the update is the clipped gradient
+
+
+def _broadcast_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    heads = make_heads(seed=rank)  # each process initialised its own heads differently
+    HeadsOptimizer(heads, 1e-3).on_train_begin(None, None, None)
+    torch.save({k: v.clone() for k, v in heads.state_dict().items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_heads_start_from_process_0s_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_broadcast_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    reference = make_heads(seed=0).state_dict()
+    for key in reference:
+        torch.testing.assert_close(zero[key], reference[key])
+        torch.testing.assert_close(one[key], reference[key])

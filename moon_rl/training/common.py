@@ -106,6 +106,12 @@ class MoonTrainerMixin:
             self.heads_optimizer.load(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Beside the Trainer's `grad_norm` (the model's): the heads' own, clipped separately (heads_optimizer.py).
+        if "loss" in logs and self.heads_optimizer.grad_norm is not None:
+            logs["heads_grad_norm"] = self.heads_optimizer.grad_norm
+        super().log(logs, start_time)
+
     @property
     def is_sharded(self) -> bool:
         """FSDP or DeepSpeed: the model's parameters may be spread over the processes (calls must go through the

@@ -6,11 +6,13 @@ parameters (`FSDP.optim_state_dict` fails on any other), and ZeRO-3 partitions e
 A second optimizer of the same class and settings (AdamW by default), with the same schedule type and length, gives the
 heads exactly the update one shared optimizer with a heads parameter group would, and checkpoints as its own file.
 
-Per optimizer step the callback:
+At the start of training the callback broadcasts the heads from process 0, as DDP does for the wrapped model (a
+process that initialised or loaded them differently would otherwise train its own copy). Per optimizer step it:
 * all-reduces (averages) the heads' gradients across processes, which DDP/FSDP do for the wrapped model only;
 * with fp16 loss scaling, unscales them, and skips the step wherever the Trainer's step was skipped (inf/NaN);
+* clips them to the Trainer's `max_grad_norm` (their own norm: the Trainer clips the model's before the callbacks run,
+  so one joint norm is not available), and logs that norm as `heads_grad_norm`;
 * steps the heads' optimizer and schedule, then zeroes the heads' gradients (the Trainer zeroes the model's only).
-The heads' gradients are not clipped: `max_grad_norm` applies to the model's, as in transformers' `Trainer`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class HeadsOptimizer(TrainerCallback):
         self.scheduler: Any = None
         self.accelerator: Any = None  # set by the trainer: fp16 loss scale and skipped steps
         self._scale: float | None = None
+        self.grad_norm: float | None = None  # the last step's, before clipping
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -77,10 +80,14 @@ class HeadsOptimizer(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer callbacks
     def on_train_begin(self, args, state, control, **kwargs):
+        if _world_size() > 1:
+            with torch.no_grad():
+                for tensor in [*self.heads.parameters(), *self.heads.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
         self.heads.zero_grad(set_to_none=True)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             for param in self.params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
@@ -92,6 +99,9 @@ class HeadsOptimizer(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.optimizer is not None and self._step_is_valid():
+            max_norm = getattr(args, "max_grad_norm", None)
+            if max_norm is not None and max_norm > 0:
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -134,3 +144,7 @@ class HeadsOptimizer(TrainerCallback):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
