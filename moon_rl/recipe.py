@@ -394,7 +394,7 @@ class Recipe(_Section):
                 Pass False to validate a GPU recipe on a CPU-only machine (CI).
             check_catalogue: also check that a `data.catalogue` path exists on this machine.
         """
-        from moon_rl.training.configs import GENERATION_BATCH_FIELDS, generation_batch_problems
+        from moon_rl.training.configs import GENERATION_BATCH_FIELDS, generation_batch_problems, vllm_fire_problems
 
         problems: list[str] = []
         for section in _CONFIG_SECTIONS:
@@ -405,6 +405,8 @@ class Recipe(_Section):
                 batch_keys = [f"grpo.{key}" for key in GENERATION_BATCH_FIELDS if key in self.grpo]
                 where = self._where(*batch_keys) if batch_keys else self._where("grpo")
                 problems += [f"{where}: {problem}" for problem in batch_problems]
+            if section == "grpo" and (fire := vllm_fire_problems(self.grpo, self.model.heads.fire.enabled)):
+                problems += [f"{self._where('grpo.use_vllm', 'model.heads.fire')}: {problem}" for problem in fire]
             try:
                 self._build_config(section, None, force_cpu=not device_checks)
             except RecipeError as exc:

@@ -304,3 +304,34 @@ def test_an_init_from_that_holds_no_model_is_an_error(tmp_path):
     with pytest.raises(MoonError, match=r"grpo.init_from: .*sft-typo is not a moon-rl model folder"):
         run_grpo(recipe, evaluate=False)
     assert not (tmp_path / "run" / "grpo" / "final").exists()
+
+
+def test_importance_sampling_share_counts_what_trls_correction_dropped_or_clipped():
+    from moon_rl.training.grpo import importance_sampling_share
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    token_masked = torch.tensor([[1.2, 0.0, 0.9, 0.0], [0.0, 1.0, 5.0, 0.0]])  # zeros at padding do not count
+    assert importance_sampling_share(token_masked, mask, "token_mask", None, 3.0) == ("masked", 2 / 5)
+    token_clipped = torch.tensor([[3.0, 0.5, 3.0, 3.0], [1.0, 3.0, 3.0, 9.0]])
+    assert importance_sampling_share(token_clipped, mask, "token_truncate", None, 3.0) == ("clipped", 3 / 5)
+    assert importance_sampling_share(token_clipped, mask, "token_truncate", 0.5, 3.0) == ("clipped", 4 / 5)
+    sequence = torch.tensor([[0.0], [1.1], [0.0], [0.7]])
+    assert importance_sampling_share(sequence, torch.ones(4, 2), "sequence_mask", None, 3.0) == ("masked", 0.5)
+
+
+@pytest.mark.parametrize(("mode", "correction", "fire", "refused"), [
+    ("sequence_mask", True, True, True), ("token_mask", True, True, True), ("token_truncate", False, True, True),
+    ("token_truncate", True, True, False), ("sequence_mask", True, False, False)])
+def test_vllm_with_fire_needs_a_token_level_truncated_correction(tmp_path, mode, correction, fire, refused):
+    from moon_rl.errors import MoonError
+    from moon_rl.training.grpo import run_grpo
+
+    recipe = grpo_recipe(tmp_path, "grpo.use_vllm=true", f"grpo.vllm_importance_sampling_mode={mode}",
+                         f"grpo.vllm_importance_sampling_correction={str(correction).lower()}",
+                         f"model.heads.fire.enabled={str(fire).lower()}")
+    problems = [p for p in recipe.check(device_checks=False, check_catalogue=False) if "FIRE" in p]
+    assert bool(problems) == refused
+    if refused:
+        assert "token_truncate" in problems[0] and "grpo.use_vllm: false" in problems[0]
+        with pytest.raises(MoonError, match="vLLM samples without FIRE"):
+            run_grpo(recipe, evaluate=False)

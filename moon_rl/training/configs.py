@@ -34,6 +34,7 @@ __all__ = [
     "generation_batch_problems",
     "normalise_rewards",
     "section_problems",
+    "vllm_fire_problems",
 ]
 
 #: Keys allowed in one entry of `MoonGRPOConfig.rewards`.
@@ -521,3 +522,31 @@ def generation_batch_problems(values: Mapping[str, Any], num_processes: int = 1)
             "or lower grpo.num_generations"
         ]
     return []
+
+
+def vllm_fire_problems(values: Mapping[str, Any], fire_enabled: bool) -> list[str]:
+    """GRPO sampling with vLLM while FIRE is on: only a token-level truncated importance-sampling correction is allowed.
+
+    vLLM samples from the backbone alone: FIRE's weights are not part of the HF model, yet after SFT they change every
+    token's probability in the policy that trains. TRL corrects for the mismatch with importance-sampling ratios; its
+    default (`sequence_mask`) zeroes every sequence whose ratio leaves the bounds, so GRPO would quietly train on the
+    sequences FIRE changed least. `token_truncate` keeps every token and clips its weight; without a correction the
+    FIRE-less samples would be trained on as if on-policy.
+
+    Args:
+        values: a recipe's `grpo` section; missing fields take the `MoonGRPOConfig` defaults.
+        fire_enabled (`bool`): the recipe's `model.heads.fire.enabled`.
+    """
+    if not fire_enabled or not config_value("grpo", values, "use_vllm"):
+        return []
+    correction = config_value("grpo", values, "vllm_importance_sampling_correction")
+    mode = config_value("grpo", values, "vllm_importance_sampling_mode")
+    if correction and mode == "token_truncate":
+        return []
+    now = "no importance-sampling correction" if not correction else f"vllm_importance_sampling_mode {mode!r}"
+    return [
+        f"grpo.use_vllm with FIRE on (model.heads.fire.enabled): vLLM samples without FIRE, and {now} would "
+        f"{'train on those samples as if on-policy' if not correction else 'drop the samples FIRE changes most'}; set "
+        "grpo.vllm_importance_sampling_mode: token_truncate (keeps every token, clips its weight), or sample with "
+        "transformers (grpo.use_vllm: false), or turn FIRE off"
+    ]

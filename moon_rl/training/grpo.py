@@ -48,7 +48,7 @@ from moon_rl.modeling.shared_prompts import embed_completions
 from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
-from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems
+from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems, vllm_fire_problems
 from moon_rl.training.losses import gather_ids, info_nce, stable_id_hash
 from moon_rl.training.reward_context import ContextReward
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
@@ -261,6 +261,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         with self._fsdp_autocast():
             output = super()._generate_and_score_completions(inputs)
+        if output.get("importance_sampling_ratio") is not None:  # vLLM sampled, TRL corrects: say what it cost
+            name, share = importance_sampling_share(
+                output["importance_sampling_ratio"], output["completion_mask"], self.vllm_importance_sampling_mode,
+                self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
+            # Straight into this step's metrics (TRL flushed its pending ones already), averaged over processes.
+            local = torch.tensor([share], device=self.accelerator.device)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode][f"sampling/is_{name}_share"].append(float(self.accelerator.gather(local).mean()))
         # (B,) tensors: TRL shuffles and splits them into micro-batches with the other rows.
         output.update(moon_pair=self._batch.pairs, moon_product=self._batch.products)
         return output
@@ -361,6 +369,31 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         return torch.cat(rows)
 
 
+def importance_sampling_share(ratio: torch.Tensor, completion_mask: torch.Tensor, mode: str,
+                              clip_min: float | None, clip_max: float | None) -> tuple[str, float]:
+    """What TRL's vLLM importance-sampling correction did to a generation batch: ("masked" | "clipped", share).
+
+    `*_mask` modes set out-of-bounds ratios to 0 (that sequence or token is dropped from the loss); `*_truncate` modes
+    clamp them to the bounds. The share is over sequences (`sequence_*`, ratio of shape (B, 1)) or over completion
+    tokens (`token_*`, (B, T)). A ratio is exp(log-prob difference), never exactly 0 or a bound by chance.
+    """
+    ratio = ratio.detach().float()
+    if mode.startswith("token"):
+        valid = completion_mask.bool()
+    else:
+        ratio, valid = ratio.reshape(-1, 1), torch.ones(ratio.shape[0], 1, dtype=torch.bool, device=ratio.device)
+    if mode.endswith("mask"):
+        name, hit = "masked", ratio == 0
+    else:
+        hit = torch.zeros_like(ratio, dtype=torch.bool)
+        for bound in (clip_min, clip_max):
+            if bound is not None:
+                hit |= ratio == bound
+        name = "clipped"
+    count = int(valid.sum())
+    return name, float((hit & valid).sum()) / count if count else 0.0
+
+
 def _end_generation_at_readout(args: MoonGRPOConfig, readout_id: int) -> None:
     """Completions end at the read-out token (the end of turn) only, as `embed` and `eval` generate them.
 
@@ -420,7 +453,8 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
 
     # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
     # WORLD_SIZE: set by torchrun / accelerate launch before anything is initialised (TRL's own count is the same).
-    if problems := generation_batch_problems(recipe.grpo, num_processes=int(os.environ.get("WORLD_SIZE", "1"))):
+    problems = generation_batch_problems(recipe.grpo, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    if problems := problems + vllm_fire_problems(recipe.grpo, recipe.model.heads.fire.enabled):
         raise MoonError("; ".join(problems))
     args = recipe.grpo_config()
     out = Path(args.output_dir)
