@@ -282,7 +282,7 @@ def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import EmbedItem, to_item
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset, lookalike_pairs
+    from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset, lookalike_pairs
     from moon_rl.training.sft_data import sft_examples
     from rewards import build_rewards
 
@@ -313,6 +313,7 @@ def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result
     trainer = MoonGRPOTrainer(
         embedder, rewards, cfg, query_item=query_item, related_pairs=lookalike_pairs(examples),
         heads_learning_rate=cfg.heads_learning_rate or recipe.model.heads.learning_rate,
+        product_images=catalogue_images(embedder, catalogue),
         train_dataset=grpo_dataset(embedder, catalogue, examples), callbacks=[timer, losses],
     )
     print(f"[{part}] {len(examples)} prompts, batch {args.grpo_batch_size}, {args.generations} generations, "

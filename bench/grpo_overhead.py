@@ -54,7 +54,7 @@ from moon_rl.modeling.inputs import EmbedItem, to_item  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
 from moon_rl.recipe import load_recipe  # noqa: E402
 from moon_rl.training import grpo as moon_grpo  # noqa: E402
-from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset, lookalike_pairs  # noqa: E402
+from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset, lookalike_pairs  # noqa: E402
 from moon_rl.training.sft_data import sft_examples  # noqa: E402
 from rewards import build_rewards  # noqa: E402
 
@@ -172,7 +172,9 @@ def build(args: argparse.Namespace, out: Path) -> NS:
     init_heads = copy.deepcopy(embedder.heads.state_dict())
     stock_state = stock_model.state_dict()
     assert all(torch.equal(init_model[k], stock_state[k]) for k in init_model), "stock copy differs from the embedder"
-    dataset = grpo_dataset(embedder, catalogue, examples)
+    images = catalogue_images(embedder, catalogue)
+    # Rows with their images, as stock TRL needs them (and moon-rl takes them too): both sides read the same rows.
+    dataset = grpo_dataset(embedder, catalogue, examples).map(lambda row: {"images": images(row["product_id"])})
     rewards = build_rewards(recipe.grpo["rewards"])
 
     def query_item(pair: int) -> EmbedItem:

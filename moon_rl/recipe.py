@@ -205,6 +205,8 @@ class DataSpec(_Section):
     test_split: str = Field(default="test", min_length=1)
     max_images_per_product: PositiveInt = 4
     max_train_pairs: PositiveInt | None = None
+    #: MB of tokenised prompts (pixel values) each trainer keeps between steps; the least recently used go first.
+    prompt_cache_mb: PositiveInt = 2048
 
     @_field_validator("catalogue")
     @classmethod

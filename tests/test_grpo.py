@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
-    from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset
+    from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset
     from moon_rl.training.sft_data import sft_examples
     from rewards import RewardEntry
 
@@ -65,6 +65,7 @@ def setup(tmp_path_factory):
         embedder, [RewardEntry("recording", reward, 1.0)], recipe.grpo_config(),
         query_item=lambda pair: to_item(examples[pair].anchor, catalogue.image, embedder.max_images),
         heads_learning_rate=1e-3, train_dataset=grpo_dataset(embedder, catalogue, examples),
+        product_images=catalogue_images(embedder, catalogue),
     )
     return SimpleNamespace(recipe=recipe, trainer=trainer, reward=reward, examples=examples, catalogue=catalogue)
 

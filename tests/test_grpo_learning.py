@@ -30,7 +30,7 @@ def build(recipe, rewards):
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
-    from moon_rl.training.grpo import MoonGRPOTrainer, grpo_dataset
+    from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset
     from moon_rl.training.sft_data import sft_examples
 
     catalogue = load_recipe_catalogue(recipe.data)
@@ -41,7 +41,7 @@ def build(recipe, rewards):
         embedder, rewards, recipe.grpo_config(),
         query_item=lambda pair: to_item(examples[pair].anchor, catalogue.image, embedder.max_images),
         pair_products=[ex.positive for ex in examples], heads_learning_rate=1e-3,
-        train_dataset=grpo_dataset(embedder, catalogue, examples),
+        train_dataset=grpo_dataset(embedder, catalogue, examples), product_images=catalogue_images(embedder, catalogue),
     )
     # Every training product: the token is chosen, and its rate measured, over the prompts GRPO trains on (a token
     # frequent in a handful of them may never be sampled in training, and then nothing moves).

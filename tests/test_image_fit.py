@@ -70,14 +70,13 @@ def test_an_extreme_aspect_ratio_is_a_clear_error(processors):
         fit_images(recipe, [Image.new("RGB", (1, 300))])
 
 
-def test_grpo_rows_and_vllm_requests_get_fitted_images(tmp_path):
-    """TRL hands the dataset's images to vLLM as they are, and the embedder's vLLM path sends its items' images:
-    both must be the fitted ones, not the catalogue's."""
+def test_grpo_images_and_vllm_requests_are_fitted(tmp_path):
+    """TRL hands a batch's images to vLLM as they are, and the embedder's vLLM path sends its items' images: both
+    must be the fitted ones, not the catalogue's."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.grpo import grpo_dataset
-    from moon_rl.training.sft_data import sft_examples
+    from moon_rl.training.grpo import catalogue_images
 
     path = tmp_path / "r.yaml"
     path.write_text("model: {lora: null, heads: {embed_dim: 32}, image_min_pixels: 12544, image_max_pixels: 50176}\n"
@@ -85,10 +84,10 @@ def test_grpo_rows_and_vllm_requests_get_fitted_images(tmp_path):
     recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
     catalogue = load_recipe_catalogue(recipe.data)
     embedder = MoonEmbedder.from_recipe(recipe)
-    rows = grpo_dataset(embedder, catalogue, sft_examples(catalogue, "train")[:3])
-    for row in rows:
-        assert catalogue.image(catalogue.products[row["product_id"]]).size == (56, 56)
-        assert [image.size for image in row["images"]] == [(112, 112)]  # upscaled to the recipe's minimum area
+    images = catalogue_images(embedder, catalogue)
+    for product_id in list(catalogue.products)[:3]:
+        assert catalogue.image(catalogue.products[product_id]).size == (56, 56)
+        assert [image.size for image in images(product_id)] == [(112, 112)]  # upscaled to the recipe's minimum area
 
     sent = []
 

@@ -7,6 +7,7 @@ sequence the embedder reads is exactly the one a trainer's policy forward sees (
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,21 +162,47 @@ def tokenize_prompts(processor: Any, items: Sequence[EmbedItem]) -> PromptBatch:
 
 
 class PromptCache:
-    """Tokenised single-item prompts (ids + pixels) by key, for items that recur every epoch or step.
+    """Tokenised single-item prompts (ids + pixels) by key, for items that recur every epoch or step, up to a size.
 
     The trainers re-embed the same products and queries over and over; decoding and resizing their images each time
-    was a sixth of a tiny-model SFT step. The cache holds a few MB for thousands of items.
+    was a sixth of a tiny-model SFT step. Pixel values are float32 patches: about 0.3 MB for a 112-px image, 4.8 MB at
+    448 px, so a real catalogue cannot keep them all: past `max_bytes` the least recently used prompts are dropped (and
+    tokenised again when they come back).
+
+    Args:
+        processor: the model's processor.
+        max_bytes (`int`, *optional*): the most bytes of pixel values and ids kept; None keeps everything.
     """
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, max_bytes: int | None = None):
         self.processor = processor
-        self._prompts: dict[Any, PromptBatch] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._prompts: OrderedDict[Any, tuple[PromptBatch, int]] = OrderedDict()
 
     def get(self, key: Any, make_item: Callable[[], EmbedItem]) -> PromptBatch:
-        """The prompt stored under `key`, tokenising `make_item()` the first time."""
-        if key not in self._prompts:
-            self._prompts[key] = tokenize_prompts(self.processor, [make_item()])
-        return self._prompts[key]
+        """The prompt stored under `key`, tokenising `make_item()` when it is not (or no longer) kept."""
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key][0]
+        prompt = tokenize_prompts(self.processor, [make_item()])
+        size = _prompt_bytes(prompt)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return prompt  # larger than the whole cache: never kept
+        self._prompts[key] = (prompt, size)
+        self.bytes += size
+        while self.max_bytes is not None and self.bytes > self.max_bytes:
+            _, (_, dropped) = self._prompts.popitem(last=False)
+            self.bytes -= dropped
+        return prompt
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+
+def _prompt_bytes(prompt: PromptBatch) -> int:
+    tensors = [t for t in (prompt.pixel_values, prompt.image_grid_thw) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) + 8 * sum(len(ids) for ids in prompt.prompt_ids)
 
 
 def concat_prompts(parts: Sequence[PromptBatch]) -> PromptBatch:

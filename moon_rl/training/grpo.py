@@ -110,12 +110,19 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             that another query of a completion's own product is never counted as a wrong answer. Without it each
             pair is its own product.
         heads_learning_rate (`float`): learning rate of the heads' optimizer.
+        product_images (`Callable[[str], list[Image]]`, *optional*): a product's images, fitted to the processor
+            (`catalogue_images`), by the dataset's `product_id` column: `grpo_dataset` rows hold no images, which are
+            decoded per generation batch instead of living in memory for the whole catalogue. Without it the rows
+            must carry their own `images`.
+        prompt_cache_bytes (`int`, *optional*): the most bytes of tokenised candidate queries kept between steps
+            (the recipe's `data.prompt_cache_mb`); None keeps all.
         **kwargs: passed to `GRPOTrainer` (train_dataset, callbacks, ...).
     """
 
     def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[RewardEntry], args: MoonGRPOConfig, *,
                  query_item: Callable[[int], EmbedItem], heads_learning_rate: float,
                  related_pairs: Callable[[int], list[int]] | None = None, pair_products: Sequence[str] | None = None,
+                 product_images: Callable[[str], list[Any]] | None = None, prompt_cache_bytes: int | None = None,
                  **kwargs: Any):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         self.query_item = query_item
@@ -127,7 +134,8 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         self.attribute_vocabulary: AttributeVocabulary = attribute_vocabulary(
             json.loads(a or "{}") for a in dataset["attributes_json"]
         ) if dataset is not None and "attributes_json" in dataset.column_names else {}
-        self._query_prompts = PromptCache(embedder.processor)  # every step re-ranks the same queries
+        self.product_images = product_images
+        self._query_prompts = PromptCache(embedder.processor, prompt_cache_bytes)  # every step re-ranks the same queries
         _end_generation_at_readout(args, embedder.readout_id)
         wrapped = [ContextReward(entry.fn, lambda: self._batch.reward_kwargs(), entry.name, args.max_reward_failure_steps)
                    for entry in reward_funcs]
@@ -259,6 +267,12 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
                 self._log_metric(f"chain/{name}", values["right"])
 
     def _generate_and_score_completions(self, inputs):
+        if self.product_images is not None:  # decoded here, once per distinct product of the batch
+            decoded: dict[str, list[Any]] = {}
+            for row in inputs:
+                if row["product_id"] not in decoded:
+                    decoded[row["product_id"]] = self.product_images(row["product_id"])
+            inputs = [{**row, "images": decoded[row["product_id"]]} for row in inputs]
         with self._fsdp_autocast():
             output = super()._generate_and_score_completions(inputs)
         if output.get("importance_sampling_ratio") is not None:  # vLLM sampled, TRL corrects: say what it cost
@@ -430,18 +444,32 @@ def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
 
 
 def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Dataset:
-    """One row per training pair: the product prompt (TRL inserts the images), images, pair id, attributes."""
-    from moon_rl.modeling.inputs import fit_images, to_item
+    """One row per training pair: the product prompt (TRL inserts the images), pair id, product id, attributes.
+
+    No images: a catalogue's photos would all sit in memory (datasets stores them encoded in its table). The trainer
+    decodes each generation batch's from `product_images` (`catalogue_images`).
+    """
+    from moon_rl.modeling.inputs import product_text
 
     rows = []
     for i, ex in enumerate(examples):
         product = catalogue.products[ex.positive]
-        item = to_item(product, catalogue.image, embedder.max_images)
-        # Fitted here, not only in the trainer's processor call: TRL hands these images to vLLM as they are.
-        images = fit_images(embedder.processor, item.images)
-        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "images": images, "pair": i,
-                     "product_id": product.id, "attributes_json": json.dumps(product.attributes, sort_keys=True)})
+        item = EmbedItem(text=product_text(product), kind="product", id=product.id)  # the user text, no image decoded
+        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "pair": i, "product_id": product.id,
+                     "attributes_json": json.dumps(product.attributes, sort_keys=True)})
     return Dataset.from_list(rows)
+
+
+def catalogue_images(embedder: MoonEmbedder, catalogue: Any) -> Callable[[str], list[Any]]:
+    """A product's images by id, decoded from the catalogue and fitted to the processor (the trainer's
+    `product_images`). Fitted here, not only in the trainer's processor call: TRL hands them to vLLM as they are."""
+    from moon_rl.modeling.inputs import fit_images, to_item
+
+    def images(product_id: str) -> list[Any]:
+        item = to_item(catalogue.products[product_id], catalogue.image, embedder.max_images)
+        return fit_images(embedder.processor, item.images)
+
+    return images
 
 
 def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
@@ -479,14 +507,18 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
 
-    products = [to_item(catalogue.products[ex.positive], catalogue.image, embedder.max_images) for ex in examples]
+    # Products as records: the preflight decodes the images of the few it samples, not the catalogue's.
+    products = [catalogue.products[ex.positive] for ex in examples]
     report = reasoning_preflight(embedder, products,
                                  catalogue_has_traces=any(p.reasoning for p in catalogue.products.values()),
-                                 max_new_tokens=args.max_completion_length, temperature=args.temperature)
+                                 max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                 make_item=lambda product: to_item(product, catalogue.image, embedder.max_images))
     check_can_learn(report, allow=args.allow_untrained_reasoning)
     trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
                               pair_products=[ex.positive for ex in examples],
                               heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
+                              product_images=catalogue_images(embedder, catalogue),
+                              prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,
                               train_dataset=grpo_dataset(embedder, catalogue, examples))
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:

@@ -11,7 +11,7 @@ without a word. Before the trainer is built, `reasoning_preflight` samples the s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ def completion_closed(text: str, ids: Sequence[int], *, eos_id: int, max_new_tok
 def reasoning_preflight(
     embedder: Any, items: Sequence[EmbedItem], *, catalogue_has_traces: bool, max_new_tokens: int,
     temperature: float, samples: int = 16, min_closed: float = 0.5, batch_size: int = 8, seed: int = PREFLIGHT_SEED,
+    make_item: Callable[[Any], EmbedItem] | None = None,
 ) -> PreflightReport:
     """Sample one reasoning completion for each of up to `samples` of `items` and report whether GRPO can learn.
 
@@ -71,7 +72,8 @@ def reasoning_preflight(
 
     Args:
         embedder (`MoonEmbedder`): the model GRPO starts from.
-        items (`Sequence[EmbedItem]`): GRPO's products; `samples` of them, evenly spaced, are sampled.
+        items (`Sequence`): GRPO's products, as `EmbedItem`s or as records `make_item` turns into them; `samples` of
+            them, evenly spaced, are sampled.
         catalogue_has_traces (`bool`): whether any catalogue product has a `reasoning` trace.
         max_new_tokens (`int`): the completion budget, `grpo.max_completion_length`.
         temperature (`float`): GRPO's sampling temperature.
@@ -80,9 +82,13 @@ def reasoning_preflight(
             mostly reward truncated chains.
         batch_size (`int`, *optional*, defaults to `8`): products per `generate` call.
         seed (`int`, *optional*): the sampling seed.
+        make_item (`Callable`, *optional*): record -> `EmbedItem`, called on the sampled records only (a catalogue's
+            images are decoded for those, not for every product).
     """
     step = max(1, len(items) // max(1, samples))
     chosen = list(items[::step][:samples])
+    if make_item is not None:
+        chosen = [make_item(record) for record in chosen]
     ids = _sample(embedder, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
                   batch_size=batch_size, seed=seed)
     texts = embedder.processor.tokenizer.batch_decode(ids, skip_special_tokens=False)

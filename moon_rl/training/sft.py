@@ -149,7 +149,8 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
         catalogue.products[ex.positive].reasoning for ex in examples)
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
                                seed=args.seed, chain_negatives=args.chain_negatives,
-                               value_token_weight=args.value_token_weight, photo_traces=args.photo_traces)
+                               value_token_weight=args.value_token_weight, photo_traces=args.photo_traces,
+                               prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20)
     trainer = MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

@@ -77,11 +77,13 @@ class MoonSFTCollator:
             attribute values the trace names (for the trainer's extra loss on them); all False otherwise.
         photo_traces (`bool`): one more row per pair whose product has a trace and a photo: the photo alone, then the
             trace (see the module docstring).
+        prompt_cache_bytes (`int`, *optional*): the most bytes of tokenised prompts kept between batches (the
+            recipe's `data.prompt_cache_mb`); None keeps all.
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
                  trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False,
-                 value_token_weight: float = 0.0, photo_traces: bool = False):
+                 value_token_weight: float = 0.0, photo_traces: bool = False, prompt_cache_bytes: int | None = None):
         self.embedder = embedder
         self.catalogue = catalogue
         self.examples = examples
@@ -97,7 +99,8 @@ class MoonSFTCollator:
         self.epoch = 0
         self._noise_vocab: torch.Tensor | None = None
         self._trace_ids: dict[str, list[int]] = {}
-        self._prompts = PromptCache(embedder.processor)  # every product and anchor recurs once per epoch
+        # Every product and anchor recurs once per epoch: kept tokenised, up to the recipe's size.
+        self._prompts = PromptCache(embedder.processor, prompt_cache_bytes)
 
     def _product_prompt(self, product_id: str) -> PromptBatch:
         return self._prompts.get(("product", product_id), lambda: to_item(
