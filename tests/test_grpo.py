@@ -138,6 +138,38 @@ def test_infonce_pulls_only_completions_at_least_as_good_as_their_group(setup, r
     assert seen["rows"] == sum(keep)
 
 
+def test_reward_forward_processes_each_product_once_and_runs_in_per_device_chunks(setup):
+    trainer = setup.trainer
+    sizes = []
+    original = trainer._tokenize_prompts
+
+    def spy(prompts):
+        sizes.append(len(prompts))
+        return original(prompts)
+
+    setup.reward.calls.clear()
+    trainer._tokenize_prompts = spy
+    try:
+        trainer._generate_and_score_completions(generation_batch(setup, [4, 5, 6, 7]))
+    finally:
+        trainer._tokenize_prompts = original
+    assert sizes == [8, 4]  # TRL's generation: every row; the reward forward: each of the 4 products once
+    call = setup.reward.calls[-1]
+    pairs = call["pair"]
+    products = [trainer._pair_product(p) for p in pairs]
+    arguments = (call["prompts"], call["completion_ids"], sorted(set(pairs)), products)
+    whole = trainer._reward_forward(*arguments)
+    batch_size = trainer.args.per_device_train_batch_size
+    trainer.args.per_device_train_batch_size = 3  # chunks cut through groups and candidate lists alike
+    try:
+        chunked = trainer._reward_forward(*arguments)
+    finally:
+        trainer.args.per_device_train_batch_size = batch_size
+    torch.testing.assert_close(chunked[0], whole[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked[1], whole[1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(whole[0], call["embeddings"], atol=2e-5, rtol=1e-4)
+
+
 def test_truncated_completions_are_read_at_their_last_token_and_flagged(setup):
     setup.reward.calls.clear()
     setup.trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11]))

@@ -76,3 +76,31 @@ def test_without_repeated_prompts_it_is_the_plain_forward(embedder):
     whole = embedder(assemble(prompts, completions, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
                               append_readout=False))
     torch.testing.assert_close(shared, whole.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batched_forward_gives_the_same_embeddings_in_chunks_of_max_rows(embedder):
+    """`max_rows` splits a generation batch into forwards of at most that many rows (each with its own rows' images),
+    as TRL splits its own; the embeddings must not change, whatever the chunk boundaries cut."""
+    from moon_rl.modeling.shared_prompts import select_rows
+
+    prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ROWS])
+    rows_per_forward: list[int] = []
+    handle = backbone_of(embedder.model).register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad(), eval_mode(embedder.model):
+            whole = embed_completions(embedder, prompts, COMPLETIONS)
+            for max_rows in (3, 4):
+                rows_per_forward.clear()
+                chunked = embed_completions(embedder, prompts, COMPLETIONS, max_rows=max_rows)
+                torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+                completion_rows = rows_per_forward[1::2] if max_rows == 4 else rows_per_forward
+                assert max(completion_rows) <= max_rows
+    finally:
+        handle.remove()
+    # Rows picked (repeats allowed) keep their own images: "two" has two, "text" none.
+    picked = select_rows(prompts, [3, 4, 0, 3], embedder.image_token_id, merge_size=2)
+    again = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ("two", "text", "a", "two")])
+    assert picked.prompt_ids == again.prompt_ids
+    torch.testing.assert_close(picked.pixel_values, again.pixel_values)
+    torch.testing.assert_close(picked.image_grid_thw, again.image_grid_thw)

@@ -62,12 +62,37 @@ def _distinct(prompts: PromptBatch, images: list[list[int]]) -> tuple[list[int],
     return firsts, owner
 
 
-def embed_completions(embedder: Any, prompts: PromptBatch, completions: Sequence[Sequence[int]]) -> torch.Tensor:
+def select_rows(prompts: PromptBatch, rows: Sequence[int], image_token_id: int, merge_size: int) -> PromptBatch:
+    """The prompts of `rows` (in that order, repeats allowed), with their own images' pixel rows."""
+    ids = [prompts.prompt_ids[row] for row in rows]
+    grid = prompts.image_grid_thw
+    if grid is None or prompts.pixel_values is None:
+        return PromptBatch(ids, None, None)
+    images = _row_images(prompts, image_token_id, merge_size)
+    chunks = torch.split(prompts.pixel_values, grid.prod(-1).tolist())
+    keep = [i for row in rows for i in images[row]]
+    if not keep:
+        return PromptBatch(ids, None, None)
+    return PromptBatch(ids, torch.cat([chunks[i] for i in keep]), grid[keep])
+
+
+def embed_completions(embedder: Any, prompts: PromptBatch, completions: Sequence[Sequence[int]],
+                      max_rows: int | None = None) -> torch.Tensor:
     """Embeddings (B, D) of prompt + completion rows, each read out at its last token (no read-out token appended).
 
     Same result as `embedder(assemble(prompts, completions, ..., append_readout=False))`; faster when prompts repeat.
     Call it without gradient and with dropout off (the reward forward): the cached prompt forward is not differentiated.
+    `max_rows` splits the batch into forwards of at most that many consecutive rows (GRPO: the per-device batch, as TRL
+    splits its own forwards), so a generation batch of long multimodal rows never runs as one.
     """
+    if max_rows is not None and len(completions) > max_rows:
+        merge = getattr(getattr(backbone_of(embedder.model), "visual", None), "spatial_merge_size", None) or 1
+        parts = []
+        for start in range(0, len(completions), max_rows):
+            rows = list(range(start, min(len(completions), start + max_rows)))
+            part = select_rows(prompts, rows, embedder.image_token_id, merge)
+            parts.append(embed_completions(embedder, part, [completions[row] for row in rows]))
+        return torch.cat(parts)
     backbone = backbone_of(embedder.model)
     merge = getattr(getattr(backbone, "visual", None), "spatial_merge_size", None)
     images = _row_images(prompts, embedder.image_token_id, merge or 1)

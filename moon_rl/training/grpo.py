@@ -44,7 +44,8 @@ from moon_rl.data.chains import (
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
-from moon_rl.modeling.shared_prompts import embed_completions
+from moon_rl.modeling.shared_prompts import embed_completions, select_rows
+from moon_rl.modeling.taps import backbone_of
 from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
@@ -162,29 +163,36 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             [self._query_prompts.get(pair, lambda pair=pair: self.query_item(pair)) for pair in pairs]))
 
     @torch.no_grad()
-    def _reward_forward(self, prompts: list, completion_ids_list: list[list[int]], candidate_pairs: list[int]
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    def _reward_forward(self, prompts: list, completion_ids_list: list[list[int]], candidate_pairs: list[int],
+                        products: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """No-grad read-outs of the completions, and direct-mode embeddings of the local candidates.
 
         Completions are read out at their last token, exactly the tokens (and position) of the loss forward; the
         candidate queries get their end-of-turn appended (direct mode). Two forwards, not one: in one batch the short
         queries would be padded to the completions' length (measured: one merged forward 0.38 s, two 0.31 s).
         Dropout (and LoRA dropout) is off: the reward compares chains of one product, and dropout noise was larger than
-        the differences between them.
+        the differences between them. Each product's prompt (`products`: per row) goes through the processor once, not
+        once per completion, and both forwards run in chunks of the per-device batch, as TRL's own.
         """
-        prompt_ids, _, fields = self._tokenize_prompts(prompts)
+        distinct = list(dict.fromkeys(products))
+        first_row = {product: products.index(product) for product in distinct}
+        prompt_ids, _, fields = self._tokenize_prompts([prompts[first_row[product]] for product in distinct])
         # TRL tokenises without `return_tensors`: image fields may come back as numpy arrays.
         pixels, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
-        prompt_batch = PromptBatch([list(p) for p in prompt_ids],
-                                   None if pixels is None else torch.as_tensor(np.asarray(pixels)),
-                                   None if grid is None else torch.as_tensor(np.asarray(grid)))
-        queries = self._query_batch(candidate_pairs)
+        distinct_batch = PromptBatch([list(p) for p in prompt_ids],
+                                     None if pixels is None else torch.as_tensor(np.asarray(pixels)),
+                                     None if grid is None else torch.as_tensor(np.asarray(grid)))
+        merge = getattr(getattr(backbone_of(self.embedder.model), "visual", None), "spatial_merge_size", None) or 1
+        prompt_batch = select_rows(distinct_batch, [distinct.index(product) for product in products],
+                                   self.embedder.image_token_id, merge)
+        chunk = self.args.per_device_train_batch_size
         # These forwards call the HF model directly, not through the FSDP wrapper: like TRL's generation, gather the
         # root unit's parameters first (the inner units gather their own). A no-op without FSDP.
         with self._dist.summon_full_params(self.model_wrapped, recurse=False), eval_mode(self.model):
             # Each prompt appears num_generations times: its forward runs once, its completions on its KV cache.
-            embeddings = embed_completions(self.embedder, prompt_batch, completion_ids_list)
-            candidates = self.embedder(queries)
+            embeddings = embed_completions(self.embedder, prompt_batch, completion_ids_list, max_rows=chunk)
+            candidates = torch.cat([self.embedder(self._query_batch(candidate_pairs[start:start + chunk]))
+                                    for start in range(0, len(candidate_pairs), chunk)])
         truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids_list]
         return embeddings, candidates, truncated
 
@@ -211,7 +219,8 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             self._fill_queue()
         pairs = [int(x["pair"]) for x in inputs]
         local_pairs = self._local_candidate_pairs(pairs)
-        embeddings, local_candidates, truncated = self._reward_forward(prompts, completion_ids_list, local_pairs)
+        embeddings, local_candidates, truncated = self._reward_forward(
+            prompts, completion_ids_list, local_pairs, [self._pair_product(p) for p in pairs])
         pool = self.candidate_pool.build(local_pairs, [self._pair_product(p) for p in local_pairs], local_candidates)
         positive_index = pool.positions(pairs)
         device = embeddings.device
