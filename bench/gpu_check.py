@@ -17,6 +17,9 @@ them (no checkpoints, no final save, no evaluation):
   own optimizer must undo. Fails unless the heads changed and stayed finite.
 * `fsdp`: `bench/fsdp_check.py` under `accelerate launch --config_file recipes/accelerate/fsdp.yaml`, one process per
   GPU: SFT with checkpoints, kill-like interruption and resume, GRPO, LoRA (see that file). Not timed.
+* `real3b`: `bench/real_size_check.py`: `recipes/qwen2.5-vl-3b.yaml` as a user runs it (LoRA, bf16, its pixel limits
+  and batches, `run_sft` then `run_grpo` with transformers generation), 2 steps each, on a random-init model with
+  Qwen2.5-VL-3B's shapes built locally; peak memory beside `moon-rl plan`'s estimate. In its own process.
 
 Each part prints seconds per optimizer step (a `TrainerCallback` from `on_step_begin` to `on_step_end`, CUDA
 synchronised; the first step is a warm-up and is discarded), the peak CUDA memory (`torch.cuda.max_memory_allocated`),
@@ -54,7 +57,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 from transformers import TrainerCallback  # noqa: E402
 
-PARTS = ("sft", "grpo", "qlora", "fp16", "fsdp")
+PARTS = ("sft", "grpo", "qlora", "fp16", "fsdp", "real3b")
 #: Packages whose versions head the output (import name, shown name).
 PACKAGES = (("transformers", "transformers"), ("trl", "trl"), ("peft", "peft"), ("accelerate", "accelerate"),
             ("datasets", "datasets"), ("bitsandbytes", "bitsandbytes"), ("pydantic", "pydantic"),
@@ -351,6 +354,18 @@ def run_fsdp_part(part: str, args: argparse.Namespace, out: Path, result: Result
         raise RuntimeError(f"bench/fsdp_check.py exited with {code}")
 
 
+def run_real3b_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
+    if args.device != "cuda":
+        raise Skipped("a 3B-parameter model needs the GPU (bench/real_size_check.py --device cpu shrinks it)")
+    cmd = [sys.executable, str(ROOT / "bench" / "real_size_check.py"), "--out", str(out / part)]
+    print(" ".join(cmd), flush=True)
+    started = time.perf_counter()
+    code = subprocess.run(cmd, cwd=ROOT).returncode  # its own process: its peak memory is its own
+    result.note = f"{time.perf_counter() - started:.0f} s; table above"
+    if code != 0:
+        raise RuntimeError(f"bench/real_size_check.py exited with {code}")
+
+
 def run_part(part: str, fn: Callable[..., None], args: argparse.Namespace, out: Path) -> Result:
     result = Result(part)
     print(f"\n===== {part} =====", flush=True)
@@ -395,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     out = Path(tempfile.mkdtemp(prefix="moon-gpu-check-"))
     parts = {"sft": run_sft_part, "grpo": run_grpo_part, "qlora": run_qlora_part, "fp16": run_fp16_part,
-             "fsdp": run_fsdp_part}
+             "fsdp": run_fsdp_part, "real3b": run_real3b_part}
     try:
         results = [run_part(part, parts[part], args, out) for part in args.parts]
     finally:
