@@ -19,8 +19,6 @@ import typer
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Per-file "Loading weights" bars of transformers/hub drown moon-rl's own progress bars on small models.
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # transformers 5.23 deprecates `gradient_checkpointing`, which TRL's configs set by default: not the user's to act on.
 warnings.filterwarnings("ignore", message=".*`gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -62,11 +60,12 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", exists=True
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log moon-rl's debug lines.")] = False,
 ) -> None:
+    from moon_rl.logs import setup_logging
+
     _state["debug"] = debug
-    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=verbose or debug)
     # bitsandbytes warns on every import that an optional Hub kernel package is missing; its CPU path works anyway.
     logging.getLogger("bitsandbytes").setLevel(logging.INFO if debug else logging.ERROR)
 
@@ -87,6 +86,15 @@ def _user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _result(text: str) -> None:
+    """A training or evaluation command's result, on stdout, once: under torchrun / accelerate launch every process
+    runs the command, and only the main one reports."""
+    from moon_rl.logs import is_main_process
+
+    if is_main_process():
+        typer.echo(text)
 
 
 def _load(recipe: Path, overrides: list[str] | None):
@@ -196,7 +204,7 @@ def sft(
     from moon_rl.training.sft import run_sft
 
     final = run_sft(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    typer.echo(f"SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+    _result(f"{_metrics_table(final.parent)}SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 @app.command("grpo")
@@ -211,7 +219,16 @@ def grpo(
     from moon_rl.training.grpo import run_grpo
 
     final = run_grpo(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    typer.echo(f"GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+    _result(f"{_metrics_table(final.parent)}GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+
+
+def _metrics_table(stage_dir: Path) -> str:
+    """The stage's test-split table (its metrics.json), printed once by the command, or nothing."""
+    import json
+
+    metrics = stage_dir / "metrics.json"
+    table = json.loads(metrics.read_text()).get("table") if metrics.is_file() else None
+    return f"{table}\n\n" if table else ""
 
 
 # ---------------------------------------------------------------------------------------------------- eval / run
@@ -234,7 +251,7 @@ def eval_(
     models = finished_models(run_dir) if not model else {_model_label(m): m for m in model}
     folder = run_eval(loaded, models, out, run_dir=run_dir)
     results = json.loads((folder / "metrics.json").read_text())["results"]
-    typer.echo(f"{main_table(results)}\n\nreport: {folder / 'report.md'}")
+    _result(f"{main_table(results)}\n\nreport: {folder / 'report.md'}")
 
 
 def _model_label(folder: Path) -> str:
@@ -259,7 +276,7 @@ def run(
     out = run_stages(loaded, overwrite=overwrite)
     metrics = out / "eval" / "metrics.json"
     if metrics.is_file():
-        typer.echo(f"\n{main_table(json.loads(metrics.read_text())['results'])}\n\nreport: {out / 'eval' / 'report.md'}")
+        _result(f"\n{main_table(json.loads(metrics.read_text())['results'])}\n\nreport: {out / 'eval' / 'report.md'}")
 
 
 # ---------------------------------------------------------------------------------------------------- embed
@@ -279,7 +296,7 @@ def embed(
 
     summary = run_embed(_load(recipe, set_), model_dir=model, catalogue=catalogue, out=out, mode=mode,
                         skip_bad=skip_bad)
-    typer.echo(summary.summary())
+    _result(summary.summary())
 
 
 @app.command("search")

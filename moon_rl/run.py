@@ -19,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def _say(message: str) -> None:
-    # WARNING is the level a CLI user sees by default; these lines are the run's progress.
-    logger.warning("== %s", message)
+    logger.info(message)  # the run's progress (moon_rl/logs.py: plain lines on the main process)
 
 
 def _data(recipe: Any, overwrite: bool) -> str:

@@ -34,6 +34,9 @@ def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     )
     result = torchrun(tmp_path, "sft", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Both processes run the command; only the main one reports: one progress line, one table, one result.
+    assert result.stderr.count("SFT on ") == 1 and result.stdout.count("SFT model:") == 1
+    assert result.stdout.count("| model | mode |") == 1
     out = tmp_path / "run" / "sft"
     assert (out / "final" / "moon_rl.json").is_file()
     assert (out / "checkpoint-2" / "moon_rl_checkpoint.json").is_file()

@@ -132,6 +132,16 @@ def test_heads_gradients_are_clipped_to_the_trainers_max_grad_norm():
     moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, heads.parameters(), strict=True)])
     assert opt.grad_norm == pytest.approx(norm)  # logged before clipping, as the Trainer's grad_norm
     assert float(moved.norm()) == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1: the update is the clipped gradient
+    # The stage's heads_max_grad_norm wins over max_grad_norm; 0 turns clipping off (the norm is still measured).
+    for heads_max, expected in ((0.25, 0.25), (0, norm)):
+        before = [p.detach().clone() for p in heads.parameters()]
+        for p in heads.parameters():
+            p.grad = torch.full_like(p, 3.0)
+        args = SimpleNamespace(max_grad_norm=0.5, heads_max_grad_norm=heads_max)
+        opt.on_pre_optimizer_step(args, None, None)
+        opt.on_optimizer_step(args, None, None)
+        moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, heads.parameters(), strict=True)])
+        assert float(moved.norm()) == pytest.approx(expected, rel=1e-5) and opt.grad_norm == pytest.approx(norm)
 
 
 def _broadcast_worker(rank: int, port: int, out: str) -> None:

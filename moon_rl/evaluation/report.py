@@ -47,11 +47,11 @@ def evaluation_summary(
     results: dict[str, Any] = {}
     trained = {label: embedder, **(others or {})}
     for name, model in trained.items():
-        logger.warning("evaluating %s (%s)", name, ", ".join(spec.modes))
+        logger.info("evaluating %s (%s)", name, ", ".join(spec.modes))
         results[name] = evaluate_embedder(model, catalogue, split, spec.modes, ks, spec.batch_size,
                                           faithfulness=spec.faithfulness)
     if "untrained" in spec.baselines:
-        logger.warning("evaluating the untrained backbone")
+        logger.info("evaluating the untrained backbone")
         baseline = baseline_embedder or MoonEmbedder.from_recipe(recipe)
         results["untrained"] = evaluate_embedder(baseline, catalogue, split, spec.modes, ks, spec.batch_size)
     if "minilm" in spec.baselines:
@@ -63,7 +63,8 @@ def evaluation_summary(
     if ceiling is not None:
         table_rows["text-only ceiling"] = ceiling
     table = format_table(table_rows, spec.k)
-    logger.warning("test split %r, gallery of %d products:\n%s", split, results[label]["gallery_size"], table)
+    # The commands print the table once, from metrics.json; here only for --verbose.
+    logger.debug("test split %r, gallery of %d products:\n%s", split, results[label]["gallery_size"], table)
     return {"split": split, "results": results, "text_only": text_ceiling(catalogue, split), "table": table}
 
 

@@ -152,7 +152,7 @@ def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: b
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         load_heads(embedder.heads, checkpoint)
-        logger.warning("resuming from %s", checkpoint)
+        logger.info("resuming from %s", checkpoint)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started

@@ -98,6 +98,9 @@ class MoonContrastiveMixin:
         heads_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the fusion / FIRE / projection heads in this stage. `None` uses the recipe's
             `model.heads.learning_rate`. A refining stage (GRPO after SFT) usually wants it lower.
+        heads_max_grad_norm (`float` or `None`, *optional*, defaults to `None`):
+            Clip the heads' gradient norm to this (their own norm; the Trainer clips the model's). `None` uses
+            `max_grad_norm`, as TRL does for the model; `0` turns clipping off.
     """
 
     contrastive_weight: float = field(
@@ -123,11 +126,18 @@ class MoonContrastiveMixin:
         default=None,
         metadata={"help": "Learning rate of the heads in this stage. None = the recipe's model.heads.learning_rate."},
     )
+    heads_max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "Clip the heads' gradient norm to this. None = max_grad_norm; 0 = no clipping."},
+    )
 
     def __post_init__(self) -> None:
         lr = self.heads_learning_rate
         if lr is not None and (not _is_number(lr) or lr <= 0):
             raise ValueError(f"`heads_learning_rate` must be a number > 0 or None, got {lr!r}.")
+        clip = self.heads_max_grad_norm
+        if clip is not None and (not _is_number(clip) or clip < 0):
+            raise ValueError(f"`heads_max_grad_norm` must be a number >= 0 (0: no clipping) or None, got {clip!r}.")
         for name in ("contrastive_weight", "direct_contrastive_weight", "image_contrastive_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:

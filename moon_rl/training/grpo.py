@@ -174,16 +174,19 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         the differences between them. Each product's prompt (`products`: per row) goes through the processor once, not
         once per completion, and both forwards run in chunks of the per-device batch, as TRL's own.
         """
-        distinct = list(dict.fromkeys(products))
-        first_row = {product: products.index(product) for product in distinct}
-        prompt_ids, _, fields = self._tokenize_prompts([prompts[first_row[product]] for product in distinct])
+        first_row: dict[str, int] = {}
+        for row, product in enumerate(products):
+            first_row.setdefault(product, row)
+        distinct = list(first_row)  # each product once, in order of first appearance
+        prompt_ids, _, fields = self._tokenize_prompts([prompts[row] for row in first_row.values()])
         # TRL tokenises without `return_tensors`: image fields may come back as numpy arrays.
         pixels, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
         distinct_batch = PromptBatch([list(p) for p in prompt_ids],
                                      None if pixels is None else torch.as_tensor(np.asarray(pixels)),
                                      None if grid is None else torch.as_tensor(np.asarray(grid)))
         merge = getattr(getattr(backbone_of(self.embedder.model), "visual", None), "spatial_merge_size", None) or 1
-        prompt_batch = select_rows(distinct_batch, [distinct.index(product) for product in products],
+        index = {product: i for i, product in enumerate(distinct)}
+        prompt_batch = select_rows(distinct_batch, [index[product] for product in products],
                                    self.embedder.image_token_id, merge)
         chunk = self.args.per_device_train_batch_size
         # These forwards call the HF model directly, not through the FSDP wrapper: like TRL's generation, gather the

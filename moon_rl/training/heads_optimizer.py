@@ -10,8 +10,9 @@ At the start of training the callback broadcasts the heads from process 0, as DD
 process that initialised or loaded them differently would otherwise train its own copy). Per optimizer step it:
 * all-reduces (averages) the heads' gradients across processes, which DDP/FSDP do for the wrapped model only;
 * with fp16 loss scaling, unscales them, and skips the step wherever the Trainer's step was skipped (inf/NaN);
-* clips them to the Trainer's `max_grad_norm` (their own norm: the Trainer clips the model's before the callbacks run,
-  so one joint norm is not available), and logs that norm as `heads_grad_norm`;
+* clips them to the stage's `heads_max_grad_norm`, by default the Trainer's `max_grad_norm` (their own norm: the
+  Trainer clips the model's before the callbacks run, so one joint norm is not available); the norm before clipping is
+  logged as `heads_grad_norm`;
 * steps the heads' optimizer and schedule, then zeroes the heads' gradients (the Trainer zeroes the model's only).
 """
 
@@ -99,9 +100,10 @@ class HeadsOptimizer(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.optimizer is not None and self._step_is_valid():
-            max_norm = getattr(args, "max_grad_norm", None)
-            if max_norm is not None and max_norm > 0:
-                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            max_norm = getattr(args, "heads_max_grad_norm", None)
+            max_norm = getattr(args, "max_grad_norm", None) if max_norm is None else max_norm
+            # An infinite bound only measures the norm (for the log).
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf")))
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()

@@ -169,4 +169,4 @@ def _write_metrics(recipe: Any, embedder: MoonEmbedder, catalogue: Any, out: Pat
     summary = evaluation_summary(recipe, embedder, catalogue)
     summary["train_seconds"] = round(train_seconds, 1)
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    logger.warning("SFT metrics written to %s", out / "metrics.json")
+    logger.info("SFT metrics written to %s", out / "metrics.json")

@@ -1,0 +1,59 @@
+"""moon-rl's console logging, as TRL and accelerate users expect it from a training command.
+
+* moon-rl's own logger (`moon_rl.*`) at INFO: the run's progress as plain lines (`[2/5] sft: starting`), warnings
+  with their level and module (`WARNING moon_rl.training.sft: ...`), on the main process only (`RANK` 0; the other
+  processes of a `torchrun` / `accelerate launch` run show errors alone, so nothing is printed once per GPU);
+* `-v`: moon-rl's DEBUG lines too; other libraries keep their own levels (their warnings show as before);
+* transformers' per-file "Loading weights" bars stay hidden (noise on small models), Hub download bars do not.
+
+Library modules only call `logging.getLogger(__name__)`; the CLI calls `setup_logging` once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["is_main_process", "setup_logging"]
+
+
+def is_main_process() -> bool:
+    """True on the process that reports: global rank 0 (`RANK`, set by torchrun and accelerate before any init)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _PlainInfo(logging.Formatter):
+    """INFO as the bare message (progress lines); anything else with its level and logger name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {super().format(record)}"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the `moon_rl` logger (see the module docstring); safe to call again (handlers are replaced)."""
+    logger = logging.getLogger("moon_rl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainInfo("%(message)s"))
+    logger.handlers = [handler]
+    logger.propagate = False
+    if not is_main_process():
+        logger.setLevel(logging.ERROR)
+    else:
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Other libraries: their warnings, formatted as before; their INFO stays off.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _hide_weight_loading_bars()
+
+
+def _hide_weight_loading_bars() -> None:
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # transformers' own bars (loading / writing weights); Hub downloads use huggingface_hub's and keep theirs.
+        return factory(*args, **{**kwargs, "disable": True})
+
+    hf_logging.set_tqdm_hook(hook)

@@ -1,0 +1,55 @@
+"""Console logging as a TRL / accelerate user expects it: moon-rl's progress at INFO as plain lines on the main process,
+WARNING for warnings, -v for moon-rl's debug lines only, other libraries left at their own levels."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from moon_rl.logs import setup_logging
+
+
+@pytest.fixture
+def restore_logging():
+    moon, root = logging.getLogger("moon_rl"), logging.getLogger()
+    saved = (list(moon.handlers), moon.level, moon.propagate, list(root.handlers), root.level)
+    yield
+    moon.handlers, moon.level, moon.propagate = saved[0], saved[1], saved[2]
+    root.handlers, root.level = saved[3], saved[4]
+
+
+def emit() -> None:
+    log = logging.getLogger("moon_rl.run")
+    log.debug("debug detail")
+    log.info("[1/5] data: starting")
+    log.warning("no trained model at x")
+    log.error("broken")
+
+
+def test_progress_is_plain_info_and_warnings_keep_their_level(restore_logging, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    from transformers.utils import logging as hf_logging
+
+    transformers_level = hf_logging.get_verbosity()  # transformers sets its own level on import
+    setup_logging()
+    emit()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[1/5] data: starting", "WARNING moon_rl.run: no trained model at x", "ERROR moon_rl.run: broken"]
+    assert hf_logging.get_verbosity() == transformers_level  # -v or not, not ours to change
+
+
+def test_verbose_adds_moon_rls_debug_lines_only(restore_logging, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    setup_logging(verbose=True)
+    emit()
+    logging.getLogger("some_library").info("library chatter")
+    err = capsys.readouterr().err
+    assert "DEBUG moon_rl.run: debug detail" in err and "library chatter" not in err
+
+
+def test_other_processes_report_errors_only(restore_logging, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    setup_logging(verbose=True)
+    emit()
+    assert capsys.readouterr().err.splitlines() == ["ERROR moon_rl.run: broken"]
