@@ -3,6 +3,9 @@ forward over the whole sequences gives (positions, image features, fusion, FIRE 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -25,6 +28,19 @@ COMPLETIONS = [[101, 102, 103], [104], [105, 106, 107, 108, 109, 110, 111], [], 
                [118], [119, 120, 121, 122, 123]]
 
 
+@contextlib.contextmanager
+def rows_per_forward(embedder: MoonEmbedder) -> Iterator[list[int]]:
+    """The batch size of every backbone forward inside the block, no-grad and in eval mode."""
+    rows: list[int] = []
+    handle = backbone_of(embedder.model).register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad(), eval_mode(embedder.model):
+            yield rows
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(scope="module")
 def embedder() -> MoonEmbedder:
     embedder = MoonEmbedder.from_recipe(tiny_recipe(lora=None))
@@ -44,17 +60,11 @@ def test_shared_prompt_forward_gives_the_whole_sequence_embeddings_and_runs_each
     prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ROWS])
     batch = assemble(prompts, COMPLETIONS, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
                      append_readout=False)
-    rows_per_forward: list[int] = []
-    handle = backbone_of(embedder.model).register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    try:
-        with torch.no_grad(), eval_mode(embedder.model):
-            whole = embedder(batch)
-            rows_per_forward.clear()
-            shared = embed_completions(embedder, prompts, COMPLETIONS)
-    finally:
-        handle.remove()
-    assert rows_per_forward == [4, 8]  # the 4 distinct prompts, then the 8 completions on their caches
+    with rows_per_forward(embedder) as rows:
+        whole = embedder(batch)
+        rows.clear()
+        shared = embed_completions(embedder, prompts, COMPLETIONS)
+    assert rows == [4, 8]  # the 4 distinct prompts, then the 8 completions on their caches
     torch.testing.assert_close(shared, whole, atol=2e-5, rtol=1e-4)
     # Each row is its own: the same prompt with another completion embeds differently.
     assert (shared[0] - shared[2]).abs().max() > 1e-3
@@ -64,15 +74,9 @@ def test_without_repeated_prompts_it_is_the_plain_forward(embedder):
     names = ["a", "a-blue", "two", "text"]
     prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in names])
     completions = COMPLETIONS[:4]
-    rows_per_forward: list[int] = []
-    handle = backbone_of(embedder.model).register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    try:
-        with torch.no_grad(), eval_mode(embedder.model):
-            shared = embed_completions(embedder, prompts, completions)
-    finally:
-        handle.remove()
-    assert rows_per_forward == [4]
+    with rows_per_forward(embedder) as rows:
+        shared = embed_completions(embedder, prompts, completions)
+    assert rows == [4]
     whole = embedder(assemble(prompts, completions, embedder.readout_id, embedder.pad_id, embedder.image_token_id,
                               append_readout=False))
     torch.testing.assert_close(shared, whole.detach(), atol=1e-6, rtol=1e-5)
@@ -84,20 +88,13 @@ def test_micro_batched_forward_gives_the_same_embeddings_in_chunks_of_max_rows(e
     from moon_rl.modeling.shared_prompts import select_rows
 
     prompts = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ROWS])
-    rows_per_forward: list[int] = []
-    handle = backbone_of(embedder.model).register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    try:
-        with torch.no_grad(), eval_mode(embedder.model):
-            whole = embed_completions(embedder, prompts, COMPLETIONS)
-            for max_rows in (3, 4):
-                rows_per_forward.clear()
-                chunked = embed_completions(embedder, prompts, COMPLETIONS, max_rows=max_rows)
-                torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
-                completion_rows = rows_per_forward[1::2] if max_rows == 4 else rows_per_forward
-                assert max(completion_rows) <= max_rows
-    finally:
-        handle.remove()
+    with rows_per_forward(embedder) as rows:
+        whole = embed_completions(embedder, prompts, COMPLETIONS)
+        for max_rows in (3, 4):
+            rows.clear()
+            chunked = embed_completions(embedder, prompts, COMPLETIONS, max_rows=max_rows)
+            torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+            assert max(rows) <= max_rows  # prompt and completion forwards alike
     # Rows picked (repeats allowed) keep their own images: "two" has two, "text" none.
     picked = select_rows(prompts, [3, 4, 0, 3], embedder.image_token_id, merge_size=2)
     again = tokenize_prompts(embedder.processor, [PRODUCTS[name] for name in ("two", "text", "a", "two")])
