@@ -4,7 +4,8 @@ The heads (fusion, FIRE, projection) live outside the HF model that accelerate w
 cannot sit in the Trainer's optimizer: FSDP's and DeepSpeed's optimizer checkpoints only know the wrapped model's
 parameters (`FSDP.optim_state_dict` fails on any other), and ZeRO-3 partitions every parameter its optimizer holds.
 A second optimizer of the same class and settings (AdamW by default), with the same schedule type and length, gives the
-heads exactly the update one shared optimizer with a heads parameter group would, and checkpoints as its own file.
+heads the update one shared optimizer with a heads parameter group would (clipping aside: below), and checkpoints as
+its own file.
 
 At the start of training the callback broadcasts the heads from process 0, as DDP does for the wrapped model (a
 process that initialised or loaded them differently would otherwise train its own copy). Per optimizer step it:
