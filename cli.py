@@ -6,6 +6,7 @@ code 2; `moon-rl --debug ...` shows the traceback instead.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -66,8 +67,17 @@ def _main(
 
     _state["debug"] = debug
     setup_logging(verbose=verbose or debug)
+    atexit.register(_close_process_group)
     # bitsandbytes warns on every import that an optional Hub kernel package is missing; its CPU path works anyway.
     logging.getLogger("bitsandbytes").setLevel(logging.INFO if debug else logging.ERROR)
+
+
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch: close the process group before the interpreter exits, as accelerate's
+    `end_training` does (not per stage: `moon-rl run` trains several stages in one process)."""
+    dist = sys.modules.get("torch.distributed")  # never imported just for this (a `--help` stays fast)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _user_errors(fn: F) -> F:

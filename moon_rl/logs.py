@@ -39,13 +39,19 @@ def setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PlainInfo("%(message)s"))
     logger.handlers = [handler]
-    logger.propagate = False
     if not is_main_process():
         logger.setLevel(logging.ERROR)
     else:
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # Other libraries: their warnings, formatted as before; their INFO stays off.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Other libraries: their warnings, formatted as before, their INFO off. moon-rl's records still propagate (to a
+    # user's or pytest's handlers), but the root handler set up here leaves them to the handler above.
+    root = logging.getLogger()
+    if not root.handlers:
+        fallback = logging.StreamHandler(sys.stderr)
+        fallback.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fallback.addFilter(lambda record: not record.name.startswith("moon_rl"))
+        root.addHandler(fallback)
+        root.setLevel(logging.WARNING)
     _hide_weight_loading_bars()
 
 

@@ -83,8 +83,10 @@ def assert_clean_failure(result, run_dir: Path, *names: str) -> str:
     output = result.output
     assert result.exit_code == 2, output
     assert "Traceback" not in output, output
-    # `embed` may have drawn its progress bar (tqdm, on stderr) before it met the bad row; nothing else may show.
-    lines = [line for line in re.split(r"[\r\n]+", output) if line.strip() and not PROGRESS_BAR.search(line)]
+    # `embed` may have drawn its progress bar (tqdm, on stderr) before it met the bad row, and a stage its warnings
+    # (e.g. "starting from the recipe's base model"); nothing else may show.
+    lines = [line for line in re.split(r"[\r\n]+", output)
+             if line.strip() and not PROGRESS_BAR.search(line) and not line.startswith("WARNING moon_rl.")]
     assert len(lines) == 1 and lines[0].startswith("error: "), output
     for name in names:
         assert name in lines[0], (name, lines[0])

@@ -12,11 +12,18 @@ from moon_rl.logs import setup_logging
 
 @pytest.fixture
 def restore_logging():
+    """Call the yielded function instead of `setup_logging`: it runs on a bare root logger, as in a fresh `moon-rl`
+    process (pytest adds its own handlers to the root for each test phase); everything is restored afterwards."""
     moon, root = logging.getLogger("moon_rl"), logging.getLogger()
-    saved = (list(moon.handlers), moon.level, moon.propagate, list(root.handlers), root.level)
-    yield
-    moon.handlers, moon.level, moon.propagate = saved[0], saved[1], saved[2]
-    root.handlers, root.level = saved[3], saved[4]
+    saved = (list(moon.handlers), moon.level, list(root.handlers), root.level)
+
+    def setup(verbose: bool = False) -> None:
+        root.handlers = []
+        setup_logging(verbose=verbose)
+
+    yield setup
+    moon.handlers, moon.level = saved[0], saved[1]
+    root.handlers, root.level = saved[2], saved[3]
 
 
 def emit() -> None:
@@ -32,16 +39,19 @@ def test_progress_is_plain_info_and_warnings_keep_their_level(restore_logging, c
     from transformers.utils import logging as hf_logging
 
     transformers_level = hf_logging.get_verbosity()  # transformers sets its own level on import
-    setup_logging()
+    restore_logging()
     emit()
+    logging.getLogger("some_library").warning("library warning")
     err = capsys.readouterr().err.splitlines()
-    assert err == ["[1/5] data: starting", "WARNING moon_rl.run: no trained model at x", "ERROR moon_rl.run: broken"]
+    # Each once: moon-rl's records propagate, but the root handler leaves them to moon-rl's own.
+    assert err == ["[1/5] data: starting", "WARNING moon_rl.run: no trained model at x", "ERROR moon_rl.run: broken",
+                   "WARNING some_library: library warning"]
     assert hf_logging.get_verbosity() == transformers_level  # -v or not, not ours to change
 
 
 def test_verbose_adds_moon_rls_debug_lines_only(restore_logging, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    setup_logging(verbose=True)
+    restore_logging(verbose=True)
     emit()
     logging.getLogger("some_library").info("library chatter")
     err = capsys.readouterr().err
@@ -50,6 +60,6 @@ def test_verbose_adds_moon_rls_debug_lines_only(restore_logging, capsys, monkeyp
 
 def test_other_processes_report_errors_only(restore_logging, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    setup_logging(verbose=True)
+    restore_logging(verbose=True)
     emit()
     assert capsys.readouterr().err.splitlines() == ["ERROR moon_rl.run: broken"]

@@ -535,6 +535,9 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
         _write_metrics(recipe, trained_embedder(trainer, embedder, out), init, catalogue, out, seconds)
+    # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
+    # open process group aborted a process under torchrun ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
     return out / FINAL_DIR
 
 

@@ -159,6 +159,9 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
         _write_metrics(recipe, trained_embedder(trainer, embedder, out), catalogue, out, seconds)
+    # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
+    # open process group aborted a process under torchrun ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
     return out / FINAL_DIR
 
 
