@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moon_rl.modeling.folder import MODEL_MANIFEST, is_model_folder
 from moon_rl.training.checkpoint import FINAL_DIR, latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _eval(recipe: Any, overwrite: bool) -> str:
 def _latest_model(recipe: Any) -> Path | None:
     for stage in ("grpo", "sft"):
         folder = Path(recipe.output_dir) / stage / FINAL_DIR
-        if (folder / "moon_rl.json").is_file():
+        if is_model_folder(folder):
             return folder
     return None
 
@@ -79,7 +80,7 @@ STAGE_RUNNERS: dict[str, Callable[[Any, bool], str]] = {
 def stage_done(recipe: Any, stage: str) -> Path | None:
     """The file that shows `stage` finished in the recipe's output folder, or None (data is never 'done')."""
     out = Path(recipe.output_dir)
-    marker = {"sft": out / "sft" / FINAL_DIR / "moon_rl.json", "grpo": out / "grpo" / FINAL_DIR / "moon_rl.json",
+    marker = {"sft": out / "sft" / FINAL_DIR / MODEL_MANIFEST, "grpo": out / "grpo" / FINAL_DIR / MODEL_MANIFEST,
               "embed": out / "embed" / "embed.json", "eval": out / "eval" / "report.md"}.get(stage)
     return marker if marker is not None and marker.is_file() else None
 

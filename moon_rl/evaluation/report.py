@@ -18,6 +18,7 @@ from moon_rl.errors import MoonError
 from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_ceiling_result
 from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table, result_modes
 from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.folder import is_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def run_eval(recipe: Any, models: Mapping[str, Path], out: Path | None = None, *
     if not models:
         raise MoonError(f"nothing to evaluate: no finished sft/grpo model under {recipe.output_dir} and no --model")
     for label, folder in models.items():
-        if not (Path(folder) / "moon_rl.json").is_file():
+        if not is_model_folder(folder):
             raise MoonError(f"--model {folder} ({label}): not a moon-rl model folder (no moon_rl.json)")
     catalogue = load_recipe_catalogue(recipe.data)
     loaded = {label: MoonEmbedder.load(folder) for label, folder in models.items()}
@@ -217,6 +218,6 @@ def finished_models(run_dir: Path) -> dict[str, Path]:
     found = {}
     for stage in ("sft", "grpo"):
         folder = Path(run_dir) / stage / "final"
-        if (folder / "moon_rl.json").is_file():
+        if is_model_folder(folder):
             found[stage] = folder
     return found

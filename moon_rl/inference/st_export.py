@@ -28,6 +28,7 @@ from typing import Any
 
 from moon_rl.cache import atomic_dir
 from moon_rl.errors import MoonError
+from moon_rl.modeling.folder import MODEL_MANIFEST
 
 #: The sentence-transformers module class; its file is shipped as `<ST_MODULE_FILE>.py`.
 ST_MODULE_FILE = "moon_st"
@@ -123,7 +124,7 @@ def export_sentence_transformers(model_dir: Path, out: Path, *, model_spec: Any 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
     """`moon_rl.json` of a moon-rl model folder, after checking the files an export needs are there."""
-    manifest_path = model_dir / "moon_rl.json"
+    manifest_path = model_dir / MODEL_MANIFEST
     if not manifest_path.is_file():
         raise MoonError(f"{model_dir}: not a moon-rl model folder (no moon_rl.json); pass a folder written by "
                         "training or `MoonEmbedder.save`, e.g. runs/<name>/sft/final")
@@ -194,7 +195,7 @@ def _write_configs(folder: Path, model_dir: Path, manifest: dict[str, Any], name
                      "max_images": manifest.get("max_images", 4)}
     (folder / "moon_st_config.json").write_text(json.dumps(module_config, indent=2))
     exported = {**manifest, "weights": "full", "exported_from": str(model_dir), "exported_by": moon_rl.__version__}
-    (folder / "moon_rl.json").write_text(json.dumps(exported, indent=2))
+    (folder / MODEL_MANIFEST).write_text(json.dumps(exported, indent=2))
     embed_dim = json.loads((model_dir / "heads_config.json").read_text()).get("embed_dim")
     (folder / "README.md").write_text(README.format(
         name=name, version=moon_rl.__version__,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.inference.generation import hf_generate
+from moon_rl.modeling.folder import MODEL_MANIFEST
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
 from moon_rl.modeling.inputs import (
     EmbedItem,
@@ -294,7 +295,7 @@ class MoonEmbedder(nn.Module):
             atomic_write_text(tmp / "heads_config.json", json.dumps(self.heads.config.to_dict(), indent=2))
             if self.meta.get("recipe"):
                 atomic_write_text(tmp / "recipe.yaml", self.meta["recipe"])
-            atomic_write_text(tmp / "moon_rl.json", json.dumps(self._manifest(weights), indent=2))
+            atomic_write_text(tmp / MODEL_MANIFEST, json.dumps(self._manifest(weights), indent=2))
         return path
 
     def _manifest(self, weights: str) -> dict[str, Any]:
@@ -323,7 +324,7 @@ class MoonEmbedder(nn.Module):
         from moon_rl.modeling.loading import load_model, load_processor, resolve_model_path
 
         path = Path(path)
-        manifest_path = path / "moon_rl.json"
+        manifest_path = path / MODEL_MANIFEST
         if not manifest_path.is_file():
             raise MoonError(f"{path}: not a moon-rl model folder (no moon_rl.json)")
         manifest = json.loads(manifest_path.read_text())

@@ -17,6 +17,7 @@ from torch import nn
 
 from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
+from moon_rl.modeling.folder import is_model_folder
 
 HEADS_FILE = "moon_heads.safetensors"
 MARKER_FILE = "moon_rl_checkpoint.json"
@@ -65,7 +66,7 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
     final = output_dir / FINAL_DIR
     if overwrite and resume:
         raise MoonError("--overwrite and --resume contradict each other: choose one")
-    if (final / "moon_rl.json").is_file() and not overwrite:
+    if is_model_folder(final) and not overwrite:
         raise MoonError(f"{output_dir} already holds a finished run ({final}); pass --overwrite to train again "
                         "into it, or choose another output_dir")
     if overwrite and output_dir.exists():

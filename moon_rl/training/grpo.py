@@ -43,6 +43,7 @@ from moon_rl.data.chains import (
 )
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
+from moon_rl.modeling.folder import is_model_folder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
@@ -500,7 +501,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     out = Path(args.output_dir)
     check_output_dir(out, overwrite=overwrite, resume=resume)
     init = recipe.grpo_init_path(args)
-    if (init / "moon_rl.json").is_file():
+    if is_model_folder(init):
         embedder = MoonEmbedder.load(init, trainable=True)
     elif args.init_from is not None:
         # Asked for by name: starting from the base model instead would train the wrong model without a word.
@@ -545,7 +546,7 @@ def _write_metrics(recipe: Any, embedder: MoonEmbedder, init: Path, catalogue: A
     """Test metrics after GRPO beside the model GRPO started from (and the recipe's baselines)."""
     from moon_rl.evaluation.report import evaluation_summary
 
-    before = {"before GRPO": MoonEmbedder.load(init)} if (init / "moon_rl.json").is_file() else {}
+    before = {"before GRPO": MoonEmbedder.load(init)} if is_model_folder(init) else {}
     summary = evaluation_summary(recipe, embedder, catalogue, label="after GRPO", others=before)
     summary["train_seconds"] = round(seconds, 1)
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
