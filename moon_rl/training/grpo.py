@@ -222,13 +222,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         if self.args.candidate_queue_size and not len(self.candidate_pool):
             self._fill_queue()
         pairs = [int(x["pair"]) for x in inputs]
+        row_products = [self._pair_product(p) for p in pairs]
         local_pairs = self._local_candidate_pairs(pairs)
         embeddings, local_candidates, truncated = self._reward_forward(
-            prompts, completion_ids_list, local_pairs, [self._pair_product(p) for p in pairs])
+            prompts, completion_ids_list, local_pairs, row_products)
         pool = self.candidate_pool.build(local_pairs, [self._pair_product(p) for p in local_pairs], local_candidates)
         positive_index = pool.positions(pairs)
         device = embeddings.device
-        products = torch.tensor([stable_id_hash(self._pair_product(p)) for p in pairs], device=device)
+        products = torch.tensor([stable_id_hash(product) for product in row_products], device=device)
         self._batch = RewardBatch(
             embeddings=embeddings, candidates=pool.vectors, positive_index=positive_index,
             candidate_mask=pool.mask(products, positive_index), truncated=truncated,
