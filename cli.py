@@ -123,12 +123,15 @@ def data_synth(
     image_size: Annotated[int, typer.Option(help="Image side in pixels.", min=28)] = 112,
     test_fraction: Annotated[float, typer.Option(help="Share of product families held out for test.")] = 0.2,
     lookalikes: Annotated[int, typer.Option(help="Look-alikes per product (family size - 1).", min=0)] = 3,
+    trace_errors: Annotated[float, typer.Option(
+        help="Share of training products whose trace names one wrong colour (a teacher's errors).", min=0.0, max=1.0,
+    )] = 0.0,
 ) -> None:
     """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
     from moon_rl.data.synthetic import SynthOptions, synthesize
 
     options = SynthOptions(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                           lookalikes=lookalikes)
+                           lookalikes=lookalikes, trace_errors=trace_errors)
     report = synthesize(out, options)
     typer.echo(report.summary())
 

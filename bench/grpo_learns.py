@@ -47,6 +47,9 @@ RETRIEVAL_COLUMNS = [("text R@1 reason", "reason/text->product"), ("image R@1 re
                      ("text R@1 direct", "direct/text->product"), ("image R@1 direct", "direct/image->product"),
                      ("text R@1 swapped chains", "swapped/text->product"), ("cos(chain, chain)", "chain_cosine"),
                      ("cos(reason, direct)", "reason_direct_cosine")]
+#: with `data.synthetic.trace_errors`: greedy chains of the training products whose trace is wrong
+REPAIR_COLUMNS = [("wrong-trace products: chain names the truth", "repair/true"),
+                  ("wrong-trace products: chain repeats the trace", "repair/trace")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo_learns")
     parser.add_argument("--results", type=Path, default=None,
                         help="markdown file to write (default bench/RESULTS.md; quick: <out>/RESULTS.md)")
+    parser.add_argument("--section", default=SECTION,
+                        help=f"the results file's section to (re)write (default {SECTION}; e.g. one per catalogue)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as `moon-rl --set` (repeatable)")
     args = parser.parse_args(argv)
@@ -103,10 +108,32 @@ def evaluate(recipe: Any, model_dir: Path, catalogue: Any) -> dict[str, float | 
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder
 
-    results = evaluate_embedder(MoonEmbedder.load(model_dir), catalogue, split=recipe.data.test_split,
-                                modes=("direct", "reason"), batch_size=recipe.eval.batch_size, zero_shot=False,
-                                faithfulness=True)
-    return model_metrics(results)
+    embedder = MoonEmbedder.load(model_dir)
+    results = evaluate_embedder(embedder, catalogue, split=recipe.data.test_split, modes=("direct", "reason"),
+                                batch_size=recipe.eval.batch_size, zero_shot=False, faithfulness=True)
+    return {**model_metrics(results), **trace_error_chains(embedder, catalogue)}
+
+
+def trace_error_chains(embedder: Any, catalogue: Any) -> dict[str, float]:
+    """Does the model repeat its teacher's errors? On the training products whose trace names a wrong value
+    (`catalogue.json` `trace_errors`, from `data.synthetic.trace_errors`): the share of greedy chains naming the true
+    value (`repair/true`) and the trace's wrong one (`repair/trace`). Empty when the traces have no errors."""
+    from moon_rl.data.chains import named_values
+
+    errors = catalogue.manifest.get("trace_errors") or {}
+    if not errors:
+        return {}
+    ids = sorted(errors)
+    _, chains = embedder.encode([catalogue.products[pid] for pid in ids], mode="reason", load_image=catalogue.image,
+                                return_completions=True)
+    true = trace = 0
+    for pid, chain in zip(ids, chains, strict=True):
+        error = errors[pid]
+        named = named_values(chain, {error["attribute"]: {error["true"]: 1, error["trace"]: 1}})
+        named_value = named.get(error["attribute"], set())
+        true += named_value == {error["true"]}
+        trace += named_value == {error["trace"]}
+    return {"repair/true": true / len(ids), "repair/trace": trace / len(ids), "repair/products": float(len(ids))}
 
 
 def edge_windows(values: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -278,6 +305,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def model_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     header = ["model", *[f"chain {attr}" for attr in ATTRIBUTES], *[label for label, _ in RETRIEVAL_COLUMNS]]
     keys = [*[f"chain/{attr}" for attr in ATTRIBUTES], *[key for _, key in RETRIEVAL_COLUMNS]]
+    if values(runs, "sft", "repair/true"):  # the catalogue's traces have errors: does the model repeat them?
+        header += [label for label, _ in REPAIR_COLUMNS]
+        keys += [key for _, key in REPAIR_COLUMNS]
     rows = [[group.upper(), *[fmt(values(runs, group, key)) for key in keys]] for group in ("sft", "grpo")]
     chance = {"reason/text->product": "chance/text->product", "reason/image->product": "chance/image->product",
               "direct/text->product": "chance/text->product", "direct/image->product": "chance/image->product",
@@ -301,7 +331,7 @@ def signal_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 def section(args: argparse.Namespace, runs: Sequence[Mapping[str, Any]], command: str, minutes: float) -> str:
     """The markdown of this bench's section of the results file."""
     lines = [
-        "## Does GRPO learn? (bench/grpo_learns.py)", "",
+        "## Does GRPO learn? (bench/grpo_learns.py)" + ("" if args.section == SECTION else f": {args.section}"), "",
         f"Command: `{command}`  ", f"Machine: {machine_description()}  ",
         f"Seeds: {list(args.seeds)} (`sft.seed` = `grpo.seed`; catalogue seed as shipped); recipe "
         f"`recipes/tiny-cpu.yaml`{' with ' + ', '.join(f'`{o}`' for o in args.overrides) if args.overrides else ''}"
@@ -310,7 +340,10 @@ def section(args: argparse.Namespace, runs: Sequence[Mapping[str, Any]], command
                     for stage in ("sft", "grpo", "eval_sft", "eval_grpo")) + ".", "",
         "Mean ± spread (population std over seeds). Test split, queries in direct mode; chain columns: share of the "
         "gallery's greedy chains naming the product's own value; swapped: the gallery read out after another "
-        "product's chain.", "",
+        "product's chain." + (
+            f" Wrong-trace columns: the {int(values(runs, 'sft', 'repair/products')[0])} *training* products whose "
+            "trace names a wrong value (`data.synthetic.trace_errors`): share of greedy chains naming the true value, "
+            "and repeating the trace's." if values(runs, "sft", "repair/products") else ""), "",
         *model_table(runs), "", *signal_table(runs), "",
         "### Bars", "",
         "\"By more than the spread\": the difference of means exceeds the larger population std of the two compared "
@@ -337,7 +370,7 @@ def main(argv: list[str] | None = None) -> Path:
         raw.write_text(json.dumps({"command": command, "seeds": args.seeds, "overrides": args.overrides,
                                    "runs": runs}, indent=2))
     minutes = (time.perf_counter() - started) / 60
-    write_section(args.results, SECTION, section(args, runs, command, minutes))
+    write_section(args.results, args.section, section(args, runs, command, minutes))
     logger.info("total %.1f minutes; wrote %s and %s", minutes, args.results, raw)
     return args.results
 

@@ -194,6 +194,8 @@ class SyntheticSpec(_Section):
     image_size: PositiveInt = 112
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     lookalikes: NonNegativeInt = 3
+    trace_errors: float = Field(default=0.0, ge=0.0, le=1.0)
+    trace_error_attributes: list[Literal["colour", "pattern"]] = Field(default_factory=lambda: ["colour"], min_length=1)
 
 
 class DataSpec(_Section):

@@ -127,3 +127,32 @@ def test_section_renders_tables_bars_and_reasoning_line():
     assert "| SFT | 0.500 ± 0.000 |" in text and "`grpo.max_steps=4`" in text and "5. reason vs direct" in text
     assert "sft 10 ± 0, grpo 20 ± 0, eval_sft –" in text
     assert args.results == Path("/tmp/x/RESULTS.md") and args.seeds == [0]
+
+
+class _ChainStub:
+    """`encode(..., return_completions=True)` returning a fixed chain per product id."""
+
+    def __init__(self, chains: dict[str, str]):
+        self.chains = chains
+
+    def encode(self, products, mode, load_image, return_completions):
+        assert mode == "reason" and return_completions
+        return None, [self.chains[p.id] for p in products]
+
+
+def test_trace_error_chains_count_truth_and_repeated_trace_per_listed_product():
+    from types import SimpleNamespace
+
+    errors = {"a": {"attribute": "colour", "true": "red", "trace": "blue"},
+              "b": {"attribute": "colour", "true": "green", "trace": "grey"},
+              "c": {"attribute": "pattern", "true": "dotted", "trace": "striped"},
+              "d": {"attribute": "colour", "true": "pink", "trace": "teal"}}
+    products = {pid: SimpleNamespace(id=pid) for pid in [*errors, "clean"]}
+    catalogue = SimpleNamespace(manifest={"trace_errors": errors}, products=products, image=None)
+    chains = {"a": "<think>colour red. pattern solid.</think>",  # the truth
+              "b": "<think>colour grey.</think>",  # repeats the teacher's error
+              "c": "<think>colour red. pattern striped.</think>",  # repeats it (another attribute's value is no matter)
+              "d": "<think>colour pink teal.</think>"}  # names both: neither count
+    found = grpo_learns.trace_error_chains(_ChainStub(chains), catalogue)
+    assert found == {"repair/true": 0.25, "repair/trace": 0.5, "repair/products": 4.0}
+    assert grpo_learns.trace_error_chains(_ChainStub({}), SimpleNamespace(manifest={})) == {}

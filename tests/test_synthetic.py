@@ -196,3 +196,37 @@ def test_options_are_validated():
         SynthOptions(test_fraction=1.5)
     with pytest.raises(DataError, match="lookalikes"):
         SynthOptions(lookalikes=99)
+    with pytest.raises(DataError, match="trace_errors"):
+        SynthOptions(trace_errors=1.5)
+    with pytest.raises(DataError, match="trace_error_attributes"):
+        SynthOptions(trace_errors=0.3, trace_error_attributes=("brand",))
+
+
+def test_trace_errors_rewrite_only_the_chosen_training_traces(tmp_path: Path):
+    clean = tmp_path / "clean"
+    noisy = tmp_path / "noisy"
+    synthesize(clean, SynthOptions(n_products=80, seed=3, image_size=32))
+    synthesize(noisy, SynthOptions(n_products=80, seed=3, image_size=32, trace_errors=0.25,
+                                   trace_error_attributes=("colour", "pattern")))
+    a, b = _hashes(clean), _hashes(noisy)
+    # Everything but the traces (and the manifest that lists the errors) is byte-identical: same test split, queries.
+    assert {k for k in a if a[k] != b[k]} == {"products.jsonl", "catalogue.json"}
+    test_ids = set((clean / "gallery_test.txt").read_text().split())
+    clean_rows = {row["id"]: row for row in _jsonl(clean / "products.jsonl")}
+    noisy_rows = {row["id"]: row for row in _jsonl(noisy / "products.jsonl")}
+    errors = json.loads((noisy / "catalogue.json").read_text())["trace_errors"]
+    train_ids = [i for i in clean_rows if i not in test_ids and "-dup" not in i]
+    assert len(errors) == round(0.25 * len(train_ids)) and not set(errors) & test_ids
+    assert {e["attribute"] for e in errors.values()} == {"colour", "pattern"}
+    for pid, row in noisy_rows.items():
+        assert {k: v for k, v in row.items() if k != "reasoning"} == {k: v for k, v in clean_rows[pid].items()
+                                                                      if k != "reasoning"}
+        named = named_attributes(row["reasoning"])
+        if pid in errors:  # exactly the listed attribute is wrong, and named as listed
+            attr = errors[pid]["attribute"]
+            assert named[attr] == errors[pid]["trace"] != row["attributes"][attr] == errors[pid]["true"]
+            assert {k: v for k, v in named.items() if k != attr} == {k: v for k, v in row["attributes"].items()
+                                                                     if k != attr}
+        else:
+            assert row["reasoning"] == clean_rows[pid]["reasoning"] and named == row["attributes"]
+    assert SynthOptions(trace_errors=0.25).key() != SynthOptions().key() == SynthOptions(trace_errors=0.0).key()

@@ -124,6 +124,12 @@ class SynthOptions:
         test_fraction (`float`, *optional*, defaults to `0.2`): fraction of families that go to the test split.
         lookalikes (`int`, *optional*, defaults to `3`): family members besides the first; each differs from the
             first in exactly one of colour / pattern.
+        trace_errors (`float`, *optional*, defaults to `0.0`): share of the *training* products whose reasoning
+            trace names a wrong value of one of `trace_error_attributes`, as a teacher model's traces do (the
+            product's `attributes` keep the true value; test products' traces stay true). `catalogue.json` lists them
+            under `trace_errors`. Titles, descriptions, queries, images and the test split do not change.
+        trace_error_attributes (`tuple[str, ...]`, *optional*, defaults to `("colour",)`): the image-visible
+            attributes a wrong trace may get wrong (one of them per product, drawn uniformly).
     """
 
     n_products: int = 600
@@ -131,6 +137,8 @@ class SynthOptions:
     image_size: int = 112
     test_fraction: float = 0.2
     lookalikes: int = 3
+    trace_errors: float = 0.0
+    trace_error_attributes: tuple[str, ...] = ("colour",)
 
     def __post_init__(self) -> None:
         limit = len(COLOURS) + len(PATTERNS) - 2
@@ -142,13 +150,23 @@ class SynthOptions:
             raise DataError(f"synthetic `test_fraction` must be in [0, 1), got {self.test_fraction}")
         if not 0 <= self.lookalikes <= limit:
             raise DataError(f"synthetic `lookalikes` must be in [0, {limit}], got {self.lookalikes}")
+        if not 0.0 <= self.trace_errors <= 1.0:
+            raise DataError(f"synthetic `trace_errors` must be in [0, 1], got {self.trace_errors}")
+        object.__setattr__(self, "trace_error_attributes", tuple(self.trace_error_attributes))
+        unknown = sorted(set(self.trace_error_attributes) - set(IMAGE_VISIBLE))
+        if unknown or not self.trace_error_attributes:
+            raise DataError(f"synthetic `trace_error_attributes` must be a non-empty list of {list(IMAGE_VISIBLE)}, "
+                            f"got {list(self.trace_error_attributes)}")
 
     def key(self) -> str:
         """A folder name that changes whenever the output would."""
-        return (
+        key = (
             f"v{GENERATOR_VERSION}-n{self.n_products}-seed{self.seed}-px{self.image_size}"
             f"-test{self.test_fraction:g}-look{self.lookalikes}"
         )
+        if self.trace_errors:  # true traces keep the folder name they always had
+            key += f"-errors{self.trace_errors:g}-{'+'.join(self.trace_error_attributes)}"
+        return key
 
 
 def synthetic_cache_dir(options: SynthOptions) -> Path:
@@ -368,6 +386,32 @@ def _plan(options: SynthOptions) -> tuple[list[list[_Item]], list[int]]:
     return families, test
 
 
+def _manifest_options(options: SynthOptions) -> dict[str, Any]:
+    """The options as `catalogue.json` records them; without trace errors, as they were before errors existed."""
+    recorded = asdict(options)
+    if not options.trace_errors:
+        del recorded["trace_errors"], recorded["trace_error_attributes"]
+    return recorded
+
+
+def _write_trace_errors(train_items: list[_Item], options: SynthOptions) -> dict[str, dict[str, str]]:
+    """Rewrite a `trace_errors` share of the training items' traces with one wrong image-visible value.
+
+    Its own random stream: every other byte of the catalogue is what it is without errors. Returns, per rewritten
+    item, the attribute, the true value and the value the trace now names.
+    """
+    rng = random.Random(f"synthetic:{options.seed}:trace-errors")
+    chosen = sorted(rng.sample(range(len(train_items)), round(len(train_items) * options.trace_errors)))
+    errors = {}
+    for index in chosen:
+        item = train_items[index]
+        attr = rng.choice(options.trace_error_attributes)
+        wrong = rng.choice([value for value in VOCABULARY[attr] if value != item.attrs[attr]])
+        item.reasoning = reasoning_trace({**item.attrs, attr: wrong})
+        errors[item.id] = {"attribute": attr, "true": item.attrs[attr], "trace": wrong}
+    return errors
+
+
 def _differs_in_one(a: dict[str, str], b: dict[str, str]) -> bool:
     return sum(a[k] != b[k] for k in ATTRIBUTES) == 1
 
@@ -556,6 +600,7 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
         raise AssertionError("synthetic catalogue: a test query's attributes match more than its positive")
     pairs = {"train": _pairs(train_items, families, True), "test": _pairs(test_items, families, False)}
     duplicates = _duplicate_listings(test_items, options.seed)
+    trace_errors = _write_trace_errors(train_items, options) if options.trace_errors else {}
     pairs["test"] += [{"anchor": dup.id, "positive": item.id} for dup, item in zip(duplicates, test_items, strict=True)]
     out = Path(out)
     with atomic_dir(out, replace=replace) as tmp:
@@ -581,7 +626,7 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
             "format": "moon-rl-catalogue",
             "generator": "builtin:synthetic",
             "generator_version": GENERATOR_VERSION,
-            "options": asdict(options),
+            "options": _manifest_options(options),
             "attributes": {attr: list(values) for attr, values in VOCABULARY.items()},
             "text_visible": list(TEXT_VISIBLE),
             "image_visible": list(IMAGE_VISIBLE),
@@ -592,6 +637,8 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
                        "test_products": len(test_items), "duplicate_listings": len(duplicates), "pairs": {s: len(r) for s, r in pairs.items()}},
             "text_only_analysis": analysis,
         }  # fmt: skip
+        if trace_errors:
+            manifest["trace_errors"] = trace_errors
         (tmp / "catalogue.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return SynthReport(
         out=out,
