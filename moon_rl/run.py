@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moon_rl.modeling.folder import MODEL_MANIFEST, is_model_folder
-from moon_rl.training.checkpoint import FINAL_DIR, latest_checkpoint
+from moon_rl.modeling.folder import MODEL_MANIFEST, finished_model
+from moon_rl.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,8 @@ def _eval(recipe: Any, overwrite: bool) -> str:
 
 def _latest_model(recipe: Any) -> Path | None:
     for stage in ("grpo", "sft"):
-        folder = Path(recipe.output_dir) / stage / FINAL_DIR
-        if is_model_folder(folder):
-            return folder
+        if (final := finished_model(Path(recipe.output_dir) / stage)) is not None:
+            return final
     return None
 
 
@@ -80,8 +79,10 @@ STAGE_RUNNERS: dict[str, Callable[[Any, bool], str]] = {
 def stage_done(recipe: Any, stage: str) -> Path | None:
     """The file that shows `stage` finished in the recipe's output folder, or None (data is never 'done')."""
     out = Path(recipe.output_dir)
-    marker = {"sft": out / "sft" / FINAL_DIR / MODEL_MANIFEST, "grpo": out / "grpo" / FINAL_DIR / MODEL_MANIFEST,
-              "embed": out / "embed" / "embed.json", "eval": out / "eval" / "report.md"}.get(stage)
+    if stage in ("sft", "grpo"):
+        final = finished_model(out / stage)
+        return None if final is None else final / MODEL_MANIFEST
+    marker = {"embed": out / "embed" / "embed.json", "eval": out / "eval" / "report.md"}.get(stage)
     return marker if marker is not None and marker.is_file() else None
 
 

@@ -55,3 +55,24 @@ def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     # The checkpoint's history (steps up to it) then the resumed steps, once each, to the end.
     steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "infonce" in e]
     assert steps == list(range(1, 41))
+
+
+def test_heads_are_saved_atomically_under_the_model_folder_name_and_old_checkpoints_still_load(tmp_path: Path):
+    import torch
+
+    from moon_rl.modeling.folder import HEADS_WEIGHTS
+    from moon_rl.training.checkpoint import load_heads, save_heads
+
+    torch.manual_seed(0)
+    heads = torch.nn.Linear(3, 2)
+    save_heads(heads, tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [HEADS_WEIGHTS]  # no temporary file left
+    fresh = torch.nn.Linear(3, 2)
+    load_heads(fresh, tmp_path / "new")
+    assert torch.equal(fresh.weight, heads.weight) and torch.equal(fresh.bias, heads.bias)
+    (tmp_path / "new" / HEADS_WEIGHTS).rename(tmp_path / "new" / "moon_heads.safetensors")  # a checkpoint of before
+    older = torch.nn.Linear(3, 2)
+    load_heads(older, tmp_path / "new")
+    assert torch.equal(older.weight, heads.weight)
+    with pytest.raises(Exception, match="checkpoint has no heads.safetensors"):
+        load_heads(older, tmp_path)

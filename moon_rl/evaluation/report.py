@@ -18,7 +18,7 @@ from moon_rl.errors import MoonError
 from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_ceiling_result
 from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table, result_modes
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.modeling.folder import is_model_folder
+from moon_rl.modeling.folder import finished_model, is_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,6 @@ def finished_models(run_dir: Path) -> dict[str, Path]:
     """The finished stage models of a run folder, pipeline order: `{"sft": <run>/sft/final, "grpo": ...}`."""
     found = {}
     for stage in ("sft", "grpo"):
-        folder = Path(run_dir) / stage / "final"
-        if is_model_folder(folder):
-            found[stage] = folder
+        if (final := finished_model(Path(run_dir) / stage)) is not None:
+            found[stage] = final
     return found

@@ -28,7 +28,7 @@ from typing import Any
 
 from moon_rl.cache import atomic_dir
 from moon_rl.errors import MoonError
-from moon_rl.modeling.folder import MODEL_MANIFEST
+from moon_rl.modeling.folder import HEADS_CONFIG, HEADS_WEIGHTS, MODEL_MANIFEST
 
 #: The sentence-transformers module class; its file is shipped as `<ST_MODULE_FILE>.py`.
 ST_MODULE_FILE = "moon_st"
@@ -56,6 +56,7 @@ SHIPPED: tuple[Shipped, ...] = (
     Shipped("heads", "moon_rl.modeling.heads"),
     Shipped("taps", "moon_rl.modeling.taps"),
     Shipped("compat", "moon_rl.modeling.compat"),
+    Shipped("folder", "moon_rl.modeling.folder"),
     Shipped("inputs", "moon_rl.modeling.inputs",
             ("EmbedItem", "PromptBatch", "fitted_size", "fit_images", "tokenize_prompts", "assemble")),
     Shipped("loading", "moon_rl.modeling.loading", ("load_processor",)),
@@ -113,7 +114,7 @@ def export_sentence_transformers(model_dir: Path, out: Path, *, model_spec: Any 
     with atomic_dir(out) as tmp:
         _write_backbone(model_dir, manifest, tmp / "model", model_spec)
         shutil.copytree(model_dir / "processor", tmp / "processor")
-        for name in ("heads.safetensors", "heads_config.json", "recipe.yaml"):
+        for name in (HEADS_WEIGHTS, HEADS_CONFIG, "recipe.yaml"):
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         for target, text in code.items():
@@ -135,7 +136,7 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     weights = manifest.get("weights")
     if weights not in ("full", "adapter"):
         raise MoonError(f"{manifest_path}: 'weights' must be 'full' or 'adapter', got {weights!r}")
-    needed = ["model" if weights == "full" else "adapter", "processor", "heads.safetensors", "heads_config.json"]
+    needed = ["model" if weights == "full" else "adapter", "processor", HEADS_WEIGHTS, HEADS_CONFIG]
     missing = [name for name in needed if not (model_dir / name).exists()]
     if missing or not manifest.get("model_type"):
         raise MoonError(f"{model_dir}: incomplete moon-rl model folder (missing: {', '.join(missing) or 'model_type'})")
@@ -196,7 +197,7 @@ def _write_configs(folder: Path, model_dir: Path, manifest: dict[str, Any], name
     (folder / "moon_st_config.json").write_text(json.dumps(module_config, indent=2))
     exported = {**manifest, "weights": "full", "exported_from": str(model_dir), "exported_by": moon_rl.__version__}
     (folder / MODEL_MANIFEST).write_text(json.dumps(exported, indent=2))
-    embed_dim = json.loads((model_dir / "heads_config.json").read_text()).get("embed_dim")
+    embed_dim = json.loads((model_dir / HEADS_CONFIG).read_text()).get("embed_dim")
     (folder / "README.md").write_text(README.format(
         name=name, version=moon_rl.__version__,
         source=model_dir, base_model=manifest.get("base_model"), embed_dim=embed_dim,

@@ -27,14 +27,13 @@ from transformers import AutoModelForImageTextToText
 # Importing compat registers the image-only Qwen-VL processors with AutoProcessor (torchvision may be unusable).
 from moon_rl.modeling.compat import IMAGE_ONLY_PROCESSORS  # noqa: F401
 from moon_rl.modeling.embedder import MoonEmbedder
+from moon_rl.modeling.folder import HEADS_CONFIG, HEADS_WEIGHTS
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads
 from moon_rl.modeling.inputs import EmbedItem
 from moon_rl.modeling.loading import load_processor
 
 MODEL_DIR = "model"
 PROCESSOR_DIR = "processor"
-HEADS_WEIGHTS = "heads.safetensors"
-HEADS_CONFIG = "heads_config.json"
 
 
 class MoonSentenceEmbedder(InputModule):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.inference.generation import hf_generate
-from moon_rl.modeling.folder import MODEL_MANIFEST
+from moon_rl.modeling.folder import HEADS_CONFIG, HEADS_WEIGHTS, MODEL_MANIFEST
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
 from moon_rl.modeling.inputs import (
     EmbedItem,
@@ -291,8 +291,8 @@ class MoonEmbedder(nn.Module):
                 weights = "full"
             self.processor.save_pretrained(tmp / "processor")
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()},
-                      str(tmp / "heads.safetensors"))
-            atomic_write_text(tmp / "heads_config.json", json.dumps(self.heads.config.to_dict(), indent=2))
+                      str(tmp / HEADS_WEIGHTS))
+            atomic_write_text(tmp / HEADS_CONFIG, json.dumps(self.heads.config.to_dict(), indent=2))
             if self.meta.get("recipe"):
                 atomic_write_text(tmp / "recipe.yaml", self.meta["recipe"])
             atomic_write_text(tmp / MODEL_MANIFEST, json.dumps(self._manifest(weights), indent=2))
@@ -339,8 +339,8 @@ class MoonEmbedder(nn.Module):
 
             base = load_model(resolve_model_path(model_spec), model_spec)
             model = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
-        heads = MoonHeads(HeadsConfig(**json.loads((path / "heads_config.json").read_text())))
-        heads.load_state_dict(load_file(str(path / "heads.safetensors")))
+        heads = MoonHeads(HeadsConfig(**json.loads((path / HEADS_CONFIG).read_text())))
+        heads.load_state_dict(load_file(str(path / HEADS_WEIGHTS)))
         meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"],
                 "reasoning_trained": manifest.get("reasoning_trained")}  # absent before the preflight existed
         if (path / "recipe.yaml").is_file():

@@ -12,31 +12,31 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from moon_rl.cache import atomic_write_text
+from moon_rl.cache import atomic_write_bytes, atomic_write_text
 from moon_rl.errors import MoonError
-from moon_rl.modeling.folder import is_model_folder
+from moon_rl.modeling.folder import HEADS_WEIGHTS, finished_model
 
-HEADS_FILE = "moon_heads.safetensors"
+HEADS_FILE = HEADS_WEIGHTS  # the same name as in a final model folder
+_LEGACY_HEADS_FILE = "moon_heads.safetensors"  # checkpoints written before the names were unified
 MARKER_FILE = "moon_rl_checkpoint.json"
-FINAL_DIR = "final"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def save_heads(heads: nn.Module, folder: str | Path) -> None:
-    """Heads' weights into `folder` (safetensors, via a temporary file)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{HEADS_FILE}.tmp"
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp))
-    tmp.replace(folder / HEADS_FILE)
+    """Heads' weights into `folder` (safetensors, written atomically)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
+    atomic_write_bytes(Path(folder) / HEADS_FILE, safetensors_bytes(state))
 
 
 def load_heads(heads: nn.Module, folder: str | Path) -> None:
     """Restore heads saved by `save_heads` (safetensors only)."""
     path = Path(folder) / HEADS_FILE
+    if not path.is_file() and (Path(folder) / _LEGACY_HEADS_FILE).is_file():
+        path = Path(folder) / _LEGACY_HEADS_FILE
     if not path.is_file():
         raise MoonError(f"{folder}: checkpoint has no {HEADS_FILE}")
     heads.load_state_dict(load_file(str(path)))
@@ -63,10 +63,10 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
     resumed from later.
     """
     output_dir = Path(output_dir)
-    final = output_dir / FINAL_DIR
+    final = finished_model(output_dir)
     if overwrite and resume:
         raise MoonError("--overwrite and --resume contradict each other: choose one")
-    if is_model_folder(final) and not overwrite:
+    if final is not None and not overwrite:
         raise MoonError(f"{output_dir} already holds a finished run ({final}); pass --overwrite to train again "
                         "into it, or choose another output_dir")
     if overwrite and output_dir.exists():

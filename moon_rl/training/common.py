@@ -20,7 +20,8 @@ import torch.distributed as dist
 from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.training.checkpoint import FINAL_DIR, latest_checkpoint, load_heads, mark_complete, save_heads
+from moon_rl.modeling.folder import FINAL_DIR
+from moon_rl.training.checkpoint import latest_checkpoint, load_heads, mark_complete, save_heads
 from moon_rl.training.heads_optimizer import HeadsOptimizer
 
 logger = logging.getLogger(__name__)

@@ -43,12 +43,12 @@ from moon_rl.data.chains import (
 )
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
-from moon_rl.modeling.folder import is_model_folder
+from moon_rl.modeling.folder import FINAL_DIR, is_model_folder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
 from moon_rl.training.candidates import CandidatePool, Candidates
-from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
+from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems, vllm_fire_problems
 from moon_rl.training.losses import gather_ids, info_nce, stable_id_hash

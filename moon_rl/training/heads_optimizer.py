@@ -19,6 +19,7 @@ process that initialised or loaded them differently would otherwise train its ow
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, get_scheduler
 
+from moon_rl.cache import atomic_write_bytes
 from moon_rl.errors import MoonError
 
 logger = logging.getLogger(__name__)
@@ -123,15 +125,14 @@ class HeadsOptimizer(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str | Path) -> None:
-        """Optimizer and schedule state into `folder` (temporary file, then rename)."""
+        """Optimizer and schedule state into `folder` (written atomically)."""
         if self.optimizer is None:
             return
-        folder = Path(folder)
         state = {"optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-        tmp = folder / f".{HEADS_OPTIMIZER_FILE}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / HEADS_OPTIMIZER_FILE)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(Path(folder) / HEADS_OPTIMIZER_FILE, buffer.getvalue())
 
     def load(self, folder: str | Path) -> None:
         """Restore what `save` wrote (tensors and plain values only: `weights_only=True`)."""

@@ -26,7 +26,8 @@ from trl import SFTTrainer
 
 from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
-from moon_rl.training.checkpoint import FINAL_DIR, check_output_dir
+from moon_rl.modeling.folder import FINAL_DIR
+from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonSFTConfig
 from moon_rl.training.losses import info_nce
