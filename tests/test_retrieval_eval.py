@@ -307,3 +307,73 @@ def test_no_chain_attributes_without_product_attributes():
     results = evaluate_embedder(_ChainEmbedder(), _catalogue([Pair(anchor=Query(text="t"), positive="a")]), "test",
                                 modes=("reason",), zero_shot=False)
     assert "chain_attributes" not in results and "reason" in results
+
+
+class _PlantedEmbedder:
+    """Returns planted, un-normalised vectors: one per product (gallery side) and one per query record."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+        self.calls: list[str] = []
+
+    def key(self, record) -> str:
+        if isinstance(record, Product):
+            return f"product:{record.id}"
+        return f"text:{record.text}" if record.text else f"image:{record.image}"
+
+    def encode(self, records, mode="direct", batch_size=32, load_image=None, show_progress=False,
+               return_completions=False):
+        self.calls.append(mode)
+        return np.stack([self.vectors[self.key(r)] for r in records])
+
+
+def test_every_task_is_scored_with_its_own_queries_against_brute_force_ranks():
+    """An oracle: three tasks (text, image, product->product with the anchor in the gallery), 1400 queries (more than
+    one 1024-query chunk), vectors at random scales, ranks recomputed here by sorting."""
+    rng = np.random.default_rng(0)
+    gallery = [f"g{i}" for i in range(60)]
+    products = {pid: Product(id=pid, title=pid) for pid in gallery}
+    vectors = {f"product:{pid}": rng.normal(size=8) * rng.uniform(0.1, 10) for pid in gallery}
+    pairs, expected = [], {"text->product": [], "image->product": [], "product->product": []}
+    gallery_unit = np.stack([vectors[f"product:{pid}"] for pid in gallery])
+    gallery_unit /= np.linalg.norm(gallery_unit, axis=1, keepdims=True)
+
+    def brute_rank(query: np.ndarray, positive: int, skip: int = -1) -> int:
+        scores = gallery_unit @ (query / np.linalg.norm(query))
+        order = [i for i in sorted(range(len(gallery)), key=lambda i: (-scores[i], i)) if i != skip]
+        return order.index(positive)
+
+    for n in range(1400):
+        positive = int(rng.integers(len(gallery)))
+        # A query near its positive, noisier per task so that each task has its own recall.
+        kind = ("text->product", "image->product", "product->product")[n % 3]
+        noise = {"text->product": 0.3, "image->product": 1.0, "product->product": 0.6}[kind]
+        vector = (gallery_unit[positive] + noise * rng.normal(size=8)) * rng.uniform(0.1, 10)
+        if kind == "product->product":  # a listing outside the gallery, and one of the gallery's own products
+            anchor_id = f"a{n}" if n % 2 else gallery[(positive + 1) % len(gallery)]
+            if anchor_id not in products:
+                products[anchor_id] = Product(id=anchor_id, title=anchor_id)
+                vectors[f"product:{anchor_id}"] = vector
+            else:
+                vector = vectors[f"product:{anchor_id}"]
+            pairs.append(Pair(anchor=anchor_id, positive=gallery[positive]))
+            skip = gallery.index(anchor_id) if anchor_id in gallery else -1
+            expected[kind].append(brute_rank(vector, positive, skip))
+        else:
+            key = f"q{n}"
+            query = Query(text=key) if kind == "text->product" else Query(image=f"{key}.png")
+            vectors[f"text:{key}" if kind == "text->product" else f"image:{key}.png"] = vector
+            pairs.append(Pair(anchor=query, positive=gallery[positive]))
+            expected[kind].append(brute_rank(vector, positive))
+    catalogue = Catalogue(base_dir=Path("."), products=products, pairs={"test": pairs}, galleries={"test": gallery})
+    results = evaluate_embedder(_PlantedEmbedder(vectors), catalogue, "test", zero_shot=False)
+    recalls = set()
+    for task, ranks in expected.items():
+        ranks = np.array(ranks)
+        got = results["direct"][task]
+        assert results["n_queries"][task] == len(ranks)
+        assert got["recall@1"] == pytest.approx(np.mean(ranks == 0))
+        assert got["recall@5"] == pytest.approx(np.mean(ranks < 5))
+        assert got["mrr@10"] == pytest.approx(np.mean(np.where(ranks < 10, 1 / (ranks + 1), 0)))
+        recalls.add(round(got["recall@1"], 6))
+    assert len(recalls) == 3  # the tasks really differ, so scoring one with another's queries could not pass
