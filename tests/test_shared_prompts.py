@@ -101,3 +101,23 @@ def test_micro_batched_forward_gives_the_same_embeddings_in_chunks_of_max_rows(e
     assert picked.prompt_ids == again.prompt_ids
     torch.testing.assert_close(picked.pixel_values, again.pixel_values)
     torch.testing.assert_close(picked.image_grid_thw, again.image_grid_thw)
+
+
+def test_taps_see_every_image_occurrence_when_images_are_shared(embedder):
+    """The hook contract (modeling/taps.py): shared_image_features' copy-back hook runs before the taps read the
+    vision tower's output, so the taps (and FIRE) get one feature row per image occurrence, as without sharing."""
+    from moon_rl.modeling.shared_images import shared_image_features
+
+    items = [PRODUCTS[name] for name in ("a", "a", "two", "a-blue", "a")]  # RED appears 4 times in 5 rows
+    batch = embedder.prepare(items)
+    with torch.no_grad(), eval_mode(embedder.model):
+        with embedder.taps.capture() as plain:
+            plain_vectors = embedder(batch)
+        with embedder.taps.capture() as shared, shared_image_features(embedder.model):
+            shared_vectors = embedder(batch)
+    (plain_record,), (shared_record,) = plain, shared
+    n_tokens = int((batch["input_ids"] == embedder.image_token_id).sum())
+    assert plain_record.visual.shape[0] == shared_record.visual.shape[0] == n_tokens
+    torch.testing.assert_close(shared_record.visual, plain_record.visual)
+    torch.testing.assert_close(shared_vectors, plain_vectors)
+    assert shared_record.fire_applied == plain_record.fire_applied and plain_record.fire_applied

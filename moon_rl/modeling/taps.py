@@ -10,6 +10,22 @@ after later forwards may have replaced the "current" record. Each decoder-layer 
 through the `position_embeddings` tuple, which the language model creates once per forward and passes (by
 reference) to every layer, including the recomputation. The recomputed layer adds the same delta from the same
 record: never twice, never another forward's.
+
+The hook contract (three owners put hooks on the same modules; this is the order they rely on):
+
+1. `BackboneTaps` (this module) installs its hooks once, when `MoonEmbedder` wraps the model: backbone pre/post hooks,
+   token-embedding and vision-tower forward hooks (read only), and FIRE's pre-hooks on the decoder layers (they
+   change each layer's input).
+2. `shared_images.shared_image_features` installs, only inside its block, a vision-tower pre-hook (one copy of each
+   distinct image goes in) and a forward hook registered with `prepend=True` that copies the features back to every
+   occurrence *in place of* the tower's output. Prepended, it runs before `_on_visual` here, so the taps (and FIRE,
+   which reads `record.visual`) see one feature row per image occurrence, as without sharing
+   (`tests/test_shared_prompts.py::test_taps_see_every_image_occurrence_when_images_are_shared`).
+3. `shared_prompts.embed_completions` calls the backbone itself (prompt, then completions on its KV cache) inside
+   `shared_image_features`; FIRE's pre-hook skips the decoding calls, which hold no image tokens.
+
+Any new hook on these modules must say where it goes in this order; one that edits an output in place must be
+prepended (or it would run after the taps have read the output).
 """
 
 from __future__ import annotations
