@@ -14,9 +14,12 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from moon_rl.recipe import Recipe  # imported by the commands that load one, so that `--help` stays fast
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,7 +110,7 @@ def _result(text: str) -> None:
         typer.echo(text)
 
 
-def _load(recipe: Path, overrides: list[str] | None):
+def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     from moon_rl.recipe import load_recipe
 
     return load_recipe(recipe, overrides or [])

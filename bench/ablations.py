@@ -29,12 +29,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Its sibling bench module (bench/ is on sys.path when this runs as a script; tests add it before importing).
 from results_md import machine_description, write_section  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+if TYPE_CHECKING:
+    from moon_rl.recipe import Recipe  # imported when used at run time, as every moon_rl module here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def recipe_for(args: argparse.Namespace, seed: int, folder: Path, extra: list[str]) -> Any:
+def recipe_for(args: argparse.Namespace, seed: int, folder: Path, extra: list[str]) -> Recipe:
     from moon_rl.recipe import load_recipe
 
     return load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
@@ -98,7 +101,7 @@ def recipe_for(args: argparse.Namespace, seed: int, folder: Path, extra: list[st
     ])
 
 
-def evaluate(recipe: Any, model_dir: Path) -> dict[str, Any]:
+def evaluate(recipe: Recipe, model_dir: Path) -> dict[str, Any]:
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder

@@ -23,13 +23,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Sibling bench modules: bench/ is on sys.path when this runs as a script (tests add it before importing).
 from ablations import spread
 from results_md import machine_description, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+if TYPE_CHECKING:
+    from moon_rl.recipe import Recipe  # imported when used at run time, as every moon_rl module here
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "grpo_learns"
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_seed_recipe(args: argparse.Namespace, seed: int) -> Any:
+def load_seed_recipe(args: argparse.Namespace, seed: int) -> Recipe:
     """The shipped recipe with the user's `--set`s, then this seed's output folder and training seeds (they win)."""
     from moon_rl.recipe import load_recipe
 
@@ -79,7 +82,7 @@ def load_seed_recipe(args: argparse.Namespace, seed: int) -> Any:
     ])
 
 
-def retrieval_reward_key(recipe: Any) -> str | None:
+def retrieval_reward_key(recipe: Recipe) -> str | None:
     """TRL's log key of the mean of the recipe's first retrieval reward (None when the recipe has none)."""
     names = [entry["name"] for entry in recipe.grpo_config().rewards if str(entry["name"]).startswith("retrieval")]
     return f"rewards/{names[0]}/mean" if names else None
@@ -104,7 +107,7 @@ def model_metrics(results: Mapping[str, Any]) -> dict[str, float | None]:
     return metrics
 
 
-def evaluate(recipe: Any, model_dir: Path, catalogue: Any) -> dict[str, float | None]:
+def evaluate(recipe: Recipe, model_dir: Path, catalogue: Any) -> dict[str, float | None]:
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder
 

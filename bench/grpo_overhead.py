@@ -52,7 +52,7 @@ from moon_rl.data.catalogue import load_recipe_catalogue  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder  # noqa: E402
 from moon_rl.modeling.inputs import EmbedItem, to_item  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
-from moon_rl.recipe import load_recipe  # noqa: E402
+from moon_rl.recipe import Recipe, load_recipe  # noqa: E402
 from moon_rl.training import grpo as moon_grpo  # noqa: E402
 from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset, lookalike_pairs  # noqa: E402
 from moon_rl.training.sft_data import sft_examples  # noqa: E402
@@ -184,7 +184,7 @@ def build(args: argparse.Namespace, out: Path) -> NS:
               dataset=dataset, rewards=rewards, query_item=query_item, related=lookalike_pairs(examples), out=out)
 
 
-def stock_config(recipe: Any, output_dir: Path) -> GRPOConfig:
+def stock_config(recipe: Recipe, output_dir: Path) -> GRPOConfig:
     """A plain TRL `GRPOConfig` from the recipe's `grpo` section (its TRL fields only), same seed as moon-rl's."""
     trl_fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
     kwargs = {k: copy.deepcopy(v) for k, v in recipe.grpo.items() if k in trl_fields}

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from moon_rl.errors import MoonError
+from moon_rl.recipe import Recipe
 
 __all__ = ["KNOWN_ARCHITECTURES", "STRATEGIES", "Architecture", "StagePlan", "architecture", "format_plan",
            "plan_recipe"]
@@ -183,7 +184,7 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_recipe(recipe: Any, gpus: int = 1, strategy: str = "ddp", gpu_memory_gib: float = 80.0,
+def plan_recipe(recipe: Recipe, gpus: int = 1, strategy: str = "ddp", gpu_memory_gib: float = 80.0,
                 prompt_tokens: int = 128) -> tuple[Architecture, list[StagePlan]]:
     """GiB per device of each training stage in `recipe.stages` (module doc); MoonError: bad model, strategy, stages."""
     from moon_rl.training.configs import config_fields, config_value
@@ -271,7 +272,7 @@ def plan_recipe(recipe: Any, gpus: int = 1, strategy: str = "ddp", gpu_memory_gi
     return arch, plans
 
 
-def format_plan(recipe: Any, arch: Architecture, plans: list[StagePlan], gpus: int, strategy: str,
+def format_plan(recipe: Recipe, arch: Architecture, plans: list[StagePlan], gpus: int, strategy: str,
                 gpu_memory_gib: float) -> str:
     """The plan as text: the model in one line, then a markdown table of GiB per device, one column per stage."""
     (total, vision, _), model = arch.params(), recipe.model

@@ -11,9 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from moon_rl.modeling.folder import MODEL_MANIFEST, finished_model
+from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def _say(message: str) -> None:
     logger.info(message)  # the run's progress (moon_rl/logs.py: plain lines on the main process)
 
 
-def _data(recipe: Any, overwrite: bool) -> str:
+def _data(recipe: Recipe, overwrite: bool) -> str:
     from moon_rl.data.catalogue import load_recipe_catalogue
 
     catalogue = load_recipe_catalogue(recipe.data)
@@ -31,8 +31,8 @@ def _data(recipe: Any, overwrite: bool) -> str:
     return f"{len(catalogue)} products, pairs: {splits} ({catalogue.base_dir})"
 
 
-def _train(stage: str) -> Callable[[Any, bool], str]:
-    def run(recipe: Any, overwrite: bool) -> str:
+def _train(stage: str) -> Callable[[Recipe, bool], str]:
+    def run(recipe: Recipe, overwrite: bool) -> str:
         if stage == "sft":
             from moon_rl.training.sft import run_sft as train
         else:
@@ -48,7 +48,7 @@ def _train(stage: str) -> Callable[[Any, bool], str]:
     return run
 
 
-def _embed(recipe: Any, overwrite: bool) -> str:
+def _embed(recipe: Recipe, overwrite: bool) -> str:
     from moon_rl.inference.pipeline import run_embed
 
     model = _latest_model(recipe)
@@ -56,7 +56,7 @@ def _embed(recipe: Any, overwrite: bool) -> str:
     return summary.summary()
 
 
-def _eval(recipe: Any, overwrite: bool) -> str:
+def _eval(recipe: Recipe, overwrite: bool) -> str:
     from moon_rl.evaluation.report import finished_models, run_eval
 
     run_dir = Path(recipe.output_dir)
@@ -64,19 +64,19 @@ def _eval(recipe: Any, overwrite: bool) -> str:
     return f"report in {out / 'report.md'}"
 
 
-def _latest_model(recipe: Any) -> Path | None:
+def _latest_model(recipe: Recipe) -> Path | None:
     for stage in ("grpo", "sft"):
         if (final := finished_model(Path(recipe.output_dir) / stage)) is not None:
             return final
     return None
 
 
-STAGE_RUNNERS: dict[str, Callable[[Any, bool], str]] = {
+STAGE_RUNNERS: dict[str, Callable[[Recipe, bool], str]] = {
     "data": _data, "sft": _train("sft"), "grpo": _train("grpo"), "embed": _embed, "eval": _eval,
 }
 
 
-def stage_done(recipe: Any, stage: str) -> Path | None:
+def stage_done(recipe: Recipe, stage: str) -> Path | None:
     """The file that shows `stage` finished in the recipe's output folder, or None (data is never 'done')."""
     out = Path(recipe.output_dir)
     if stage in ("sft", "grpo"):
@@ -86,7 +86,7 @@ def stage_done(recipe: Any, stage: str) -> Path | None:
     return marker if marker is not None and marker.is_file() else None
 
 
-def run_stages(recipe: Any, *, overwrite: bool = False) -> Path:
+def run_stages(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """Run the recipe's stages; returns the output folder. See the module docstring."""
     stages = list(recipe.stages)
     started = time.perf_counter()

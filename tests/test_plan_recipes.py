@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cli import app
 from moon_rl.plan import KNOWN_ARCHITECTURES, architecture, plan_recipe
 from moon_rl.recipe import load_recipe
+from moon_rl.recipe.trainer_configs import build_trainer_config
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_bf16_recipes_are_built_as_for_the_gpu():
     recipe = load_recipe(REAL["qwen2.5-vl-3b"])
     problems, _ = recipe.dry_run()
     assert problems == []
-    config = recipe._build_config("grpo", None, force_cpu=True)
+    config = build_trainer_config(recipe, "grpo", device_checks=False)
     assert (config.bf16, config.use_vllm, config.vllm_mode) == (True, True, "colocate")
     assert config.generation_batch_size == 64
 

@@ -177,6 +177,60 @@ class TestErrors:
         assert recipe.model.heads.learning_rate == 1000.0
 
 
+class TestBlame:
+    """Which file a problem names: the writer of the key at fault, found from the recipe's provenance."""
+
+    def test_moon_config_error_names_the_file_that_set_the_field(self, tmp_path: Path) -> None:
+        # The message also names `rewards`, which the child wrote last; the field at fault is the base's.
+        write(tmp_path / "base.yaml", "grpo: {reward_weights: [1.0], min_distinct_anchors: 1}\n")
+        child = write(tmp_path / "child.yaml", "extends: base.yaml\ngrpo: {rewards: [{name: format}]}\n")
+        problems = load_recipe(child, ["stages=[grpo]"]).check(device_checks=False)
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(f"{tmp_path / 'base.yaml'}: invalid 'grpo' config: `reward_weights`")
+
+    def test_trl_error_names_the_file_that_set_the_field_it_names(self, tmp_path: Path) -> None:
+        # TRL's messages are free text: the key they name picks the file, not the last writer of the section.
+        write(tmp_path / "base.yaml", "sft: {tf32: true, use_cpu: true, bf16: false}\n")
+        child = write(tmp_path / "child.yaml", "extends: base.yaml\nsft: {max_steps: 3}\n")
+        problems = load_recipe(child, ["stages=[sft]"]).check(device_checks=True)
+        assert problems == [f"{tmp_path / 'base.yaml'}: invalid 'sft' config: --tf32 requires Ampere or a newer GPU "
+                            "arch, cuda>=11 and torch>=1.7"]
+
+    def test_trainer_sections_are_checked_once_per_load(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from moon_rl.recipe import trainer_configs
+
+        calls: list[str] = []
+        real = trainer_configs.section_problems
+
+        def counting(section: str, values: dict) -> list[tuple[str, str]]:
+            calls.append(section)
+            return real(section, values)
+
+        monkeypatch.setattr(trainer_configs, "section_problems", counting)
+        load_recipe(TINY)
+        assert calls == ["sft", "grpo"]
+        assert load_error(TINY, ("sft.learnig_rate=1",)).count("learnig_rate") == 1
+        assert calls == ["sft", "grpo", "sft", "grpo"]
+
+    def test_config_value_error_keeps_its_field_through_pickle(self) -> None:
+        import pickle
+
+        from moon_rl.training.configs import ConfigValueError
+
+        error = pickle.loads(pickle.dumps(ConfigValueError("trace_noise", "`trace_noise` must be ...")))
+        assert isinstance(error, ValueError) and (error.field, str(error)) == ("trace_noise", "`trace_noise` must be ...")
+
+
+def test_importing_the_recipe_package_does_not_import_trl() -> None:
+    """The schema serves every layer (modeling reads ModelSpec): only loading a recipe may import trl."""
+    import subprocess
+    import sys
+
+    code = "import sys, moon_rl.recipe; print(sorted(m for m in ('trl', 'transformers', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 class TestPaths:
     def test_relative_catalogue_resolves_against_the_file_that_set_it(self, tmp_path: Path) -> None:
         write(tmp_path / "shared" / "base.yaml", "data: {catalogue: cat/products.jsonl}\n")

@@ -19,6 +19,7 @@ from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_cei
 from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table, result_modes
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import finished_model, is_model_folder
+from moon_rl.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ CURVE_MAX_K = 10
 
 
 def evaluation_summary(
-    recipe: Any, embedder: MoonEmbedder, catalogue: Catalogue, *, baseline_embedder: MoonEmbedder | None = None,
+    recipe: Recipe, embedder: MoonEmbedder, catalogue: Catalogue, *, baseline_embedder: MoonEmbedder | None = None,
     label: str = "trained", others: dict[str, MoonEmbedder] | None = None,
 ) -> dict[str, Any]:
     """Test-split retrieval of `embedder` and the recipe's baselines, as one JSON-able dict with a markdown table.
@@ -191,7 +192,7 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
     return out / "report.md"
 
 
-def run_eval(recipe: Any, models: Mapping[str, Path], out: Path | None = None, *, run_dir: Path | None = None) -> Path:
+def run_eval(recipe: Recipe, models: Mapping[str, Path], out: Path | None = None, *, run_dir: Path | None = None) -> Path:
     """`moon-rl eval`: evaluate `models` (label -> model folder) and the recipe's baselines; write the report folder.
 
     Returns the folder (`<output_dir>/eval` by default).

@@ -29,6 +29,7 @@ from moon_rl.data.catalogue import Catalogue, load_recipe_catalogue
 from moon_rl.errors import DataError, MoonError
 from moon_rl.modeling.embedder import MODES, MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item
+from moon_rl.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def _model_record(embedder: MoonEmbedder, model_dir: Path | None, has_recipe: bo
     }
 
 
-def _write_recipe(folder: Path, embedder: MoonEmbedder, recipe: Any) -> bool:
-    if recipe is not None and hasattr(recipe, "save"):
+def _write_recipe(folder: Path, embedder: MoonEmbedder, recipe: Recipe | None) -> bool:
+    if recipe is not None:
         recipe.save(folder / RECIPE_FILE)
         return True
     if embedder.meta.get("recipe"):
@@ -186,7 +187,7 @@ def _write_recipe(folder: Path, embedder: MoonEmbedder, recipe: Any) -> bool:
 
 def embed_catalogue(
     embedder: MoonEmbedder, catalogue: Catalogue, out: Path, *, mode: str = "direct", batch_size: int = 32,
-    skip_bad: bool = False, show_progress: bool = True, model_dir: Path | None = None, recipe: Any = None,
+    skip_bad: bool = False, show_progress: bool = True, model_dir: Path | None = None, recipe: Recipe | None = None,
 ) -> EmbedSummary:
     """Embed every product of `catalogue` and write vectors, FAISS index, ids and manifest into `out` atomically.
 
@@ -255,7 +256,7 @@ def _manifest(
 
 
 def run_embed(
-    recipe: Any, *, model_dir: Path | None, catalogue: str | None, out: Path | None, mode: str | None,
+    recipe: Recipe, *, model_dir: Path | None, catalogue: str | None, out: Path | None, mode: str | None,
     skip_bad: bool, show_progress: bool = True,
 ) -> EmbedSummary:
     """`moon-rl embed`: resolve model, catalogue, output folder and mode from the arguments and the recipe.

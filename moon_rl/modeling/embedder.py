@@ -18,7 +18,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from moon_rl.modeling.taps import (
     unwrap_hf_model,
 )
 
+if TYPE_CHECKING:
+    from moon_rl.recipe import HeadsSpec, ModelSpec, Recipe  # types only: modeling must not need it at import time
+
 Mode = Literal["direct", "reason"]
 FORMAT_VERSION = 1
 MODES: tuple[str, ...] = ("direct", "reason")
@@ -66,7 +69,7 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def heads_config_for(model: nn.Module, heads_spec: Any) -> HeadsConfig:
+def heads_config_for(model: nn.Module, heads_spec: HeadsSpec) -> HeadsConfig:
     """`HeadsConfig` from a recipe's `model.heads` section and the backbone's shape."""
     text_config = unwrap_hf_model(model).config.get_text_config()
     layers = heads_spec.fire.layers
@@ -127,7 +130,7 @@ class MoonEmbedder(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_recipe(cls, recipe: Any, *, model: nn.Module | None = None, processor: Any = None) -> MoonEmbedder:
+    def from_recipe(cls, recipe: Recipe, *, model: nn.Module | None = None, processor: Any = None) -> MoonEmbedder:
         """Fresh embedder (untrained heads) for `recipe`: backbone from `model.name_or_path`, LoRA, quantization."""
         from moon_rl.modeling.loading import load_backbone
 
@@ -135,7 +138,7 @@ class MoonEmbedder(nn.Module):
             model, processor = load_backbone(recipe.model)
         heads = MoonHeads(heads_config_for(model, recipe.model.heads))
         meta = {"base_model": recipe.model.name_or_path, "builtin_size": recipe.model.builtin_size,
-                "recipe": recipe.to_yaml() if hasattr(recipe, "to_yaml") else None}
+                "recipe": recipe.to_yaml()}
         return cls(model, processor, heads, readout_token=recipe.model.readout_token,
                    max_images=recipe.data.max_images_per_product, max_new_tokens=recipe.embed.max_new_tokens, meta=meta)
 
@@ -316,7 +319,7 @@ class MoonEmbedder(nn.Module):
         }
 
     @classmethod
-    def load(cls, path: str | Path, *, model_spec: Any = None, trainable: bool = False) -> MoonEmbedder:
+    def load(cls, path: str | Path, *, model_spec: ModelSpec | None = None, trainable: bool = False) -> MoonEmbedder:
         """Restore an embedder written by `save` (safetensors only; no pickle).
 
         `trainable=True` keeps a LoRA adapter trainable (to continue training it, e.g. GRPO after SFT).
@@ -350,7 +353,7 @@ class MoonEmbedder(nn.Module):
         return embedder.train() if trainable else embedder.eval()
 
 
-def model_spec_for(path: Path, manifest: dict[str, Any]) -> Any:
+def model_spec_for(path: Path, manifest: dict[str, Any]) -> ModelSpec:
     """The `model` section of the recipe saved with a model (defaults when none was saved)."""
     from moon_rl.recipe import Recipe, load_recipe
 

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, ProcessorMixin
 
+    from moon_rl.recipe import ModelSpec  # types only: modeling must not need the recipe package at import time
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def resolve_model_path(model_spec: Any) -> str:
+def resolve_model_path(model_spec: ModelSpec) -> str:
     """Local folder (or hub id) of the backbone named by `model.name_or_path`; builds builtin models on first use."""
     name = str(model_spec.name_or_path)
     if is_builtin(name):
@@ -71,7 +73,7 @@ def load_processor(
     return processor
 
 
-def quantization_config(model_spec: Any):
+def quantization_config(model_spec: ModelSpec):
     """`BitsAndBytesConfig` for `model.quantization`, or None. Fails clearly when bitsandbytes is missing."""
     quant = model_spec.quantization
     if quant is None:
@@ -93,7 +95,7 @@ def quantization_config(model_spec: Any):
     )
 
 
-def load_model(path: str | Path, model_spec: Any) -> PreTrainedModel:
+def load_model(path: str | Path, model_spec: ModelSpec) -> PreTrainedModel:
     """The HF image-text-to-text model at `path`, in the recipe's dtype / attention / quantization."""
     from transformers import AutoModelForImageTextToText
 
@@ -114,7 +116,7 @@ def load_model(path: str | Path, model_spec: Any) -> PreTrainedModel:
     return model
 
 
-def apply_lora(model: PreTrainedModel, model_spec: Any, *, gradient_checkpointing: bool = False) -> PeftModel:
+def apply_lora(model: PreTrainedModel, model_spec: ModelSpec, *, gradient_checkpointing: bool = False) -> PeftModel:
     """Wrap `model` with a LoRA adapter on the language model only (regex target, never vision tower or lm_head)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -132,7 +134,7 @@ def apply_lora(model: PreTrainedModel, model_spec: Any, *, gradient_checkpointin
     return peft_model
 
 
-def load_backbone(model_spec: Any, *, path: str | Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+def load_backbone(model_spec: ModelSpec, *, path: str | Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Model (with LoRA when `model.lora` is set) and processor for a recipe's `model` section.
 
     `path` overrides `model.name_or_path` (e.g. a trained output folder holding a full model).

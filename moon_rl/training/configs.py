@@ -25,6 +25,7 @@ __all__ = [
     "GENERATION_BATCH_FIELDS",
     "REWARD_ENTRY_KEYS",
     "REWARD_WEIGHT_DEFAULT",
+    "ConfigValueError",
     "MoonContrastiveMixin",
     "MoonGRPOConfig",
     "MoonSFTConfig",
@@ -63,14 +64,26 @@ _POSITIVE_INT_FIELDS = (
 )
 
 
+class ConfigValueError(ValueError):
+    """A moon-rl check of a config field failed. `field` names the field, so that a recipe error names the file that
+    set it without reading the message (TRL's and transformers' own errors are free text)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[type[ConfigValueError], tuple[str, str]]:
+        return type(self), (self.field, str(self))  # pickles although __init__ takes two arguments
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    """`ValueError` unless `value` is an integer (not a bool) >= `minimum`."""
+    """`ConfigValueError` unless `value` is an integer (not a bool) >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        raise ConfigValueError(name, f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
 @dataclass
@@ -134,17 +147,25 @@ class MoonContrastiveMixin:
     def __post_init__(self) -> None:
         lr = self.heads_learning_rate
         if lr is not None and (not _is_number(lr) or lr <= 0):
-            raise ValueError(f"`heads_learning_rate` must be a number > 0 or None, got {lr!r}.")
+            raise ConfigValueError(
+                "heads_learning_rate", f"`heads_learning_rate` must be a number > 0 or None, got {lr!r}."
+            )
         clip = self.heads_max_grad_norm
         if clip is not None and (not _is_number(clip) or clip < 0):
-            raise ValueError(f"`heads_max_grad_norm` must be a number >= 0 (0: no clipping) or None, got {clip!r}.")
+            raise ConfigValueError(
+                "heads_max_grad_norm",
+                f"`heads_max_grad_norm` must be a number >= 0 (0: no clipping) or None, got {clip!r}.",
+            )
         for name in ("contrastive_weight", "direct_contrastive_weight", "image_contrastive_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}; use 0.0 to turn the term off.")
+                raise ConfigValueError(
+                    name, f"`{name}` must be a finite number >= 0, got {value!r}; use 0.0 to turn the term off."
+                )
         temperature = self.contrastive_temperature
         if not _is_number(temperature) or temperature <= 0:
-            raise ValueError(
+            raise ConfigValueError(
+                "contrastive_temperature",
                 f"`contrastive_temperature` must be a finite number > 0, got {temperature!r}; typical values are "
                 "0.02-0.1."
             )
@@ -247,10 +268,12 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
     def __post_init__(self) -> None:
         _check_int("hard_negatives", self.hard_negatives, 0)
         if not _is_number(self.value_token_weight) or self.value_token_weight < 0:
-            raise ValueError(f"`value_token_weight` must be a number >= 0, got {self.value_token_weight!r}; 0 turns "
-                             "it off.")
+            raise ConfigValueError("value_token_weight", f"`value_token_weight` must be a number >= 0, got "
+                                   f"{self.value_token_weight!r}; 0 turns it off.")
         if not _is_number(self.trace_noise) or not 0.0 <= self.trace_noise < 1.0:
-            raise ValueError(f"`trace_noise` must be a number in [0, 1), got {self.trace_noise!r}; 0 turns it off.")
+            raise ConfigValueError(
+                "trace_noise", f"`trace_noise` must be a number in [0, 1), got {self.trace_noise!r}; 0 turns it off."
+            )
         super().__post_init__()
 
 
@@ -341,20 +364,29 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
     def __post_init__(self) -> None:
         self.rewards = normalise_rewards(self.rewards)
         if self.contrastive_rows not in ("advantaged", "all"):
-            raise ValueError(f"`contrastive_rows` must be 'advantaged' or 'all', got {self.contrastive_rows!r}.")
+            raise ConfigValueError(
+                "contrastive_rows", f"`contrastive_rows` must be 'advantaged' or 'all', got {self.contrastive_rows!r}."
+            )
         if self.reward_weights is not None:
-            raise ValueError(
+            raise ConfigValueError(
+                "reward_weights",
                 f"`reward_weights` ({self.reward_weights!r}) is TRL's list for its own `reward_funcs`; moon-rl weights "
                 "rewards through `rewards[i].weight`. Remove `reward_weights` and set the weights in `rewards`."
             )
         if isinstance(self.min_distinct_anchors, bool) or not isinstance(self.min_distinct_anchors, int):
-            raise ValueError(f"`min_distinct_anchors` must be an int >= 1, got {self.min_distinct_anchors!r}.")
+            raise ConfigValueError(
+                "min_distinct_anchors",
+                f"`min_distinct_anchors` must be an int >= 1, got {self.min_distinct_anchors!r}.",
+            )
         if self.min_distinct_anchors < 1:
-            raise ValueError(f"`min_distinct_anchors` must be >= 1, got {self.min_distinct_anchors}.")
+            raise ConfigValueError(
+                "min_distinct_anchors", f"`min_distinct_anchors` must be >= 1, got {self.min_distinct_anchors}."
+            )
         _check_int("candidate_queue_size", self.candidate_queue_size, 0)
         _check_int("max_reward_failure_steps", self.max_reward_failure_steps, 1)
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
-            raise ValueError(
+            raise ConfigValueError(
+                "init_from",
                 f"`init_from` must be a model folder path or None (the SFT stage output), got {self.init_from!r}."
             )
         super().__post_init__()
@@ -364,33 +396,40 @@ def normalise_rewards(rewards: object) -> list[dict[str, Any]]:
     """Check `rewards` entries and return them with `weight` and `args` filled in.
 
     Raises:
-        ValueError: naming the entry, the bad value and the fix.
+        ConfigValueError: (a `ValueError`) naming the entry, the bad value and the fix.
     """
     shape = "each entry is {name: str, weight: float = 1.0, args: dict = {}}"
     if not isinstance(rewards, list) or not rewards:
-        raise ValueError(f"`rewards` must be a non-empty list ({shape}), got {rewards!r}.")
+        raise ConfigValueError("rewards", f"`rewards` must be a non-empty list ({shape}), got {rewards!r}.")
     normalised = []
     for i, entry in enumerate(rewards):
         if isinstance(entry, str):
-            raise ValueError(f"`rewards[{i}]` is the string {entry!r}; write it as {{name: {entry}}} ({shape}).")
+            raise ConfigValueError(
+                "rewards", f"`rewards[{i}]` is the string {entry!r}; write it as {{name: {entry}}} ({shape})."
+            )
         if not isinstance(entry, dict):
-            raise ValueError(f"`rewards[{i}]` must be a mapping ({shape}), got {entry!r}.")
+            raise ConfigValueError("rewards", f"`rewards[{i}]` must be a mapping ({shape}), got {entry!r}.")
         for key in entry:
             if key not in REWARD_ENTRY_KEYS:
                 close = get_close_matches(str(key), REWARD_ENTRY_KEYS, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ValueError(
+                raise ConfigValueError(
+                    "rewards",
                     f"`rewards[{i}]` has unknown key '{key}'{hint}; {shape} (reward parameters go under `args`)."
                 )
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"`rewards[{i}].name` must be a non-empty string, got {name!r}.")
+            raise ConfigValueError("rewards", f"`rewards[{i}].name` must be a non-empty string, got {name!r}.")
         weight = entry.get("weight", REWARD_WEIGHT_DEFAULT)
         if not _is_number(weight):
-            raise ValueError(f"`rewards[{i}].weight` ({name}) must be a finite number, got {weight!r}.")
+            raise ConfigValueError(
+                "rewards", f"`rewards[{i}].weight` ({name}) must be a finite number, got {weight!r}."
+            )
         args = entry.get("args") or {}  # absent or null: no arguments
         if not isinstance(args, dict):
-            raise ValueError(f"`rewards[{i}].args` ({name}) must be a mapping of keyword arguments, got {args!r}.")
+            raise ConfigValueError(
+                "rewards", f"`rewards[{i}].args` ({name}) must be a mapping of keyword arguments, got {args!r}."
+            )
         normalised.append({"name": name, "weight": float(weight), "args": dict(args)})
     return normalised
 

@@ -47,6 +47,7 @@ from moon_rl.modeling.folder import FINAL_DIR, is_model_folder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
+from moon_rl.recipe import Recipe
 from moon_rl.training.candidates import CandidatePool, Candidates
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
@@ -486,7 +487,7 @@ def catalogue_images(embedder: MoonEmbedder, catalogue: Any) -> Callable[[str], 
     return images
 
 
-def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
     """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.inputs import to_item
@@ -543,7 +544,7 @@ def run_grpo(recipe: Any, *, resume: bool = False, overwrite: bool = False, eval
     return out / FINAL_DIR
 
 
-def _write_metrics(recipe: Any, embedder: MoonEmbedder, init: Path, catalogue: Any, out: Path, seconds: float) -> None:
+def _write_metrics(recipe: Recipe, embedder: MoonEmbedder, init: Path, catalogue: Any, out: Path, seconds: float) -> None:
     """Test metrics after GRPO beside the model GRPO started from (and the recipe's baselines)."""
     from moon_rl.evaluation.report import evaluation_summary
 

@@ -27,6 +27,7 @@ from trl import SFTTrainer
 from moon_rl.cache import atomic_write_text
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import FINAL_DIR
+from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonSFTConfig
@@ -122,7 +123,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         return total, metrics
 
 
-def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
     """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
 
     Returns the folder of the trained model (`<output_dir>/sft/final`).
@@ -166,7 +167,7 @@ def run_sft(recipe: Any, *, resume: bool = False, overwrite: bool = False, evalu
     return out / FINAL_DIR
 
 
-def _write_metrics(recipe: Any, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
+def _write_metrics(recipe: Recipe, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
     """Test-split retrieval of the trained model next to the untrained one and MiniLM, plus the trace format rate."""
     from moon_rl.evaluation.report import evaluation_summary
 

@@ -1,0 +1,374 @@
+"""The recipe schema: one pydantic model per section (model, data, embed, eval, ...) and `Recipe`, the whole.
+
+Sections are strict: unknown keys are errors, and values are not coerced (`"32"` is not an int). The `sft` and `grpo`
+sections stay plain dicts of the keys the recipe set; their keys are checked against `MoonSFTConfig` /
+`MoonGRPOConfig` by `moon_rl.recipe.trainer_configs` once, when `load_recipe` loads a recipe (a `Recipe(...)` built
+in code meets the config dataclasses' own checks when `sft_config()` / `grpo_config()` build them).
+
+This module imports neither trl nor transformers, so that any layer (modeling included) can import the schema. The
+`Recipe` methods whose work needs trl hand it to the module that owns it, imported when they are called.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import field_validator as _field_validator
+
+from moon_rl.recipe.provenance import Provenance
+from moon_rl.recipe.serialise import recipe_to_yaml, save_recipe
+
+if TYPE_CHECKING:
+    from moon_rl.training.configs import MoonGRPOConfig, MoonSFTConfig
+
+__all__ = [
+    "BUILTIN_CATALOGUES",
+    "BUILTIN_MODELS",
+    "DEFAULT_LORA_TARGETS",
+    "SECTIONS",
+    "STAGES",
+    "TRAINER_SECTIONS",
+    "DataSpec",
+    "EmbedSpec",
+    "EvalSpec",
+    "FireSpec",
+    "FusionSpec",
+    "HeadsSpec",
+    "LoraSpec",
+    "ModelSpec",
+    "QuantSpec",
+    "Recipe",
+    "SyntheticSpec",
+]
+
+Stage = Literal["data", "sft", "grpo", "embed", "eval"]
+#: Pipeline stages, in the order `moon-rl run` executes them.
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+BUILTIN_MODELS: tuple[str, ...] = ("builtin:tiny-vl",)
+BUILTIN_CATALOGUES: tuple[str, ...] = ("builtin:synthetic",)
+#: LoRA on the language model's attention and MLP projections only: never the vision tower or lm_head.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, and values are not coerced ("32" is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError("values must not repeat")
+    return values
+
+
+class LoraSpec(_Section):
+    """LoRA adapters (peft). `null` in a recipe trains every weight instead (the tiny random-init model does)."""
+
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str = DEFAULT_LORA_TARGETS
+
+    @_field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules is a regular expression on module names and does not compile: {exc}"
+            ) from exc
+        return value
+
+
+class QuantSpec(_Section):
+    """bitsandbytes quantisation of the frozen base weights (QLoRA); needs `model.lora`."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    double_quant: bool = True
+
+
+class FusionSpec(_Section):
+    """Multi-head modality fusion: read-out state attends to the raw image and text signals (and the chain's words)."""
+
+    enabled: bool = True
+    num_heads: PositiveInt = 4
+    chain: bool = True
+
+
+class FireSpec(_Section):
+    """FIRE: low-rank residual re-injection of raw visual tokens at chosen decoder layers."""
+
+    enabled: bool = True
+    layers: list[NonNegativeInt] | None = None
+    rank: PositiveInt = 8
+
+    @_field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else _unique(value)
+
+
+class HeadsSpec(_Section):
+    """`MoonHeads`: fusion, FIRE and the projection to the embedding."""
+
+    embed_dim: PositiveInt = 256
+    learning_rate: PositiveFloat = 1e-3
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    fire: FireSpec = Field(default_factory=FireSpec)
+
+
+class ModelSpec(_Section):
+    """The backbone VLM, its adapters and the embedding heads."""
+
+    name_or_path: str = Field(default="builtin:tiny-vl", min_length=1)
+    builtin_size: Literal["tiny", "small"] = "tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    lora: LoraSpec | None = Field(default_factory=LoraSpec)
+    quantization: QuantSpec | None = None
+    heads: HeadsSpec = Field(default_factory=HeadsSpec)
+    readout_token: str = Field(default="<|im_end|>", min_length=1)
+    image_max_pixels: PositiveInt = 112 * 112
+    image_min_pixels: PositiveInt = 56 * 56
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether `name_or_path` names a built-in model (`builtin:...`)."""
+        return self.name_or_path.startswith("builtin:")
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> ModelSpec:
+        if self.is_builtin and self.name_or_path not in BUILTIN_MODELS:
+            raise ValueError(f"name_or_path {self.name_or_path!r} is not a built-in model; built-ins: {BUILTIN_MODELS}")
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError(
+                f"image_min_pixels ({self.image_min_pixels}) is larger than image_max_pixels ({self.image_max_pixels})"
+            )
+        return self
+
+
+class SyntheticSpec(_Section):
+    """The procedural `builtin:synthetic` catalogue (ignored for other catalogues)."""
+
+    n_products: PositiveInt = 600
+    seed: int = 0
+    image_size: PositiveInt = 112
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    lookalikes: NonNegativeInt = 3
+    trace_errors: float = Field(default=0.0, ge=0.0, le=1.0)
+    trace_error_attributes: list[Literal["colour", "pattern"]] = Field(default_factory=lambda: ["colour"], min_length=1)
+
+
+class DataSpec(_Section):
+    """Catalogue and pairs."""
+
+    catalogue: str = Field(default="builtin:synthetic", min_length=1)
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    train_split: str = Field(default="train", min_length=1)
+    test_split: str = Field(default="test", min_length=1)
+    max_images_per_product: PositiveInt = 4
+    max_train_pairs: PositiveInt | None = None
+    #: MB of tokenised prompts (pixel values) each trainer keeps between steps; the least recently used go first.
+    prompt_cache_mb: PositiveInt = 2048
+
+    @_field_validator("catalogue")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        if value.startswith("builtin:") and value not in BUILTIN_CATALOGUES:
+            raise ValueError(f"{value!r} is not a built-in catalogue; built-ins: {BUILTIN_CATALOGUES}")
+        return value
+
+
+class EmbedSpec(_Section):
+    """`moon-rl embed`: catalogue -> vectors."""
+
+    mode: Literal["direct", "reason"] = "direct"
+    batch_size: PositiveInt = 32
+    max_new_tokens: PositiveInt = 96
+    generation_backend: Literal["hf", "vllm"] = "hf"
+
+
+class EvalSpec(_Section):
+    """`moon-rl eval`: retrieval, zero-shot classification / attributes, faithfulness, baselines."""
+
+    modes: list[Literal["direct", "reason"]] = Field(default_factory=lambda: ["direct", "reason"], min_length=1)
+    batch_size: PositiveInt = 32
+    baselines: list[Literal["untrained", "minilm"]] = Field(default_factory=lambda: ["untrained", "minilm"])
+    k: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    # Reason mode of trained models: how much the embedding depends on its reasoning (two sampled chains per product
+    # and one read-out with swapped reasoning; about 3x the reason-mode gallery cost).
+    faithfulness: bool = True
+
+    @_field_validator("modes", "baselines", "k")
+    @classmethod
+    def _no_repeats(cls, value: list[Any]) -> list[Any]:
+        return _unique(value)
+
+
+# ---- The recipe
+
+#: The sections of a recipe, in the order messages list their problems.
+SECTIONS = ("model", "data", "sft", "grpo", "embed", "eval")
+#: The sections that become TRL configs (`MoonSFTConfig` / `MoonGRPOConfig`), each trained by the stage of its name.
+TRAINER_SECTIONS = ("sft", "grpo")
+
+
+class Recipe(_Section):
+    """A resolved recipe. Build it with `load_recipe`; `Recipe()` is the all-defaults recipe.
+
+    `sft` / `grpo` hold only the keys the recipe set (TRL field names plus moon-rl's); the rest take the defaults of
+    `MoonSFTConfig` / `MoonGRPOConfig`. Two recipes are equal when their resolved values are equal, wherever they were
+    loaded from.
+    """
+
+    output_dir: str = Field(default="runs/recipe", min_length=1)
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    sft: dict[str, Any] = Field(default_factory=dict)
+    grpo: dict[str, Any] = Field(default_factory=dict)
+    embed: EmbedSpec = Field(default_factory=EmbedSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)
+
+    # Where each key was written, the files of the extends chain (base first) and the overrides; see `load_recipe`.
+    _provenance: Provenance = PrivateAttr(default_factory=Provenance)
+
+    @_field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, value: list[str]) -> list[str]:
+        _unique(value)
+        if value != sorted(value, key=STAGES.index):
+            raise ValueError(f"stages run in pipeline order {list(STAGES)}; list them in that order")
+        return value
+
+    @model_validator(mode="after")
+    def _record_provenance(self, info: ValidationInfo) -> Recipe:
+        # The loader knows where every key came from before it validates, and hands that over as validation context.
+        if info.context and "provenance" in info.context:
+            self._provenance = info.context["provenance"]
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ---- provenance -------------------------------------------------------------------------------------------------
+
+    @property
+    def files(self) -> list[str]:
+        """Recipe files this recipe was read from, base of the `extends` chain first (empty when built in code)."""
+        return list(self._provenance.files)
+
+    @property
+    def overrides(self) -> list[str]:
+        """The `--set` overrides applied, in order."""
+        return list(self._provenance.overrides)
+
+    def origin(self, key: str) -> str | None:
+        """Where a dotted key (e.g. `"sft.learning_rate"`) was set: a recipe file, `"--set"`, or None (a default)."""
+        return self._provenance.origin(key)
+
+    def blame(self, *keys: str) -> str:
+        """The file (or `--set`) a message about dotted `keys` names: the last writer among them."""
+        return self._provenance.blame(*keys)
+
+    # ---- stage outputs ----------------------------------------------------------------------------------------------
+
+    def stage_dir(self, stage: str) -> Path:
+        """Output folder of a stage: `<output_dir>/<stage>` (relative to the CWD when `output_dir` is)."""
+        return Path(self.output_dir) / stage
+
+    def grpo_init_path(self, config: MoonGRPOConfig) -> Path:
+        """The model folder GRPO starts from: `config.init_from`, or this recipe's SFT stage output when None."""
+        return Path(config.init_from) if config.init_from is not None else self.stage_dir("sft") / "final"
+
+    # ---- work owned by other modules --------------------------------------------------------------------------------
+    # trainer_configs and checks import trl (seconds, and a layer the schema must not need), so they are imported here
+    # when called, not with the schema.
+
+    def sft_config(self, output_dir: str | os.PathLike[str] | None = None) -> MoonSFTConfig:
+        """Build the `MoonSFTConfig` of the `sft` section.
+
+        Args:
+            output_dir: where TRL writes; defaults to `sft.output_dir` if the recipe set it, else `<output_dir>/sft`.
+
+        Raises:
+            RecipeError: the config's own validation (TRL's or moon-rl's) failed; the message names the recipe file.
+        """
+        from moon_rl.recipe.trainer_configs import build_trainer_config
+
+        return build_trainer_config(self, "sft", output_dir)  # type: ignore[return-value]
+
+    def grpo_config(self, output_dir: str | os.PathLike[str] | None = None) -> MoonGRPOConfig:
+        """Build the `MoonGRPOConfig` of the `grpo` section (`output_dir` defaults to `<output_dir>/grpo`).
+
+        Raises:
+            RecipeError: the config's own validation (TRL's or moon-rl's) failed; the message names the recipe file.
+        """
+        from moon_rl.recipe.trainer_configs import build_trainer_config
+
+        return build_trainer_config(self, "grpo", output_dir)  # type: ignore[return-value]
+
+    def check(self, device_checks: bool = True, check_catalogue: bool = True) -> list[str]:
+        """Problems a run would hit that the schema cannot see; empty when the recipe is ready to run.
+
+        Builds the `MoonSFTConfig` / `MoonGRPOConfig` of the stages listed in `stages` (running TRL's validation),
+        checks the GRPO generation batch (divisible by `num_generations`, at least `min_distinct_anchors` distinct
+        anchors), that a catalogue path exists, that a trained quantised model has LoRA, and optional packages.
+
+        Args:
+            device_checks: also run checks that depend on this machine (bf16 support, installed vllm/bitsandbytes).
+                Pass False to validate a GPU recipe on a CPU-only machine (CI).
+            check_catalogue: also check that a `data.catalogue` path exists on this machine.
+        """
+        from moon_rl.recipe.checks import check_recipe
+
+        return check_recipe(self, device_checks=device_checks, check_catalogue=check_catalogue)
+
+    def dry_run(self) -> tuple[list[str], list[str]]:
+        """`check()` for the machine the recipe will run on, from any machine (a laptop, CI): loads no weights.
+
+        Builds every TRL config of the listed stages as on the target GPU (TRL's device checks, such as "bf16 needs a
+        GPU", are off; `tf32` is left to the target machine) and checks the GRPO generation batch rules, the
+        quantisation/LoRA rule and every key. What only the target machine can tell (a catalogue path missing here,
+        vllm or bitsandbytes not installed here) comes back as notes.
+
+        Returns:
+            `(problems, notes)`: a problem breaks the recipe anywhere; a note is to check on the target machine.
+        """
+        from moon_rl.recipe.checks import dry_run
+
+        return dry_run(self)
+
+    # ---- output -----------------------------------------------------------------------------------------------------
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe as YAML: every default of moon-rl's own sections filled in, `extends` and
+        overrides applied. `sft` / `grpo` show the keys the recipe set (the rest are the config dataclasses'
+        defaults, with trl pinned). Loading the text back gives an equal recipe."""
+        return recipe_to_yaml(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `to_yaml()` to `path` atomically (temp file + rename) and return the path.
+
+        Call it on the main process only when running distributed.
+        """
+        return save_recipe(self, path)
