@@ -235,13 +235,8 @@ def train(part: str, trainer: Any, embedder: Any, timer: StepTimer, losses: Loss
 
 def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result, quantized: bool = False,
                  fp16: bool = False) -> None:
-    from datasets import Dataset
-
-    from moon_rl.data.catalogue import load_recipe_catalogue
-    from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.sft import MoonSFTTrainer
-    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+    from moon_rl.training.sft import build_sft_trainer
 
     cuda = args.device == "cuda"
     extra = [f"sft.per_device_train_batch_size={args.sft_batch_size}"]
@@ -254,21 +249,11 @@ def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result,
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, overrides(args, out, "sft", extra))
     cfg = recipe.sft_config(out / part)
-    # As run_sft: the collator hands TRL ready tensors plus the "moon" layout; TRL must neither tokenise nor drop them.
-    cfg.remove_unused_columns = False
-    cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
     torch.manual_seed(cfg.seed)
-    catalogue = load_recipe_catalogue(recipe.data)
-    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    embedder = MoonEmbedder.from_recipe(recipe)
-    collator = MoonSFTCollator(embedder, catalogue, examples, cfg.hard_negatives, cfg.trace_noise)
     timer, losses = StepTimer(cuda), LossLog()
-    trainer = MoonSFTTrainer(
-        embedder, cfg, heads_learning_rate=cfg.heads_learning_rate or recipe.model.heads.learning_rate,
-        train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
-        callbacks=[timer, losses],
-    )
-    print(f"[{part}] {len(examples)} training pairs, {args.sft_batch_size} pairs/step "
+    trainer = build_sft_trainer(recipe, args=cfg, callbacks=[timer, losses])  # exactly what `moon-rl sft` trains
+    embedder = trainer.embedder
+    print(f"[{part}] {len(trainer.train_dataset)} training rows, {args.sft_batch_size} pairs/step "
           f"(+{cfg.hard_negatives} hard negative(s) each), trainer args bf16={cfg.bf16} fp16={cfg.fp16} "
           f"use_cpu={cfg.use_cpu}")
     heads_before = {n: p.detach().clone() for n, p in embedder.heads.named_parameters()}
@@ -281,13 +266,9 @@ def run_sft_part(part: str, args: argparse.Namespace, out: Path, result: Result,
 
 
 def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
-    from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
-    from moon_rl.modeling.inputs import EmbedItem, to_item
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset, lookalike_pairs
-    from moon_rl.training.sft_data import sft_examples
-    from rewards import build_rewards
+    from moon_rl.training.grpo import build_grpo_trainer
 
     cuda = args.device == "cuda"
     length = args.completion_length
@@ -305,21 +286,10 @@ def run_grpo_part(part: str, args: argparse.Namespace, out: Path, result: Result
     cfg = recipe.grpo_config(out / part)
     embedder = MoonEmbedder.from_recipe(recipe).train()  # random init: no SFT model to start from here
     torch.manual_seed(cfg.seed)
-    catalogue = load_recipe_catalogue(recipe.data)
-    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    rewards = build_rewards(cfg.rewards)
-
-    def query_item(pair: int) -> EmbedItem:
-        return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
-
     timer, losses = StepTimer(cuda), LossLog()
-    trainer = MoonGRPOTrainer(
-        embedder, rewards, cfg, query_item=query_item, related_pairs=lookalike_pairs(examples),
-        heads_learning_rate=cfg.heads_learning_rate or recipe.model.heads.learning_rate,
-        product_images=catalogue_images(embedder, catalogue),
-        train_dataset=grpo_dataset(embedder, catalogue, examples), callbacks=[timer, losses],
-    )
-    print(f"[{part}] {len(examples)} prompts, batch {args.grpo_batch_size}, {args.generations} generations, "
+    # Exactly what `moon-rl grpo` trains; no preflight: this random-init model has never learnt to write a trace.
+    trainer = build_grpo_trainer(recipe, embedder, args=cfg, preflight=False, callbacks=[timer, losses])
+    print(f"[{part}] {len(trainer.train_dataset)} prompts, batch {args.grpo_batch_size}, {args.generations} generations, "
           f"{length} completion tokens, use_vllm={cfg.use_vllm}, trainer args bf16={cfg.bf16} use_cpu={cfg.use_cpu}")
     train(part, trainer, embedder, timer, losses, result, time.perf_counter() - started)
 

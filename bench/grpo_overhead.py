@@ -8,7 +8,7 @@ builtin folder; both are reset to the initial weights before every repetition) o
 small synthetic catalogue, with the same processor, batch, group size, seed and `bf16=False`, `use_cpu=True`,
 `beta=0`, no gradient checkpointing, no saving:
 
-* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it: the `retrieval_rank` reward (rewards/), which costs a no-grad
+* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it (`build_grpo_trainer`): the `retrieval_rank` reward (rewards/), which costs a no-grad
   embedding forward of every completion plus a direct-mode forward of the candidates (the generation batch's queries
   and their look-alike hard negatives), the heads (fusion, FIRE hooks, projection) and the InfoNCE term on the read-outs
   captured from the policy's own loss forward.
@@ -50,13 +50,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from moon_rl.data.catalogue import load_recipe_catalogue  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder  # noqa: E402
-from moon_rl.modeling.inputs import EmbedItem, to_item  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
 from moon_rl.recipe import Recipe, load_recipe  # noqa: E402
 from moon_rl.training import grpo as moon_grpo  # noqa: E402
-from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset, lookalike_pairs  # noqa: E402
+from moon_rl.training.grpo import MoonGRPOTrainer, build_grpo_trainer, catalogue_images, grpo_dataset  # noqa: E402
 from moon_rl.training.sft_data import sft_examples  # noqa: E402
-from rewards import build_rewards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,15 +171,11 @@ def build(args: argparse.Namespace, out: Path) -> NS:
     stock_state = stock_model.state_dict()
     assert all(torch.equal(init_model[k], stock_state[k]) for k in init_model), "stock copy differs from the embedder"
     images = catalogue_images(embedder, catalogue)
-    # Rows with their images, as stock TRL needs them (and moon-rl takes them too): both sides read the same rows.
+    # The same rows moon-rl trains on, with their images, as stock TRL needs them (moon-rl decodes each generation
+    # batch's images itself, a cost it pays in `moon-rl grpo` too).
     dataset = grpo_dataset(embedder, catalogue, examples).map(lambda row: {"images": images(row["product_id"])})
-    rewards = build_rewards(recipe.grpo["rewards"])
-
-    def query_item(pair: int) -> EmbedItem:
-        return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
-
-    return NS(recipe=recipe, embedder=embedder, stock_model=stock_model, init_model=init_model, init_heads=init_heads,
-              dataset=dataset, rewards=rewards, query_item=query_item, related=lookalike_pairs(examples), out=out)
+    return NS(recipe=recipe, catalogue=catalogue, embedder=embedder, stock_model=stock_model, init_model=init_model,
+              init_heads=init_heads, dataset=dataset, out=out)
 
 
 def stock_config(recipe: Recipe, output_dir: Path) -> GRPOConfig:
@@ -196,10 +190,9 @@ def make_moon(b: NS, timer: StepTimer) -> MoonGRPOTrainer:
     b.embedder.model.load_state_dict(b.init_model)
     b.embedder.heads.load_state_dict(b.init_heads)
     b.embedder.train()
-    args = b.recipe.grpo_config(b.out / "moon")
-    return MoonGRPOTrainer(b.embedder, b.rewards, args, query_item=b.query_item, related_pairs=b.related,
-                           heads_learning_rate=b.recipe.model.heads.learning_rate, train_dataset=b.dataset,
-                           callbacks=[timer])
+    # Exactly what `moon-rl grpo` trains (no preflight: the random-init model has never learnt to write a trace).
+    return build_grpo_trainer(b.recipe, b.embedder, args=b.recipe.grpo_config(b.out / "moon"), catalogue=b.catalogue,
+                              preflight=False, callbacks=[timer])
 
 
 def make_stock(b: NS, timer: StepTimer) -> GRPOTrainer:

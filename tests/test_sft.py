@@ -347,3 +347,28 @@ def test_sft_learns_to_retrieve_the_paired_product(tmp_path):
     recall, chance = result["direct"]["text->product"]["recall@1"], result["chance"]["text->product"]["recall@1"]
     # Measured (seeds 0, 1): 0.25 and 0.50 (chance 0.025); with anchors paired to the wrong products 0.025 and 0.10.
     assert recall >= 6 * chance, (recall, chance)
+
+
+def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
+    """The benches build their trainers with these builders; a setting dropped here (as the benches' copies had dropped
+    the pair products, trace options and reward files) would train something other than `moon-rl sft/grpo`."""
+    from moon_rl.training.grpo import build_grpo_trainer
+    from moon_rl.training.sft import build_sft_trainer
+
+    recipe = small_recipe(tmp_path, "sft.value_token_weight=3.0", "sft.photo_traces=true", "sft.hard_negatives=1",
+                          "model.heads.learning_rate=0.002", "data.prompt_cache_mb=7", "grpo.heads_learning_rate=0.004",
+                          "grpo.rewards=[{name: retrieval_rank, weight: 0.7}, {name: format, weight: 0.3}]",
+                          "grpo.per_device_train_batch_size=8", "grpo.num_generations=2", "grpo.bf16=false",
+                          "grpo.use_cpu=true", "grpo.report_to=none")
+    sft = build_sft_trainer(recipe)
+    collator = sft.data_collator
+    assert (collator.value_token_weight, collator.photo_traces, collator.trace_noise) == (3.0, True, 0.3)
+    assert collator.hard_negatives == 1 and collator._prompts.max_bytes == 7 * 2**20
+    assert sft.embedder.meta["reasoning_trained"] is True
+    assert len(sft.train_dataset) == len(collator.dataset_rows())
+    grpo = build_grpo_trainer(recipe, sft.embedder, preflight=False)
+    positives = [pair.positive for pair in collator.catalogue.pairs[recipe.data.train_split]]
+    assert list(grpo.pair_products) == positives  # product-id masking of candidates
+    assert [f.__name__ for f in grpo.reward_funcs] == ["retrieval_rank", "format"]
+    assert grpo.reward_weights.tolist() == pytest.approx([0.7, 0.3])
+    assert grpo.heads_optimizer.learning_rate == 0.004

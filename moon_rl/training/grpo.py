@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from moon_rl.cache import atomic_write_text
@@ -487,12 +488,53 @@ def catalogue_images(embedder: MoonEmbedder, catalogue: Any) -> Callable[[str], 
     return images
 
 
-def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
-    """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
+def build_grpo_trainer(recipe: Recipe, embedder: MoonEmbedder, *, args: MoonGRPOConfig | None = None,
+                       catalogue: Any = None, preflight: bool = True,
+                       callbacks: Sequence[TrainerCallback] = ()) -> MoonGRPOTrainer:
+    """The trainer `run_grpo` trains, for the CLI and every bench alike (rewards, candidates, images as the recipe says).
+
+    Args:
+        recipe (`Recipe`): the loaded recipe; reward files are resolved next to the file that named them.
+        embedder (`MoonEmbedder`): the policy, trainable (e.g. `MoonEmbedder.load(sft_final, trainable=True)`).
+        args (`MoonGRPOConfig`, *optional*): defaults to `recipe.grpo_config()`.
+        catalogue (`Catalogue`, *optional*): defaults to the recipe's catalogue.
+        preflight (`bool`, *optional*, defaults to `True`): sample the starting model first and refuse one that cannot
+            learn (`grpo.allow_untrained_reasoning` overrides); a bench timing a random-init model turns it off.
+        callbacks (`Sequence[TrainerCallback]`, *optional*): added to the trainer's.
+    """
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.inputs import to_item
     from moon_rl.training.preflight import check_can_learn, reasoning_preflight
     from moon_rl.training.sft_data import sft_examples
+
+    args = args if args is not None else recipe.grpo_config()
+    catalogue = catalogue if catalogue is not None else load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
+    base_dir = Path(recipe.files[-1]).parent if recipe.files else None
+    rewards = build_rewards(args.rewards, base_dir=base_dir)
+
+    def query_item(pair: int) -> EmbedItem:
+        return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
+
+    if preflight:
+        # Products as records: the preflight decodes the images of the few it samples, not the catalogue's.
+        products = [catalogue.products[ex.positive] for ex in examples]
+        report = reasoning_preflight(embedder, products,
+                                     catalogue_has_traces=any(p.reasoning for p in catalogue.products.values()),
+                                     max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                     make_item=lambda product: to_item(product, catalogue.image, embedder.max_images))
+        check_can_learn(report, allow=args.allow_untrained_reasoning)
+    return MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
+                           pair_products=[ex.positive for ex in examples],
+                           heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
+                           product_images=catalogue_images(embedder, catalogue),
+                           prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,
+                           train_dataset=grpo_dataset(embedder, catalogue, examples), callbacks=list(callbacks))
+
+
+def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+    """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
 
     # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
     # WORLD_SIZE: set by torchrun / accelerate launch before anything is initialised (TRL's own count is the same).
@@ -515,26 +557,7 @@ def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, e
     embedder.meta["recipe"] = recipe.to_yaml()
     torch.manual_seed(args.seed)
     catalogue = load_recipe_catalogue(recipe.data)
-    examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    base_dir = Path(recipe.files[-1]).parent if recipe.files else None
-    rewards = build_rewards(args.rewards, base_dir=base_dir)
-
-    def query_item(pair: int) -> EmbedItem:
-        return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
-
-    # Products as records: the preflight decodes the images of the few it samples, not the catalogue's.
-    products = [catalogue.products[ex.positive] for ex in examples]
-    report = reasoning_preflight(embedder, products,
-                                 catalogue_has_traces=any(p.reasoning for p in catalogue.products.values()),
-                                 max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                 make_item=lambda product: to_item(product, catalogue.image, embedder.max_images))
-    check_can_learn(report, allow=args.allow_untrained_reasoning)
-    trainer = MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
-                              pair_products=[ex.positive for ex in examples],
-                              heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
-                              product_images=catalogue_images(embedder, catalogue),
-                              prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,
-                              train_dataset=grpo_dataset(embedder, catalogue, examples))
+    trainer = build_grpo_trainer(recipe, embedder, args=args, catalogue=catalogue)
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
         _write_metrics(recipe, trained_embedder(trainer, embedder, out), init, catalogue, out, seconds)

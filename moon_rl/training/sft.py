@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from moon_rl.cache import atomic_write_text
@@ -123,29 +125,35 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         return total, metrics
 
 
-def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
-    """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
+def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embedder: MoonEmbedder | None = None,
+                      catalogue: Any = None, callbacks: Sequence[TrainerCallback] = ()) -> MoonSFTTrainer:
+    """The trainer `run_sft` trains, for the CLI and every bench alike (collator, dataset and heads as the recipe says).
 
-    Returns the folder of the trained model (`<output_dir>/sft/final`).
+    Args:
+        recipe (`Recipe`): the loaded recipe.
+        args (`MoonSFTConfig`, *optional*): defaults to `recipe.sft_config()` (a bench may pass its own output folder).
+        embedder (`MoonEmbedder`, *optional*): defaults to `MoonEmbedder.from_recipe(recipe)`.
+        catalogue (`Catalogue`, *optional*): defaults to the recipe's catalogue.
+        callbacks (`Sequence[TrainerCallback]`, *optional*): added to the trainer's (e.g. a bench's timers).
+
+    Returns:
+        `MoonSFTTrainer`: with `.embedder` and, through its collator, the catalogue it trains on.
     """
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, sft_examples
 
-    args = recipe.sft_config()
-    out = Path(args.output_dir)
-    check_output_dir(out, overwrite=overwrite, resume=resume)
+    args = args if args is not None else recipe.sft_config()
     # The collator hands TRL ready tensors and the extra "moon" layout; TRL must neither tokenise nor drop columns.
     args.remove_unused_columns = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    torch.manual_seed(args.seed)
-    catalogue = load_recipe_catalogue(recipe.data)
+    catalogue = catalogue if catalogue is not None else load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
     without_trace = sum(1 for ex in examples if not (args.reasoning and catalogue.products[ex.positive].reasoning))
     logger.info("SFT on %d pairs (%d image-only anchors)", len(examples), sum(ex.image_only for ex in examples))
     if without_trace:
         logger.warning("%d of %d SFT pairs have no reasoning trace and train on the contrastive term only",
                        without_trace, len(examples))
-    embedder = MoonEmbedder.from_recipe(recipe)
+    embedder = embedder if embedder is not None else MoonEmbedder.from_recipe(recipe)
     # Saved in moon_rl.json: GRPO's preflight refuses to start from a model that never learnt to write a trace.
     embedder.meta["reasoning_trained"] = bool(args.reasoning) and any(
         catalogue.products[ex.positive].reasoning for ex in examples)
@@ -153,14 +161,28 @@ def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, ev
                                seed=args.seed, chain_negatives=args.chain_negatives,
                                value_token_weight=args.value_token_weight, photo_traces=args.photo_traces,
                                prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20)
-    trainer = MoonSFTTrainer(
+    return MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
-        callbacks=[NoiseEpoch(collator)],
+        callbacks=[NoiseEpoch(collator), *callbacks],
     )
+
+
+def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
+    """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
+
+    Returns the folder of the trained model (`<output_dir>/sft/final`).
+    """
+    args = recipe.sft_config()
+    out = Path(args.output_dir)
+    check_output_dir(out, overwrite=overwrite, resume=resume)
+    torch.manual_seed(args.seed)
+    trainer = build_sft_trainer(recipe, args=args)
+    embedder = trainer.embedder
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
-        _write_metrics(recipe, trained_embedder(trainer, embedder, out), catalogue, out, seconds)
+        _write_metrics(recipe, trained_embedder(trainer, embedder, out), trainer.data_collator.catalogue, out,
+                       seconds)
     # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
     # open process group aborted a process under torchrun ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
