@@ -258,7 +258,7 @@ def test_full_weight_folder_is_a_complete_hf_model_folder(tmp_path, full_embedde
 def test_lora_model_merges_into_a_full_folder_for_vllm(tmp_path, monkeypatch):
     """A LoRA embedder can generate with vLLM: the adapter is merged into a copy written as a full folder whose
     logits equal the adapter model's; the adapter model itself stays unmerged."""
-    from moon_rl.inference import generation
+    from moon_rl.modeling import generation
     from moon_rl.modeling.loading import load_model, write_merged_model
 
     embedder = MoonEmbedder.from_recipe(tiny_recipe()).eval()  # no LoRA dropout in the reference logits

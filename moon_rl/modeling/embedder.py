@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.errors import MoonError
-from moon_rl.inference.generation import hf_generate
+from moon_rl.modeling.generation import hf_generate
 from moon_rl.modeling.folder import HEADS_CONFIG, HEADS_WEIGHTS, MODEL_MANIFEST
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
 from moon_rl.modeling.inputs import (
@@ -214,7 +214,7 @@ class MoonEmbedder(nn.Module):
 
     def _vllm_generator(self):
         """vLLM engine over this model's full weights (FIRE is not applied inside vLLM; the read-out forward has it)."""
-        from moon_rl.inference.generation import VLLMGenerator
+        from moon_rl.modeling.generation import VLLMGenerator
 
         if self._vllm is None:
             inner = self.model.module if hasattr(self.model, "module") else self.model

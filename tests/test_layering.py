@@ -1,0 +1,76 @@
+"""The layering rule, enforced: imports run down the layers only, and no two packages import each other.
+
+data <- modeling <- training (and recipe, which builds the trainers' configs) <- inference / evaluation <- run / plan /
+cli. `errors`, `cache` and `logs` are at the bottom. Every import counts, the ones inside functions too (they run
+sooner or later); imports under `if TYPE_CHECKING:` do not (types only, never executed).
+
+The known exceptions are listed below as debt (issue 15): a new one fails this test, and so does a listed one that is
+gone (remove it from the list, so that it cannot come back unnoticed).
+"""
+
+from __future__ import annotations
+
+import ast
+from itertools import combinations
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "moon_rl"
+LEVEL = {"errors": 0, "cache": 0, "logs": 0, "data": 1, "modeling": 2, "recipe": 3, "training": 3,
+         "inference": 4, "evaluation": 4, "plan": 5, "run": 5}
+#: (importing module, imported package): imports that run up the layers today.
+KNOWN_UPWARD = {
+    ("moon_rl.modeling.embedder", "recipe"),  # model_spec_for re-reads the saved recipe (a manifest should carry it)
+    ("moon_rl.training.sft", "evaluation"),  # post-training metrics inside run_sft (the CLI should evaluate)
+    ("moon_rl.training.grpo", "evaluation"),  # the same inside run_grpo
+}
+#: Pairs of packages that import each other today.
+KNOWN_CYCLES = {("recipe", "training")}  # trainers take a Recipe; the recipe builds the trainers' configs
+
+
+def _runtime_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {id(node) for block in ast.walk(tree)
+                 if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                 for node in ast.walk(block)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+    return found
+
+
+def _package_imports() -> dict[str, set[tuple[str, str]]]:
+    """Per moon_rl module (dotted), the moon_rl packages it imports at run time, other than its own."""
+    edges: dict[str, set[tuple[str, str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        module, own = ".".join(parts), parts[1] if len(parts) > 1 else None
+        for imported in _runtime_imports(path):
+            names = imported.split(".")
+            if names[0] == "moon_rl" and len(names) > 1 and names[1] != own:
+                edges.setdefault(module, set()).add((own, names[1]))
+    return edges
+
+
+def test_every_package_has_a_layer():
+    packages = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    assert packages == set(LEVEL), f"give {sorted(packages - set(LEVEL))} a layer (or drop {sorted(set(LEVEL) - packages)})"
+
+
+def test_imports_run_down_the_layers_only():
+    upward = {(module, imported) for module, edges in _package_imports().items() for own, imported in edges
+              if LEVEL[imported] > LEVEL[own]}
+    assert upward - KNOWN_UPWARD == set(), "imports that run up the layers"
+    assert KNOWN_UPWARD - upward == set(), "fixed: remove these from KNOWN_UPWARD"
+
+
+def test_no_two_packages_import_each_other():
+    pairs = {edge for edges in _package_imports().values() for edge in edges}
+    cycles = {tuple(sorted(p)) for p in combinations(LEVEL, 2) if p in pairs and p[::-1] in pairs}
+    assert cycles - KNOWN_CYCLES == set(), "packages that import each other"
+    assert KNOWN_CYCLES - cycles == set(), "fixed: remove these from KNOWN_CYCLES"
