@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.errors import MoonError
-from moon_rl.modeling.generation import hf_generate
 from moon_rl.modeling.folder import HEADS_CONFIG, HEADS_WEIGHTS, MODEL_MANIFEST
+from moon_rl.modeling.generation import hf_generate
 from moon_rl.modeling.heads import HeadsConfig, MoonHeads, default_fire_layers
 from moon_rl.modeling.inputs import (
     EmbedItem,
