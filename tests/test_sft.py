@@ -79,7 +79,14 @@ def test_training_logs_changes_heads_and_saves(trained):
                if not torch.equal(p, loaded.model.state_dict()[n])]
     assert len(changed) > 0.9 * len(list(fresh.model.parameters()))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["results"]["trained"]["direct"]["text->product"]["recall@1"] <= 1.0
+    # metrics.json holds the saved model's own numbers (not the untrained model's, nor another split's).
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.evaluation.retrieval import evaluate_embedder
+
+    again = evaluate_embedder(loaded, load_recipe_catalogue(recipe.data), split=recipe.data.test_split,
+                              modes=("direct",), batch_size=recipe.eval.batch_size, zero_shot=False)
+    for task, found in again["direct"].items():
+        assert metrics["results"]["trained"]["direct"][task]["recall@1"] == pytest.approx(found["recall@1"])
     assert "| trained | direct |" in metrics["table"]
     for step in (2, 4):
         ckpt = out / f"checkpoint-{step}"
