@@ -63,11 +63,12 @@ def recipe_for(out: Path, size: str, extra: list[str]):
 
 
 def check_checkpoint(folder: Path) -> None:
-    from moon_rl.training.checkpoint import HEADS_FILE, MARKER_FILE
+    from moon_rl.modeling.folder import HEADS_WEIGHTS
+    from moon_rl.training.checkpoint import MARKER_FILE
     from moon_rl.training.heads_optimizer import HEADS_OPTIMIZER_FILE
 
     names = sorted(p.name for p in folder.iterdir())
-    for name in (MARKER_FILE, HEADS_FILE, HEADS_OPTIMIZER_FILE, "scheduler.pt"):
+    for name in (MARKER_FILE, HEADS_WEIGHTS, HEADS_OPTIMIZER_FILE, "scheduler.pt"):
         assert (folder / name).is_file(), f"{folder} lacks {name}: has {names}"
     assert any(n.startswith("optimizer") for n in names), f"{folder} has no optimizer state: {names}"
     print(f"  {folder.name}: {names}")
@@ -81,7 +82,7 @@ def sft_steps(out: Path) -> list[int]:
 def check_sft(args) -> None:
     from safetensors.torch import load_file
 
-    from moon_rl.training.checkpoint import HEADS_FILE
+    from moon_rl.modeling.folder import HEADS_WEIGHTS
     from moon_rl.training.sft import run_sft
 
     out = args.out / "run" / "sft"
@@ -104,7 +105,7 @@ def check_sft(args) -> None:
         assert sft_steps(out) == [1, 2, 3, 4], sft_steps(out)
         resumed = load_file(str(out / "final" / "heads.safetensors"))
         straight = load_file(str(args.out / "straight_heads.safetensors"))
-        at_2 = load_file(str(out / "checkpoint-2" / HEADS_FILE))
+        at_2 = load_file(str(out / "checkpoint-2" / HEADS_WEIGHTS))
         diff = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
         moved = max(float((at_2[k] - straight[k]).abs().max()) for k in straight)
         print(f"  heads, resumed vs straight run: max |diff| {diff:.2e}; steps 3-4 moved them by {moved:.2e}")

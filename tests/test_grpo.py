@@ -215,7 +215,8 @@ def test_heads_have_their_own_optimizer_and_train(setup):
 def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
     import json
 
-    from moon_rl.training.checkpoint import HEADS_FILE, MARKER_FILE
+    from moon_rl.modeling.folder import HEADS_WEIGHTS
+    from moon_rl.training.checkpoint import MARKER_FILE
     from moon_rl.training.grpo import run_grpo
 
     (tmp_path / "my_rewards.py").write_text(
@@ -236,7 +237,7 @@ def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
     history = json.loads((out / "log_history.json").read_text())
     logged = {k for entry in history for k in entry}
     assert {"rewards/brevity/mean", "rewards/retrieval_rank/mean", "retrieval/mrr", "infonce"} <= logged
-    assert (out / "checkpoint-2" / HEADS_FILE).is_file() and (out / "checkpoint-2" / MARKER_FILE).is_file()
+    assert (out / "checkpoint-2" / HEADS_WEIGHTS).is_file() and (out / "checkpoint-2" / MARKER_FILE).is_file()
     # Interrupted after step 2: resume with a longer budget continues at step 3.
     (final / "moon_rl.json").unlink()
     run_grpo(recipe("grpo.max_steps=3"), resume=True, evaluate=False)

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from moon_rl.errors import MoonError
+from moon_rl.modeling.folder import HEADS_WEIGHTS
 from moon_rl.recipe import Recipe, load_recipe
-from moon_rl.training.checkpoint import HEADS_FILE, MARKER_FILE, latest_checkpoint
+from moon_rl.training.checkpoint import MARKER_FILE, latest_checkpoint
 from moon_rl.training.heads_optimizer import HEADS_OPTIMIZER_FILE
 
 
@@ -90,7 +91,7 @@ def test_training_logs_changes_heads_and_saves(trained):
     assert "| trained | direct |" in metrics["table"]
     for step in (2, 4):
         ckpt = out / f"checkpoint-{step}"
-        assert (ckpt / HEADS_FILE).is_file() and (ckpt / MARKER_FILE).is_file()
+        assert (ckpt / HEADS_WEIGHTS).is_file() and (ckpt / MARKER_FILE).is_file()
         assert (ckpt / HEADS_OPTIMIZER_FILE).is_file()
     assert latest_checkpoint(out) == out / "checkpoint-4"
 

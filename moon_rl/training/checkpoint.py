@@ -20,7 +20,6 @@ from moon_rl.cache import atomic_write_bytes, atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.folder import HEADS_WEIGHTS, finished_model
 
-HEADS_FILE = HEADS_WEIGHTS  # the same name as in a final model folder
 _LEGACY_HEADS_FILE = "moon_heads.safetensors"  # checkpoints written before the names were unified
 MARKER_FILE = "moon_rl_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -29,16 +28,16 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 def save_heads(heads: nn.Module, folder: str | Path) -> None:
     """Heads' weights into `folder` (safetensors, written atomically)."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
-    atomic_write_bytes(Path(folder) / HEADS_FILE, safetensors_bytes(state))
+    atomic_write_bytes(Path(folder) / HEADS_WEIGHTS, safetensors_bytes(state))
 
 
 def load_heads(heads: nn.Module, folder: str | Path) -> None:
     """Restore heads saved by `save_heads` (safetensors only)."""
-    path = Path(folder) / HEADS_FILE
+    path = Path(folder) / HEADS_WEIGHTS
     if not path.is_file() and (Path(folder) / _LEGACY_HEADS_FILE).is_file():
         path = Path(folder) / _LEGACY_HEADS_FILE
     if not path.is_file():
-        raise MoonError(f"{folder}: checkpoint has no {HEADS_FILE}")
+        raise MoonError(f"{folder}: checkpoint has no {HEADS_WEIGHTS}")
     heads.load_state_dict(load_file(str(path)))
 
 

@@ -137,7 +137,7 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
         callbacks (`Sequence[TrainerCallback]`, *optional*): added to the trainer's (e.g. a bench's timers).
 
     Returns:
-        `MoonSFTTrainer`: with `.embedder` and, through its collator, the catalogue it trains on.
+        `MoonSFTTrainer`: the embedder it trains is `.embedder`.
     """
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, sft_examples
@@ -173,16 +173,18 @@ def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, ev
 
     Returns the folder of the trained model (`<output_dir>/sft/final`).
     """
+    from moon_rl.data.catalogue import load_recipe_catalogue
+
     args = recipe.sft_config()
     out = Path(args.output_dir)
     check_output_dir(out, overwrite=overwrite, resume=resume)
     torch.manual_seed(args.seed)
-    trainer = build_sft_trainer(recipe, args=args)
+    catalogue = load_recipe_catalogue(recipe.data)
+    trainer = build_sft_trainer(recipe, args=args, catalogue=catalogue)
     embedder = trainer.embedder
     seconds = train_and_save(trainer, embedder, out, resume=resume)
     if seconds is not None and evaluate:
-        _write_metrics(recipe, trained_embedder(trainer, embedder, out), trainer.data_collator.catalogue, out,
-                       seconds)
+        _write_metrics(recipe, trained_embedder(trainer, embedder, out), catalogue, out, seconds)
     # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
     # open process group aborted a process under torchrun ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
