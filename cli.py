@@ -207,6 +207,89 @@ def plan(
     typer.echo(format_plan(resolved, arch, plans, gpus=gpus, strategy=strategy, gpu_memory_gib=gpu_memory))
 
 
+@app.command("annotate")
+@_user_errors
+def annotate(
+    recipe: RecipeArg,
+    template: Annotated[bool, typer.Option(
+        "--template", help="Traces from each product's category, attributes and title: offline and instant.")] = False,
+    teacher: Annotated[str | None, typer.Option(
+        help="A chat vision-language model (Hub id or folder; builtin:tiny-vl for a smoke test) writes the traces.",
+    )] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder of the annotated copy (default: <output_dir>/catalogue-annotated).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    retrace: Annotated[bool, typer.Option(
+        "--retrace", help="Annotate products that already have a trace too (default: keep theirs).")] = False,
+    attributes: Annotated[str | None, typer.Option(
+        help="Attributes the traces name, in order, comma-separated (default: category, then the most common).",
+    )] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Teacher: annotate at most this many products now (a trial); rerun to resume.", min=1)] = None,
+    max_attempts: Annotated[int, typer.Option(
+        help="Teacher: traces written per product until one does not contradict its known attributes.", min=1)] = 3,
+    batch_size: Annotated[int, typer.Option(help="Teacher: products per generation batch.", min=1)] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Teacher: longest trace, in tokens.", min=1)] = 96,
+    set_: SetOption = None,
+) -> None:
+    """Write a copy of the recipe's catalogue whose products carry reasoning traces (the source is never modified)."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.errors import MoonError
+    from moon_rl.inference.annotate import Teacher, annotate_with_teacher, annotate_with_template
+
+    if template == (teacher is not None):
+        raise MoonError("annotate: give exactly one of --template (traces from the products' attributes) or "
+                        "--teacher MODEL (a vision-language model writes them)")
+    resolved = _load(recipe, set_)
+    catalogue = load_recipe_catalogue(resolved.data)
+    order = [name.strip() for name in attributes.split(",") if name.strip()] if attributes else None
+    target = out or Path(resolved.output_dir) / "catalogue-annotated"
+    if template:
+        report = annotate_with_template(catalogue, target, retrace=retrace, order=order, overwrite=overwrite)
+    else:
+        report = annotate_with_teacher(
+            catalogue, target, Teacher(teacher, resolved.model), retrace=retrace, order=order,
+            max_attempts=max_attempts, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+            overwrite=overwrite, seed=resolved.seed)
+    _result(report.summary())
+
+
+@app.command("mine")
+@_user_errors
+def mine(
+    recipe: RecipeArg,
+    model: Annotated[Path, typer.Option(help="A trained model folder (e.g. <output_dir>/sft/final).",
+                                        exists=True, file_okay=False)],
+    k: Annotated[int, typer.Option("--k", help="Negatives per pair.", min=1)] = 4,
+    margin: Annotated[float, typer.Option(
+        help="Skip candidates scoring above this fraction of the positive's score (likely unlabelled positives); "
+             "0 turns the filter off.", min=0.0)] = 0.95,
+    split: Annotated[str, typer.Option(help="The split whose pairs get negatives.")] = "train",
+    mode: Annotated[str, typer.Option(help="How products are embedded: direct or reason (slower).")] = "direct",
+    keep_given: Annotated[bool, typer.Option("--keep-given", help="Keep the pairs' given negatives first.")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder of the mined copy (default: <output_dir>/catalogue-mined).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Mine hard negatives for a split's pairs with a trained model, false negatives filtered; write a copy."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.errors import MoonError
+    from moon_rl.inference.mine import mine_negatives, write_mined_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+
+    if mode not in ("direct", "reason"):
+        raise MoonError(f"mine: --mode must be direct or reason, got {mode!r}")
+    resolved = _load(recipe, set_)
+    catalogue = load_recipe_catalogue(resolved.data)
+    report = mine_negatives(MoonEmbedder.load(model), catalogue, split, k=k, margin=margin or None, mode=mode,
+                            batch_size=resolved.eval.batch_size)
+    target = write_mined_catalogue(catalogue, report, out or Path(resolved.output_dir) / "catalogue-mined",
+                                   keep_given=keep_given, model=str(model), overwrite=overwrite)
+    _result(f"{report.summary()}\nwritten to {target.resolve()}; train on it with "
+            f"--set data.catalogue={target.resolve()}")
+
+
 # ---------------------------------------------------------------------------------------------------- train
 @app.command("sft")
 @_user_errors

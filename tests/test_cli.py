@@ -37,7 +37,7 @@ def catalogue(tmp_path_factory) -> Path:
 def test_help_lists_existing_verbs():
     result = invoke("--help")
     assert result.exit_code == 0
-    for verb in ("data", "recipe", "sft", "grpo", "embed", "search", "export"):
+    for verb in ("data", "recipe", "annotate", "sft", "grpo", "embed", "search", "export"):
         assert re.search(rf"│ {verb}\b", result.output), verb
     for group, subs in {"data": ("synth", "validate"), "recipe": ("validate", "show"),
                         "export": ("sentence-transformers",)}.items():
@@ -116,3 +116,31 @@ def test_embed_search_and_export_verbs(catalogue, tmp_path):
     assert (tmp_path / "st" / "modules.json").is_file()
     bad = invoke("export", "sentence-transformers", str(tmp_path / "embed"), str(tmp_path / "st2"))
     assert bad.exit_code == 2 and "moon_rl.json" in bad.output
+
+
+def test_mine_writes_a_copy_with_mined_negatives(catalogue, tmp_path):
+    """`moon-rl mine` end to end with an (untrained) saved model: every training pair gets k negatives that are
+    neither its positive nor its product anchor, and the summary reports the filters."""
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.recipe import load_recipe
+
+    model_dir = MoonEmbedder.from_recipe(load_recipe(TINY)).save(tmp_path / "model")
+    out = tmp_path / "mined"
+    # --margin 0: the untrained model scores every product alike, so the near-twin filter would take most of them
+    result = invoke("mine", TINY, "--model", str(model_dir), "--k", "3", "--margin", "0", "--out", str(out),
+                    "--set", f"data.catalogue={catalogue}", "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"negatives mined for \d+ 'train' pairs \(k=3, margin=None\); candidates removed: anchor \d+, "
+                     r"positive \d+, duplicate \d+, too_close \d+", result.output), result.output
+    mined, source = load_catalogue(out), load_catalogue(catalogue)
+    assert len(mined.pairs["train"]) == len(source.pairs["train"])
+    assert [(p.positive, p.negatives) for p in mined.pairs["test"]] == [(p.positive, p.negatives)
+                                                                     for p in source.pairs["test"]]
+    from moon_rl.inference.mine import held_out_products
+
+    held_out = held_out_products(source, "train")
+    assert held_out and f"{len(held_out)} products of other splits only were never candidates" in result.output
+    for pair in mined.pairs["train"]:
+        assert len(pair.negatives) == 3 and pair.positive not in pair.negatives and pair.anchor not in pair.negatives
+        assert not held_out & set(pair.negatives)  # no test product becomes a training negative

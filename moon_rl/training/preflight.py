@@ -126,7 +126,8 @@ def check_can_learn(report: PreflightReport, allow: bool) -> None:
         return
     raise MoonError(
         f"GRPO cannot learn from this starting model: {what} (e.g. {example!r}). Run `moon-rl sft` first on a "
-        "catalogue whose products have `reasoning` traces, raise "
+        "catalogue whose products have `reasoning` traces (`moon-rl annotate RECIPE --template` or `--teacher MODEL` "
+        "writes a copy of yours that has them), raise "
         "`grpo.max_completion_length`, or set `grpo.allow_untrained_reasoning: true` to train anyway"
     )
 

@@ -27,6 +27,8 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from moon_rl.cache import atomic_write_text
+from moon_rl.data.catalogue import Catalogue
+from moon_rl.data.prompts import THINK_CLOSE
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import FINAL_DIR
 from moon_rl.recipe import Recipe
@@ -153,6 +155,8 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
     if without_trace:
         logger.warning("%d of %d SFT pairs have no reasoning trace and train on the contrastive term only",
                        without_trace, len(examples))
+    if args.reasoning and examples and without_trace == len(examples):
+        logger.warning("%s", untraced_catalogue_advice(catalogue))
     embedder = embedder if embedder is not None else MoonEmbedder.from_recipe(recipe)
     # Saved in moon_rl.json: GRPO's preflight refuses to start from a model that never learnt to write a trace.
     embedder.meta["reasoning_trained"] = bool(args.reasoning) and any(
@@ -166,6 +170,18 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,
         callbacks=[NoiseEpoch(collator), *callbacks],
     )
+
+
+def untraced_catalogue_advice(catalogue: Catalogue) -> str:
+    """What to tell a user whose catalogue has no reasoning traces: reason mode will not learn, and how to annotate."""
+    has_values = any(product.category or product.attributes for product in catalogue.products.values())
+    how = ("its products have categories or attributes: `moon-rl annotate RECIPE --template` writes traces from them "
+           "in seconds" if has_values else
+           "its products have no categories or attributes either: `moon-rl annotate RECIPE --teacher MODEL` has a "
+           "vision-language model write them")
+    return ("the catalogue has no reasoning traces, so reason mode will not be trained (its chains will not close "
+            f"{THINK_CLOSE} and GRPO cannot start from this model); {how}, then train with "
+            "--set data.catalogue=<the annotated folder>")
 
 
 def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
