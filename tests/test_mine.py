@@ -111,3 +111,15 @@ def test_products_of_other_splits_only_are_never_candidates(catalogue):
     # n4 is a given negative of a training pair: the training split uses it, so it is no held-out product
     catalogue.galleries["test"].append("n4")
     assert mine_negatives(PlantedEmbedder(PLANTED), catalogue, "train", k=2, show_progress=False).mined[0] == ["n3", "n4"]
+
+
+def test_a_look_alike_with_the_same_title_is_not_a_duplicate_listing():
+    from moon_rl.inference.mine import _listing_keys
+
+    shirt = Product(id="a", title="Acme shirt", attributes={"colour": "red"}, images=["a.png"])
+    other_seller = Product(id="b", title="acme  SHIRT", attributes={"colour": "Red"}, images=["b.png"])
+    look_alike = Product(id="c", title="Acme shirt", attributes={"colour": "blue"}, images=["c.png"])
+    same_photo = Product(id="d", title="something else", images=["a.png"])
+    assert _listing_keys(shirt) & _listing_keys(other_seller)
+    assert not _listing_keys(shirt) & _listing_keys(look_alike)
+    assert _listing_keys(shirt) & _listing_keys(same_photo)

@@ -7,7 +7,8 @@ of their score with the anchor; a candidate is skipped, and counted under the fi
 - `anchor`: the anchor product itself (product -> product pairs);
 - `positive`: a positive of the same anchor (this pair's, or another pair's with the same anchor: a query can have
   several right answers, and training would push them apart);
-- `duplicate`: another listing of a positive: the same title (case and spacing ignored) or the same main image;
+- `duplicate`: another listing of a positive: the same main image, or the same title (case and spacing ignored),
+  category and attributes;
 - `too_close`: scored above `margin` x the positive's score (positive-aware mining, NV-Retriever's TopK-PercPos: what
   scores almost as high as the positive is more often an unlabelled positive than a negative);
 
@@ -75,8 +76,12 @@ def _anchor_key(anchor: str | Query) -> str:
 
 
 def _listing_keys(product: Product) -> set[str]:
-    """What two listings of one product share: the title (case and spacing ignored) or the main image."""
-    keys = {"title:" + " ".join(product.title.lower().split())}
+    """What two listings of one product share: the main image, or the title (case and spacing ignored) together with
+    the category and attributes. Not the title alone: look-alikes (another colour of the same shirt) often share it,
+    and they are the hard negatives worth mining."""
+    described = json.dumps([" ".join(product.title.lower().split()), product.category,
+                            sorted((k, str(v).lower()) for k, v in product.attributes.items())])
+    keys = {"text:" + described}
     if product.images:
         image = product.images[0]
         keys.add("image:" + (image if isinstance(image, str) else hashlib.sha256(image).hexdigest()))

@@ -1,0 +1,159 @@
+"""Do mined negatives recover what the synthetic catalogue's given look-alike negatives bring? (issue 16)
+
+    python bench/mine_negatives.py                    # seeds 0 1 2, SFT 150 steps per arm; writes bench/RESULTS.md
+    python bench/mine_negatives.py --quick --steps 6  # a smoke run: seed 0, into <out>/RESULTS.md
+
+Per seed, three SFT runs of `recipes/tiny-cpu.yaml` (shortened to `--steps`, as bench/ablations.py) on the builtin
+synthetic catalogue:
+
+* `in-batch`: the training pairs' given negatives removed: in-batch negatives only;
+* `given`: the catalogue as shipped (each pair's look-alikes as negatives);
+* `mined`: the `in-batch` catalogue with negatives mined by the `in-batch` model (`moon-rl mine`, k = the given
+  negatives per pair, margin 0.95).
+
+Each model is evaluated in direct mode on the test split against its hard gallery. The table gives R@1 per arm and
+the share of the given negatives' gain that mining recovers, `(mined - in-batch) / (given - in-batch)`; the bar is 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ablations import spread
+from results_md import machine_description, write_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "mine_negatives"
+TASKS = ("text->product", "image->product")
+ARMS = ("in-batch", "given", "mined")
+BAR = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    parser.add_argument("--steps", type=int, default=150, help="SFT steps per arm (default 150, as the ablations)")
+    parser.add_argument("--quick", action="store_true", help="seed 0 only; results default to <out>/RESULTS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mine_negatives")
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "bench" / "RESULTS.md")
+    return args
+
+
+def catalogues(out: Path) -> tuple[Path, Path, int]:
+    """The shipped synthetic catalogue's folder, a copy whose training pairs have no negatives, and the number of
+    given negatives per training pair."""
+    from moon_rl.data.annotate import write_catalogue_files
+    from moon_rl.data.catalogue import load_catalogue, resolve_catalogue_path
+
+    given = resolve_catalogue_path("builtin:synthetic")
+    catalogue = load_catalogue(given)
+    counts = {len(pair.negatives) for pair in catalogue.pairs["train"]}
+    stripped = out / "catalogue-in-batch"
+    if not stripped.is_dir():
+        stripped.mkdir(parents=True)
+        pairs = {**catalogue.pairs, "train": [p.model_copy(update={"negatives": []}) for p in catalogue.pairs["train"]]}
+        write_catalogue_files(catalogue, stripped, {}, manifest_entry=("bench", {"negatives": "removed"}), pairs=pairs)
+    return given, stripped, max(counts)
+
+
+def train(out: Path, catalogue: Path, seed: int, steps: int) -> Path:
+    from moon_rl.recipe import load_recipe
+    from moon_rl.training.sft import run_sft
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
+        f"output_dir={out}", f"data.catalogue={catalogue}", f"sft.max_steps={steps}", f"sft.seed={seed}",
+        "sft.disable_tqdm=true", "sft.save_steps=100000"])
+    return run_sft(recipe, evaluate=False, overwrite=True)
+
+
+def recall(model: Path, catalogue: Path) -> dict[str, float]:
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.evaluation.retrieval import evaluate_embedder
+    from moon_rl.modeling.embedder import MoonEmbedder
+
+    result = evaluate_embedder(MoonEmbedder.load(model), load_catalogue(catalogue), "test", ["direct"], [1],
+                               zero_shot=False)
+    return {task: result["direct"][task]["recall@1"] for task in TASKS}
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from moon_rl.data.catalogue import load_catalogue
+    from moon_rl.inference.mine import mine_negatives, write_mined_catalogue
+    from moon_rl.modeling.embedder import MoonEmbedder
+
+    given, stripped, k = catalogues(args.out)
+    folder = args.out / f"seed{seed}"
+    models = {"in-batch": train(folder / "in-batch", stripped, seed, args.steps),
+              "given": train(folder / "given", given, seed, args.steps)}
+    source = load_catalogue(stripped)
+    report = mine_negatives(MoonEmbedder.load(models["in-batch"]), source, "train", k=k, show_progress=False)
+    mined = write_mined_catalogue(source, report, folder / "catalogue-mined", model=str(models["in-batch"]),
+                                  overwrite=True)
+    models["mined"] = train(folder / "mined", mined, seed, args.steps)
+    return {"seed": seed, "k": k, "mining": report.counts(),
+            **{arm: recall(models[arm], given) for arm in ARMS}}
+
+
+def recovered(run: dict[str, Any], task: str) -> float | None:
+    gain = run["given"][task] - run["in-batch"][task]
+    return (run["mined"][task] - run["in-batch"][task]) / gain if gain > 0 else None
+
+
+def section(args: argparse.Namespace, runs: list[dict[str, Any]], minutes: float) -> str:
+    def fmt(values: list[float | None]) -> str:
+        found = [v for v in values if v is not None]
+        if not found:
+            return "–"
+        mean, std = spread(found)
+        return f"{mean:.3f} ± {std:.3f}"
+
+    lines = ["## Mined hard negatives against the given ones (bench/mine_negatives.py)", "",
+             f"Command: `python bench/mine_negatives.py{' --steps ' + str(args.steps) if args.steps != 150 else ''}`  ",
+             f"Machine: {machine_description()}  ",
+             f"Seeds: {list(args.seeds)}; SFT {args.steps} steps per arm, otherwise `recipes/tiny-cpu.yaml`; builtin "
+             f"synthetic catalogue; direct mode, test split against its hard gallery; total {minutes:.1f} minutes. "
+             f"Mined: k = {runs[0]['k']} per pair (as given), margin 0.95, by the in-batch model.", "",
+             "| arm | " + " | ".join(f"{task} R@1" for task in TASKS) + " |", "|---|" + "---:|" * len(TASKS)]
+    for arm in ARMS:
+        lines.append(f"| {arm} | " + " | ".join(fmt([run[arm][task] for run in runs]) for task in TASKS) + " |")
+    lines.append("| recovered share of the given negatives' gain | "
+                 + " | ".join(fmt([recovered(run, task) for run in runs]) for task in TASKS) + " |")
+    removed = {name: statistics.fmean(run["mining"]["removed"][name] for run in runs)
+               for name in runs[0]["mining"]["removed"]}
+    lines += ["", "Candidates removed by each filter (mean over seeds): "
+              + ", ".join(f"{name} {value:.0f}" for name, value in removed.items()) + ".", ""]
+    for task in TASKS:
+        values = [v for v in (recovered(run, task) for run in runs) if v is not None]
+        share = statistics.fmean(values) if values else None
+        verdict = ("no gain from the given negatives to recover" if share is None
+                   else f"{share:.2f} {'≥' if share >= BAR else '<'} {BAR}: {'PASS' if share >= BAR else 'FAIL'}")
+        lines.append(f"- {task}: mined negatives recover {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(args, seed))
+        (args.out / "mine_negatives.json").write_text(json.dumps(runs, indent=2))
+        print(json.dumps(runs[-1]), flush=True)
+    write_section(args.results, SECTION, section(args, runs, (time.perf_counter() - started) / 60))
+    print(f"wrote section {SECTION!r} of {args.results}")
+
+
+if __name__ == "__main__":
+    main()
