@@ -2,6 +2,8 @@
 
     python bench/grpo_learns.py                       # seeds 0 1 2 at the recipe's sizes; writes bench/RESULTS.md
     python bench/grpo_learns.py --quick --set sft.max_steps=6 --set grpo.max_steps=4   # a smoke run: seed 0
+    python bench/grpo_learns.py --recipe recipes/tiny-cpu-teacher.yaml --section grpo_learns_teacher_errors \
+        --out runs/grpo_learns_teacher                 # another recipe, into its own section
 
 Per seed (`sft.seed` = `grpo.seed` = the seed; the catalogue's own seed stays as shipped) the recipe's SFT and GRPO
 stages run in-process, then both final models are evaluated on the test split in direct and reason mode with the
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--quick", action="store_true", help="seed 0 only; results default to <out>/RESULTS.md")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "tiny-cpu.yaml",
+                        help="the recipe measured (default: the shipped recipes/tiny-cpu.yaml)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo_learns")
     parser.add_argument("--results", type=Path, default=None,
                         help="markdown file to write (default bench/RESULTS.md; quick: <out>/RESULTS.md)")
@@ -73,10 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_seed_recipe(args: argparse.Namespace, seed: int) -> Recipe:
-    """The shipped recipe with the user's `--set`s, then this seed's output folder and training seeds (they win)."""
+    """The recipe (default: the shipped one) with the user's `--set`s, then this seed's output folder and training
+    seeds (they win)."""
     from moon_rl.recipe import load_recipe
 
-    return load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
+    return load_recipe(args.recipe, [
         "sft.disable_tqdm=true", "grpo.disable_tqdm=true", *args.overrides,
         f"output_dir={args.out / f'seed{seed}'}", f"sft.seed={seed}", f"grpo.seed={seed}",
     ])
@@ -331,13 +336,19 @@ def signal_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return _table(["GRPO training signal", "mean ± spread"], found or [["(nothing logged)", "–"]])
 
 
+def _recipe_name(path: Path) -> str:
+    """The recipe as the results file names it: relative to the checkout when it is in it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def section(args: argparse.Namespace, runs: Sequence[Mapping[str, Any]], command: str, minutes: float) -> str:
     """The markdown of this bench's section of the results file."""
     lines = [
         "## Does GRPO learn? (bench/grpo_learns.py)" + ("" if args.section == SECTION else f": {args.section}"), "",
         f"Command: `{command}`  ", f"Machine: {machine_description()}  ",
         f"Seeds: {list(args.seeds)} (`sft.seed` = `grpo.seed`; catalogue seed as shipped); recipe "
-        f"`recipes/tiny-cpu.yaml`{' with ' + ', '.join(f'`{o}`' for o in args.overrides) if args.overrides else ''}"
+        f"`{_recipe_name(args.recipe)}`{' with ' + ', '.join(f'`{o}`' for o in args.overrides) if args.overrides else ''}"
         f"; total {minutes:.1f} minutes; seconds per seed: "
         + ", ".join(f"{stage} {fmt([run['seconds'][stage] for run in runs if stage in run.get('seconds', {})], 0)}"
                     for stage in ("sft", "grpo", "eval_sft", "eval_grpo")) + ".", "",
