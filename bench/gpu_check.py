@@ -20,6 +20,8 @@ them (no checkpoints, no final save, no evaluation):
 * `real3b`: `bench/real_size_check.py`: `recipes/qwen2.5-vl-3b.yaml` as a user runs it (LoRA, bf16, its pixel limits
   and batches, `run_sft` then `run_grpo` with transformers generation), 2 steps each, on a random-init model with
   Qwen2.5-VL-3B's shapes built locally; peak memory beside `moon-rl plan`'s estimate. In its own process.
+* `annotate`: `moon-rl annotate --teacher` with the builtin model as the teacher (bf16 on the GPU): traces for 16
+  synthetic products, a `--limit 8` trial then a resumed run; fails unless the counts add up. Not timed per step.
 
 Each part prints seconds per optimizer step (a `TrainerCallback` from `on_step_begin` to `on_step_end`, CUDA
 synchronised; the first step is a warm-up and is discarded), the peak CUDA memory (`torch.cuda.max_memory_allocated`),
@@ -57,7 +59,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 from transformers import TrainerCallback  # noqa: E402
 
-PARTS = ("sft", "grpo", "qlora", "fp16", "fsdp", "real3b")
+PARTS = ("sft", "grpo", "qlora", "fp16", "fsdp", "real3b", "annotate")
 #: Packages whose versions head the output (import name, shown name).
 PACKAGES = (("transformers", "transformers"), ("trl", "trl"), ("peft", "peft"), ("accelerate", "accelerate"),
             ("datasets", "datasets"), ("bitsandbytes", "bitsandbytes"), ("pydantic", "pydantic"),
@@ -336,6 +338,32 @@ def run_real3b_part(part: str, args: argparse.Namespace, out: Path, result: Resu
         raise RuntimeError(f"bench/real_size_check.py exited with {code}")
 
 
+def run_annotate_part(part: str, args: argparse.Namespace, out: Path, result: Result) -> None:
+    """`moon-rl annotate --teacher` on the device: the builtin model (bf16 on CUDA) writes traces for 16 products of
+    the synthetic catalogue in two runs (a `--limit 8` trial, then the rest: resumed); the counts must add up."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.inference.annotate import Teacher, annotate_with_teacher
+    from moon_rl.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides(args, out, "sft", []))
+    catalogue = load_recipe_catalogue(recipe.data)
+    catalogue.products = dict(list(catalogue.products.items())[:16])
+    catalogue.pairs, catalogue.galleries = {}, {}
+    started = time.perf_counter()
+    teacher = Teacher(recipe.model.name_or_path, recipe.model)
+    print(f"[{part}] teacher {type(teacher.model).__name__} on {teacher.model.device}, "
+          f"{next(teacher.model.parameters()).dtype}", flush=True)
+    kwargs = {"retrace": True, "batch_size": 8, "max_new_tokens": 24, "show_progress": False}
+    first = annotate_with_teacher(catalogue, out / part, teacher, limit=8, **kwargs)
+    second = annotate_with_teacher(catalogue, out / part, teacher, **kwargs)
+    print(f"[{part}] trial: {first.summary().splitlines()[0]}\n[{part}] resumed: {second.summary().splitlines()[0]}")
+    if torch.cuda.is_available():
+        result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    result.note = f"{time.perf_counter() - started:.0f} s; {second.annotated} annotated, {second.dropped} dropped"
+    if (first.pending, second.resumed, second.annotated + second.dropped) != (8, 8, 16):
+        raise RuntimeError(f"counts do not add up: trial {first.counts()}, resumed {second.counts()}")
+
+
 def run_part(part: str, fn: Callable[..., None], args: argparse.Namespace, out: Path) -> Result:
     result = Result(part)
     print(f"\n===== {part} =====", flush=True)
@@ -380,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     out = Path(tempfile.mkdtemp(prefix="moon-gpu-check-"))
     parts = {"sft": run_sft_part, "grpo": run_grpo_part, "qlora": run_qlora_part, "fp16": run_fp16_part,
-             "fsdp": run_fsdp_part, "real3b": run_real3b_part}
+             "fsdp": run_fsdp_part, "real3b": run_real3b_part, "annotate": run_annotate_part}
     try:
         results = [run_part(part, parts[part], args, out) for part in args.parts]
     finally:

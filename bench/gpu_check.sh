@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for a CUDA machine (run it whenever one is available): the builtin `small` model in bf16 on CUDA through
 # SFT steps, GRPO steps, 4-bit QLoRA steps, fp16 SFT steps, an FSDP run (SFT, resume, GRPO) and the 3B recipe at real
-# size on random weights (bench/real_size_check.py: peak memory beside `moon-rl plan`), printing seconds per
+# size on random weights (bench/real_size_check.py: peak memory beside `moon-rl plan`) and `moon-rl annotate --teacher`
+# (the builtin model writes traces, resumed), printing seconds per
 # step, peak CUDA memory, trainable dtypes and the final loss of each part (bench/gpu_check.py says what each part does). Exit code 1 if any part failed.
 #
-#   bash bench/gpu_check.sh [--steps 6] [--parts sft,grpo,qlora,fp16,fsdp,real3b] [--device cuda|cpu] [...]   # from any folder
+#   bash bench/gpu_check.sh [--steps 6] [--parts sft,grpo,qlora,fp16,fsdp,real3b,annotate] [--device cuda|cpu] [...]   # from any folder
 #
 # No network needed: HF_HUB_OFFLINE=1, the model and catalogue are built locally into a fresh MOON_RL_CACHE. moon-rl
 # is not installed, it runs from this checkout. Packages the machine lacks (trl, datasets, pydantic, bitsandbytes, ...)
