@@ -19,11 +19,9 @@ point at the source's files, so nothing is copied and the source is never touche
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from moon_rl.cache import atomic_dir, atomic_write_text
+from moon_rl.cache import atomic_dir, atomic_open, atomic_write_text
 from moon_rl.data.catalogue import MANIFEST, Catalogue
 from moon_rl.data.chains import AttributeVocabulary, attribute_vocabulary, named_values
 from moon_rl.data.records import Pair, Product
@@ -175,17 +173,10 @@ def _pair_row(pair: Pair, source: Path, target: Path) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Stream `rows` into a temporary sibling of `path`, then rename: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Stream `rows` into `path` atomically (a crash never leaves a half-written file)."""
+    with atomic_open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def check_output_folder(catalogue: Catalogue, out: Path, overwrite: bool) -> None:
