@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def catalogues(out: Path) -> tuple[Path, Path, int]:
     """The shipped synthetic catalogue's folder, a copy whose training pairs have no negatives, and the number of
     given negatives per training pair."""
-    from moon_rl.data.annotate import write_catalogue_files
+    from moon_rl.data.annotate import write_catalogue_copy
     from moon_rl.data.catalogue import load_catalogue, resolve_catalogue_path
 
     given = resolve_catalogue_path("builtin:synthetic")
@@ -66,9 +66,9 @@ def catalogues(out: Path) -> tuple[Path, Path, int]:
     counts = {len(pair.negatives) for pair in catalogue.pairs["train"]}
     stripped = out / "catalogue-in-batch"
     if not stripped.is_dir():
-        stripped.mkdir(parents=True)
         pairs = {**catalogue.pairs, "train": [p.model_copy(update={"negatives": []}) for p in catalogue.pairs["train"]]}
-        write_catalogue_files(catalogue, stripped, {}, manifest_entry=("bench", {"negatives": "removed"}), pairs=pairs)
+        write_catalogue_copy(catalogue, stripped, command="bench/mine_negatives.py", pairs=pairs,
+                             manifest_entry=("bench", {"negatives": "removed"}))
     return given, stripped, max(counts)
 
 

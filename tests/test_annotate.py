@@ -10,12 +10,14 @@ import pytest
 from PIL import Image
 
 from moon_rl.data.annotate import (
+    catalogue_vocabulary,
     contradicted,
+    known_values,
     template_attribute_order,
     template_trace,
     template_traces,
     title_values,
-    write_annotated_catalogue,
+    write_catalogue_copy,
 )
 from moon_rl.data.catalogue import load_catalogue
 from moon_rl.data.chains import named_values
@@ -127,7 +129,8 @@ def test_template_copy_carries_traces_and_leaves_the_source_untouched(raw_catalo
 def test_the_copy_refuses_the_source_folder_and_an_existing_folder(raw_catalogue, tmp_path):
     catalogue = load_catalogue(raw_catalogue)
     with pytest.raises(DataError, match="source is never modified"):
-        write_annotated_catalogue(catalogue, raw_catalogue, {}, annotation={}, overwrite=True)
+        write_catalogue_copy(catalogue, raw_catalogue, command="annotate", manifest_entry=("annotation", {}),
+                             overwrite=True)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(DataError, match="already exists"):
@@ -238,12 +241,10 @@ def test_builtin_tiny_teacher_runs_end_to_end_and_resumes(raw_catalogue, tmp_pat
     rejected = sum(len(row["contradicted"]) for row in rows)
     assert sum(second.contradictions.values()) == rejected
     accepted = {row["id"]: row["reasoning"] for row in rows if row["reasoning"]}
+    copy, vocabulary = load_catalogue(out), catalogue_vocabulary(catalogue.products.values())
     for pid, trace in accepted.items():
-        assert load_catalogue(out).products[pid].reasoning == trace
-        from moon_rl.data.annotate import catalogue_vocabulary, known_values
-
-        assert contradicted(trace, known_values(catalogue.products[pid]),
-                            catalogue_vocabulary(catalogue.products.values())) == []
+        assert copy.products[pid].reasoning == trace
+        assert contradicted(trace, known_values(catalogue.products[pid]), vocabulary) == []
 
 
 def test_cli_annotate_needs_one_source_and_writes_the_copy(raw_catalogue, tmp_path):

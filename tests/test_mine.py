@@ -79,7 +79,7 @@ def test_mined_copy_replaces_or_keeps_the_given_negatives_and_sft_reads_them(cat
     kept = load_catalogue(write_mined_catalogue(catalogue, report, tmp_path / "kept", keep_given=True))
     assert kept.pairs["train"][0].negatives == ["n4", "n1", "n2"]
     assert [p.anchor for p in kept.pairs["train"]] == [p.anchor for p in catalogue.pairs["train"]]
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DataError, match="^mine: .* already exists"):
         write_mined_catalogue(catalogue, report, tmp_path / "mined")
 
     from moon_rl.training.sft_data import sft_examples

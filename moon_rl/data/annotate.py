@@ -12,7 +12,7 @@ two sources:
 - *teacher* (`moon_rl.inference.annotate`): a chat VLM writes the trace; `contradicted` is the test that sends a trace
   back when it names a value the product's known attributes rule out.
 
-`write_annotated_catalogue` writes the copy: products (with the traces), pairs, galleries and manifest; image paths
+`write_catalogue_copy` writes the copy: products (with the traces), pairs, galleries and manifest; image paths
 point at the source's files, so nothing is copied and the source is never touched.
 """
 
@@ -38,7 +38,7 @@ from moon_rl.errors import DataError
 
 __all__ = [
     "TemplateTraces", "catalogue_vocabulary", "check_output_folder", "contradicted", "known_values",
-    "template_attribute_order", "template_trace", "template_traces", "title_values", "write_annotated_catalogue",
+    "template_attribute_order", "template_trace", "template_traces", "title_values", "write_catalogue_copy",
     "write_catalogue_files",
 ]
 
@@ -179,13 +179,14 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def check_output_folder(catalogue: Catalogue, out: Path, overwrite: bool) -> None:
-    """Refuse to write into the source catalogue, or over an existing folder without `overwrite`."""
+def check_output_folder(catalogue: Catalogue, out: Path, overwrite: bool, command: str = "annotate") -> None:
+    """Refuse to write into the source catalogue, or over an existing folder without `overwrite` (`command`: the
+    moon-rl command the message names)."""
     if out.resolve() == catalogue.base_dir.resolve():
-        raise DataError(f"annotate: the output folder {str(out)!r} is the source catalogue's folder; the source is "
+        raise DataError(f"{command}: the output folder {str(out)!r} is the source catalogue's folder; the source is "
                         "never modified: choose another --out")
     if out.exists() and not overwrite:
-        raise DataError(f"annotate: {str(out)!r} already exists (pass --overwrite to replace it)")
+        raise DataError(f"{command}: {str(out)!r} already exists (pass --overwrite to replace it)")
 
 
 def write_catalogue_files(catalogue: Catalogue, folder: Path, traces: Mapping[str, str], *,
@@ -215,16 +216,17 @@ def write_catalogue_files(catalogue: Catalogue, folder: Path, traces: Mapping[st
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_annotated_catalogue(catalogue: Catalogue, out: str | Path, traces: Mapping[str, str], *,
-                              annotation: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Write a copy of `catalogue` into `out` whose products carry `traces` (see `write_catalogue_files`); the
-    folder appears whole or not at all.
+def write_catalogue_copy(catalogue: Catalogue, out: str | Path, *, command: str,
+                         manifest_entry: tuple[str, Mapping[str, Any]], traces: Mapping[str, str] | None = None,
+                         pairs: Mapping[str, Sequence[Pair]] | None = None, overwrite: bool = False) -> Path:
+    """Write a copy of `catalogue` into `out` with new `traces` and/or `pairs` (see `write_catalogue_files`); the
+    folder appears whole or not at all. `command` (`annotate`, `mine`) is the one error messages name.
 
     Raises:
         `DataError`: if `out` is the source's folder, or exists and `overwrite` is False.
     """
     out = Path(out).expanduser()
-    check_output_folder(catalogue, out, overwrite)
+    check_output_folder(catalogue, out, overwrite, command)
     with atomic_dir(out) as tmp:
-        write_catalogue_files(catalogue, tmp, traces, manifest_entry=("annotation", annotation), final=out)
+        write_catalogue_files(catalogue, tmp, traces or {}, manifest_entry=manifest_entry, final=out, pairs=pairs)
     return out

@@ -34,7 +34,7 @@ from moon_rl.data.annotate import (
     known_values,
     template_attribute_order,
     template_traces,
-    write_annotated_catalogue,
+    write_catalogue_copy,
     write_catalogue_files,
 )
 from moon_rl.data.catalogue import Catalogue
@@ -91,8 +91,8 @@ def annotate_with_template(catalogue: Catalogue, out: str | Path, *, retrace: bo
     made = template_traces(catalogue, retrace=retrace, order=order)
     report = AnnotationReport("template", Path(out), len(catalogue.products), annotated=len(made.traces),
                               kept=made.kept, no_values=made.empty)
-    write_annotated_catalogue(catalogue, out, made.traces, annotation={**report.counts(), "order": made.order},
-                              overwrite=overwrite)
+    write_catalogue_copy(catalogue, out, command="annotate", traces=made.traces, overwrite=overwrite,
+                         manifest_entry=("annotation", {**report.counts(), "order": made.order}))
     return report
 
 

@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moon_rl.cache import atomic_dir
-from moon_rl.data.annotate import check_output_folder, write_catalogue_files
+from moon_rl.data.annotate import write_catalogue_copy
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.records import Pair, Product, Query
 from moon_rl.errors import DataError, MoonError
@@ -130,32 +129,30 @@ def mine_negatives(embedder: Any, catalogue: Catalogue, split: str = "train", *,
                 raise DataError(f"mine: split {split!r}, pair {number}: unknown product id {pid!r}")
     products = embedder.encode(list(catalogue.products.values()), mode=mode, batch_size=batch_size,
                                load_image=catalogue.image, show_progress=show_progress)
-    keys = list(dict.fromkeys(_anchor_key(pair.anchor) for pair in pairs))
-    first = {}
-    for pair in pairs:
-        first.setdefault(_anchor_key(pair.anchor), pair.anchor)
-    records = [catalogue.products[a] if isinstance(a, str) else a for a in (first[key] for key in keys)]
+    pair_keys = [_anchor_key(pair.anchor) for pair in pairs]
+    first: dict[str, str | Query] = {}  # each distinct anchor once, in order of first appearance
+    positives_of: dict[str, set[int]] = defaultdict(set)
+    for key, pair in zip(pair_keys, pairs, strict=True):
+        first.setdefault(key, pair.anchor)
+        positives_of[key].add(index[pair.positive])
+    records = [catalogue.products[a] if isinstance(a, str) else a for a in first.values()]
     anchors = embedder.encode(records, mode="direct", batch_size=batch_size, load_image=catalogue.image,
                               show_progress=show_progress)
-    anchor_row = {key: i for i, key in enumerate(keys)}
-    positives_of: dict[str, set[int]] = defaultdict(set)
-    for pair in pairs:
-        positives_of[_anchor_key(pair.anchor)].add(index[pair.positive])
+    anchor_row = {key: i for i, key in enumerate(first)}
+    product_keys = [_listing_keys(product) for product in catalogue.products.values()]
     listings: dict[str, set[int]] = defaultdict(set)
-    for i, product in enumerate(catalogue.products.values()):
-        for key in _listing_keys(product):
+    for i, keys in enumerate(product_keys):
+        for key in keys:
             listings[key].add(i)
     held_out = held_out_products(catalogue, split)
     report = MineReport(split, len(pairs), k, margin, held_out=len(held_out))
     scores = anchors @ products.T  # (anchors, products): both L2-normalised, so cosines
     if held_out:
         scores[:, [index[pid] for pid in held_out]] = -np.inf
-    for pair in pairs:
-        key = _anchor_key(pair.anchor)
+    for key, pair in zip(pair_keys, pairs, strict=True):
         row = scores[anchor_row[key]]
         positives = positives_of[key]
-        duplicates = {j for p in positives for lk in _listing_keys(catalogue.products[ids[p]])
-                      for j in listings[lk]} - positives
+        duplicates = {j for p in positives for lk in product_keys[p] for j in listings[lk]} - positives
         ceiling = margin * float(row[index[pair.positive]]) if margin is not None else None
         skip = {"anchor": {index[pair.anchor]} if isinstance(pair.anchor, str) else set(), "positive": positives,
                 "duplicate": duplicates}
@@ -194,14 +191,11 @@ def _ranked(row: np.ndarray, head: int):
 def write_mined_catalogue(catalogue: Catalogue, report: MineReport, out: str | Path, *, keep_given: bool = False,
                           model: str | None = None, overwrite: bool = False) -> Path:
     """A copy of `catalogue` at `out` whose `report.split` pairs carry the mined negatives (after the given ones with
-    `keep_given`, duplicates dropped); everything else as in the source (see `write_catalogue_files`)."""
-    out = Path(out).expanduser()
-    check_output_folder(catalogue, out, overwrite)
+    `keep_given`, duplicates dropped); everything else as in the source (see `write_catalogue_copy`)."""
     mined_pairs: list[Pair] = []
     for pair, negatives in zip(catalogue.pairs[report.split], report.mined, strict=True):
         merged = list(dict.fromkeys([*pair.negatives, *negatives])) if keep_given else negatives
         mined_pairs.append(pair.model_copy(update={"negatives": merged}))
-    with atomic_dir(out) as tmp:
-        write_catalogue_files(catalogue, tmp, {}, final=out, pairs={**catalogue.pairs, report.split: mined_pairs},
-                              manifest_entry=("mining", {**report.counts(), "model": model, "keep_given": keep_given}))
-    return out
+    return write_catalogue_copy(
+        catalogue, out, command="mine", pairs={**catalogue.pairs, report.split: mined_pairs}, overwrite=overwrite,
+        manifest_entry=("mining", {**report.counts(), "model": model, "keep_given": keep_given}))
