@@ -128,7 +128,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
 
 
 def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embedder: MoonEmbedder | None = None,
-                      catalogue: Any = None, callbacks: Sequence[TrainerCallback] = ()) -> MoonSFTTrainer:
+                      catalogue: Catalogue | None = None, callbacks: Sequence[TrainerCallback] = ()) -> MoonSFTTrainer:
     """The trainer `run_sft` trains, for the CLI and every bench alike (collator, dataset and heads as the recipe says).
 
     Args:
