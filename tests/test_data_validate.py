@@ -127,7 +127,7 @@ def test_every_kind_of_row_problem_is_collected(tmp_path: Path):
         ("products.jsonl", 6, None, None, "expected a JSON object, got list"),
         ("pairs_train.jsonl", 1, "anchor.image", None, "image file 'images/missing.png' not found"),
         ("pairs_train.jsonl", 2, "anchor", None, "an inline query needs a non-empty `text` or `image` (or both)"),
-        ("pairs_train.jsonl", 2, "extra", None, "unknown field (known fields: anchor, positive, negatives)"),
+        ("pairs_train.jsonl", 2, "extra", None, "unknown field (known fields: anchor, positive, positives, relevance, negatives)"),
     ]  # fmt: skip
     assert report.n_products == 2 and report.n_pairs == {"train": 1}
 
@@ -146,3 +146,28 @@ def test_problem_text_without_line_field_or_id():
     assert (
         str(Problem("catalogue.json", None, None, None, "unreadable manifest")) == "catalogue.json: unreadable manifest"
     )
+
+
+def test_several_positives_are_checked_like_one(tmp_path: Path):
+    rows = [{"id": pid, "title": pid} for pid in "abc"]
+    _write(tmp_path, "products.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [
+        {"anchor": {"text": "ok"}, "positives": ["a", "b"], "relevance": [3, 1]},
+        {"anchor": {"text": "unknown"}, "positives": ["a", "zz"]},
+        {"anchor": {"text": "both"}, "positive": "a", "positives": ["b"]},
+        {"anchor": {"text": "grades"}, "positives": ["a", "b"], "relevance": [1]},
+        {"anchor": {"text": "negative"}, "positives": ["a", "b"], "negatives": ["b"]},
+        {"anchor": {"text": "not in gallery"}, "positives": ["a", "c"]},
+        {"anchor": {"text": "zero"}, "positives": ["a"], "relevance": [0]},
+    ]
+    _write(tmp_path, "pairs_test.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
+    _write(tmp_path, "gallery_test.txt", "a\nb\n")
+    got = [(p.line, p.field, p.reason) for p in validate_catalogue(tmp_path).problems]
+    assert got == [
+        (2, "positives[1]", "unknown product id 'zz'"),
+        (3, None, "a pair needs `positive` (one product id) or `positives` (a list of them), not both"),
+        (4, None, "`relevance` needs one gain per positive (2), got 1"),
+        (5, "negatives", "the positive 'b' is also listed as a negative"),
+        (6, "positives", "positive 'c' is not in gallery_test.txt, so it cannot be retrieved"),
+        (7, "relevance[0]", "input should be greater than 0, got int 0"),
+    ]  # fmt: skip

@@ -142,7 +142,7 @@ class Catalogue:
 
     def split_products(self, split: str) -> list[Product]:
         """Products that are positives of `split`'s pairs, in order of first appearance."""
-        seen = dict.fromkeys(pair.positive for pair in self._split_pairs(split))
+        seen = dict.fromkeys(pid for pair in self._split_pairs(split) for pid in pair.positive_ids)
         return [self.products[pid] for pid in seen]
 
     def gallery(self, split: str) -> list[str]:
@@ -258,7 +258,9 @@ def _scan_galleries(layout: CatalogueLayout, scan: _Scan, report: ProblemSink) -
 
 
 def _pair_references(pair: Pair) -> list[tuple[str, str]]:
-    refs = [("positive", pair.positive)] + [(f"negatives[{i}]", n) for i, n in enumerate(pair.negatives)]
+    positives = ([("positive", pair.positive)] if pair.positives is None
+                 else [(f"positives[{i}]", p) for i, p in enumerate(pair.positives)])
+    refs = positives + [(f"negatives[{i}]", n) for i, n in enumerate(pair.negatives)]
     return ([("anchor", pair.anchor)] if isinstance(pair.anchor, str) else []) + refs
 
 
@@ -276,26 +278,15 @@ def _scan_pairs(layout: CatalogueLayout, scan: _Scan, report: ProblemSink, decod
             for fld, pid in _pair_references(pair):
                 if pid not in known:
                     report(Problem(path.name, row.line, fld, None, f"unknown product id {pid!r}"))
-            if pair.positive in pair.negatives:
-                report(
-                    Problem(
-                        path.name,
-                        row.line,
-                        "negatives",
-                        None,
-                        f"the positive {pair.positive!r} is also listed as a negative",
-                    )
-                )
-            if gallery is not None and pair.positive in scan.products and pair.positive not in gallery:
-                report(
-                    Problem(
-                        path.name,
-                        row.line,
-                        "positive",
-                        None,
-                        f"positive {pair.positive!r} is not in gallery_{split}.txt, so it cannot be retrieved",
-                    )
-                )
+            positive_field = "positive" if pair.positives is None else "positives"
+            if both := [pid for pid in pair.positive_ids if pid in pair.negatives]:
+                report(Problem(path.name, row.line, "negatives", None,
+                               f"the positive {both[0]!r} is also listed as a negative"))
+            if gallery is not None:
+                for pid in pair.positive_ids:
+                    if pid in scan.products and pid not in gallery:
+                        report(Problem(path.name, row.line, positive_field, None,
+                                       f"positive {pid!r} is not in gallery_{split}.txt, so it cannot be retrieved"))
             image = pair.anchor.image if isinstance(pair.anchor, Query) else None
             if image is not None and (reason := _image_reason(image, layout.base_dir, decode, max_pixels)):
                 report(Problem(path.name, row.line, "anchor.image", None, reason))

@@ -90,17 +90,47 @@ Anchor = Annotated[
 
 
 class Pair(_Record):
-    """A training or evaluation pair: `anchor` should retrieve `positive`.
+    """A training or evaluation pair: `anchor` should retrieve `positive` (or each of `positives`).
 
     Args:
         anchor (`str | Query`): a product id, or an inline query `{"text": ..., "image": ...}`.
-        positive (`str`): the product id the anchor should retrieve.
+        positive (`str`, *optional*): the product id the anchor should retrieve.
+        positives (`list[str]`, *optional*): several product ids the anchor should retrieve, instead of `positive`
+            (give one of the two). Training treats each as a target and never as a negative of the others;
+            evaluation counts a hit on any of them.
+        relevance (`list[float]`, *optional*): a graded gain per positive (same order, each > 0), e.g. 3 for an
+            exact match, 2 for a substitute, 1 for a complement. nDCG uses them; defaults to 1 for every positive.
         negatives (`list[str]`, *optional*): explicit hard-negative product ids (in-batch negatives are always used).
     """
 
     anchor: Anchor
-    positive: NonEmptyStr
+    positive: NonEmptyStr | None = None
+    positives: list[NonEmptyStr] | None = Field(default=None, min_length=1)
+    relevance: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
     negatives: list[NonEmptyStr] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_way_to_give_positives(self) -> Pair:
+        if (self.positive is None) == (self.positives is None):
+            raise ValueError("a pair needs `positive` (one product id) or `positives` (a list of them), not both"
+                             if self.positive is not None else
+                             "a pair needs `positive` (one product id) or `positives` (a list of them)")
+        ids = self.positive_ids
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"`positives` lists a product twice: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+        if self.relevance is not None and len(self.relevance) != len(ids):
+            raise ValueError(f"`relevance` needs one gain per positive ({len(ids)}), got {len(self.relevance)}")
+        return self
+
+    @property
+    def positive_ids(self) -> list[str]:
+        """Every product the anchor should retrieve, in the order given (`[positive]` for a single one)."""
+        return list(self.positives) if self.positives is not None else [str(self.positive)]
+
+    @property
+    def gains(self) -> dict[str, float]:
+        """Each positive's graded relevance (`relevance`, else 1.0), in `positive_ids` order."""
+        return dict(zip(self.positive_ids, self.relevance or [1.0] * len(self.positive_ids), strict=True))
 
 
 _UNION_TAGS = {"product-id", "inline-query", "str", "bytes", "constrained-str", "constrained-bytes"}
