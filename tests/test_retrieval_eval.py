@@ -154,6 +154,90 @@ def test_agrees_with_information_retrieval_evaluator(ties):
     assert 0.05 < ours["recall@1"] < 0.95
 
 
+def _planted_multi_positive(seed: int, n_queries: int = 50, n_docs: int = 40, dim: int = 16):
+    """Queries with 1-4 relevant documents each, graded 1-3, placed near a mix of them (ranks spread out)."""
+    rng = np.random.default_rng(seed)
+    docs = unit(rng.normal(size=(n_docs, dim)))
+    relevant = []
+    for _ in range(n_queries):
+        chosen = rng.choice(n_docs, size=int(rng.integers(1, 5)), replace=False)
+        relevant.append({int(d): float(rng.integers(1, 4)) for d in chosen})
+    queries = unit(np.stack([docs[list(rel)].mean(0) for rel in relevant]) + rng.normal(scale=0.5, size=(n_queries, dim)))
+    return queries, docs, relevant
+
+
+def test_several_positives_agree_with_information_retrieval_evaluator():
+    """Binary relevance with several relevant documents: our hit-rate recall@k, MRR@10 and nDCG@10 against
+    sentence-transformers' accuracy@k, MRR@10 and (binary) nDCG@10."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    queries, docs, relevant = _planted_multi_positive(11)
+    binary = [dict.fromkeys(rel, 1.0) for rel in relevant]
+    doc_ids = [f"d{i:03d}" for i in range(len(docs))]
+    query_ids = [f"q{i:03d}" for i in range(len(queries))]
+    model = PrecomputedModel({**dict(zip(doc_ids, docs, strict=True)), **dict(zip(query_ids, queries, strict=True))})
+    evaluator = InformationRetrievalEvaluator(
+        queries={q: q for q in query_ids}, corpus={d: d for d in doc_ids},
+        relevant_docs={q: {doc_ids[d] for d in rel} for q, rel in zip(query_ids, binary, strict=True)},
+        accuracy_at_k=[1, 5, 10], precision_recall_at_k=[1, 5, 10], name="t", write_csv=False,
+    )
+    theirs = evaluator(model)
+    ours = retrieval_metrics(queries, docs, binary, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert abs(ours[f"recall@{k}"] - theirs[f"t_cosine_accuracy@{k}"]) < 1e-9
+    assert abs(ours["mrr@10"] - theirs["t_cosine_mrr@10"]) < 1e-9
+    assert abs(ours["ndcg@10"] - theirs["t_cosine_ndcg@10"]) < 1e-9
+    # Not vacuous: several relevant documents do change the numbers against the first one alone.
+    first_only = retrieval_metrics(queries, docs, [next(iter(rel)) for rel in relevant], ks=(1, 5, 10))
+    assert ours["recall@5"] > first_only["recall@5"] and 0.05 < ours["recall@1"] < 0.95
+
+
+def test_graded_ndcg_agrees_with_sklearn():
+    """Graded gains: nDCG@10 against scikit-learn's `ndcg_score` (linear gains, log2 discount), query by query."""
+    from sklearn.metrics import ndcg_score
+
+    queries, docs, relevant = _planted_multi_positive(12)
+    ours = retrieval_metrics(queries, docs, relevant, ks=(1,))
+    truth = np.zeros((len(queries), len(docs)))
+    for row, rel in enumerate(relevant):
+        truth[row, list(rel)] = list(rel.values())
+    theirs = np.mean([ndcg_score(truth[i:i + 1], (queries @ docs.T)[i:i + 1], k=10) for i in range(len(queries))])
+    assert ours["ndcg@10"] == pytest.approx(theirs, abs=1e-9)
+    # The gains matter: the same ranking with binary gains scores differently.
+    binary = retrieval_metrics(queries, docs, [dict.fromkeys(rel, 1.0) for rel in relevant], ks=(1,))
+    assert abs(binary["ndcg@10"] - ours["ndcg@10"]) > 1e-3
+
+
+def test_any_relevant_item_counts_and_ideal_dcg_uses_the_best_gains():
+    gallery = np.eye(6, dtype=np.float32)
+    query = unit(np.array([[0.9, 0.8, 0.7, 0.1, 0.05, 0.0]]))  # ranks: 0, 1, 2, 3, 4, 5
+    # Relevant: item 1 (gain 1, rank 1) and item 3 (gain 3, rank 3).
+    metrics = retrieval_metrics(query, gallery, [{1: 1.0, 3: 3.0}])
+    assert metrics["recall@1"] == 0.0 and metrics["recall@5"] == 1.0
+    assert metrics["mrr@10"] == pytest.approx(1 / 2)  # the first relevant item
+    dcg = 1 / math.log2(3) + 3 / math.log2(5)
+    ideal = 3 / math.log2(2) + 1 / math.log2(3)
+    assert metrics["ndcg@10"] == pytest.approx(dcg / ideal)
+    with pytest.raises(ValueError, match="gains must be finite and > 0"):
+        retrieval_metrics(query, gallery, [{1: 0.0}])
+    with pytest.raises(ValueError, match="never one of the query's positives"):
+        retrieval_metrics(query, gallery, [{1: 1.0, 3: 1.0}], exclude=[3])
+
+
+def test_chance_with_several_relevant_items_matches_random_rankings():
+    rng = np.random.default_rng(0)
+    size, gains = 12, [3.0, 1.0, 1.0]
+    expected = chance_metrics(size, gains=[gains])
+    # Random rankings: a random permutation's rank of each of the 3 relevant items.
+    draws = [rng.permutation(size)[:3] for _ in range(20000)]
+    from moon_rl.evaluation.retrieval import graded_metrics
+    simulated = graded_metrics([np.asarray(d) for d in draws], [gains] * len(draws))
+    for key, value in expected.items():
+        assert value == pytest.approx(simulated[key], abs=0.01), key
+    # One relevant item: the uniform-rank formula.
+    assert chance_metrics(size, gains=[[1.0]]) == pytest.approx(chance_metrics(size))
+
+
 # ------------------------------------------------------------------------------------------------------ tasks
 def test_build_tasks_on_synthetic(small_catalogue):
     tasks = build_retrieval_tasks(small_catalogue, "test")
@@ -165,9 +249,9 @@ def test_build_tasks_on_synthetic(small_catalogue):
     assert [len(t) for t in tasks] == [n_text, len(pairs) - n_text - n_product, n_product]
     assert sum(len(t) for t in tasks) == len(pairs)
     for task in tasks:
-        for idx, pos, query in zip(task.pair_indices, task.positives, task.queries, strict=True):
+        for idx, relevant, query in zip(task.pair_indices, task.relevant, task.queries, strict=True):
             anchor = pairs[idx].anchor
-            assert gallery[pos] == pairs[idx].positive
+            assert {gallery[i]: gain for i, gain in relevant.items()} == {pairs[idx].positive: 1.0}
             assert query.id == anchor if isinstance(anchor, str) else query is anchor  # a product anchor is looked up
 
 
@@ -185,13 +269,22 @@ def test_build_tasks_kinds_and_errors():
         Pair(anchor="a", positive="b"),
     ]
     tasks = build_retrieval_tasks(_catalogue(pairs, ["a", "b", "c"]), "test")
-    assert [(t.name, t.positives, t.exclude) for t in tasks] == [
-        ("text->product", [0], [-1]), ("image->product", [1], [-1]),
-        ("multimodal->product", [2], [-1]), ("product->product", [1], [0])]
+    assert [(t.name, t.relevant, t.exclude) for t in tasks] == [
+        ("text->product", [{0: 1.0}], [-1]), ("image->product", [{1: 1.0}], [-1]),
+        ("multimodal->product", [{2: 1.0}], [-1]), ("product->product", [{1: 1.0}], [0])]
     with pytest.raises(DataError, match="'c' is not in the 'test' gallery"):
         build_retrieval_tasks(_catalogue(pairs, ["a", "b"]), "test")
     with pytest.raises(DataError, match="no pairs for split 'val'"):
         build_retrieval_tasks(_catalogue(pairs), "val")
+
+
+def test_build_tasks_with_several_graded_positives():
+    pairs = [Pair(anchor=Query(text="t"), positives=["c", "a"], relevance=[3, 1]), Pair(anchor="b", positives=["a", "c"])]
+    tasks = build_retrieval_tasks(_catalogue(pairs, ["a", "b", "c"]), "test")
+    assert [(t.name, t.relevant, t.exclude) for t in tasks] == [
+        ("text->product", [{2: 3.0, 0: 1.0}], [-1]), ("product->product", [{0: 1.0, 2: 1.0}], [1])]
+    with pytest.raises(DataError, match="anchor 'b' is one of its own positives"):
+        build_retrieval_tasks(_catalogue([Pair(anchor="b", positives=["a", "b"])], ["a", "b"]), "test")
 
 
 # ----------------------------------------------------------------------------------------------------- embedder

@@ -21,8 +21,8 @@ from moon_rl.data.catalogue import Catalogue
 from moon_rl.evaluation.retrieval import (
     TASKS,
     build_retrieval_tasks,
-    chance_metrics,
     retrieval_metrics,
+    task_chance,
 )
 from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
 from moon_rl.modeling.inputs import product_text
@@ -90,14 +90,14 @@ class MiniLMBaseline:
         if text_task is not None:
             # Text-only anchors: `Query.text` is set by construction of the task.
             queries = self.encode([query.text or "" for query in text_task.queries])
-            per_task["text->product"] = retrieval_metrics(queries, gallery, text_task.positives, ks)
+            per_task["text->product"] = retrieval_metrics(queries, gallery, text_task.relevant, ks)
         space = label_space(catalogue)
         return {
             "direct": per_task,
             "zero_shot": {"direct": zero_shot_tasks(products, gallery, space, self.encode)} if space else {},
             "gallery_size": len(gallery_ids),
             "n_queries": {name: len(task) for name, task in tasks.items()},
-            "chance": {name: chance_metrics(len(gallery_ids), ks) for name in tasks},
+            "chance": {name: task_chance(task, len(gallery_ids), ks) for name, task in tasks.items()},
             "split": split,
         }
 

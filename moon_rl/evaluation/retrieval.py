@@ -1,7 +1,8 @@
 """Retrieval evaluation: Recall@k, MRR@10 and nDCG@10 of an embedder on a catalogue split's hard gallery.
 
 Each pair of a split is one query; its anchor kind names the task it belongs to (`text->product`, `image->product`,
-`multimodal->product`, `product->product`) and its positive is the one relevant gallery product. The gallery is
+`multimodal->product`, `product->product`) and its positive (or `positives`, with their graded `relevance`) are the
+relevant gallery products: Recall@k and MRR count the first relevant product retrieved, nDCG uses the gains. The gallery is
 `Catalogue.gallery(split)`: for the synthetic catalogue, the test products with their look-alike families, so a
 model must tell a product from its near-duplicates.
 
@@ -32,6 +33,9 @@ from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
 
 __all__ = [
     "TASKS",
+    "graded_metrics",
+    "relevant_ranks",
+    "task_chance",
     "RetrievalTask",
     "build_retrieval_tasks",
     "chance_metrics",
@@ -119,11 +123,86 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dic
     return out
 
 
+Relevant = int | Mapping[int, float]
+"""A query's relevant gallery items: one index, or `{index: gain}` for several (graded) ones."""
+
+
+def _as_relevance(positives: Sequence[Relevant], n_queries: int, gallery_size: int) -> list[dict[int, float]]:
+    if len(positives) != n_queries:
+        raise ValueError(f"expected {n_queries} positives (one entry per query), got {len(positives)}")
+    out = []
+    for query, entry in enumerate(positives):
+        gains = {int(entry): 1.0} if isinstance(entry, int | np.integer) else {int(i): float(g) for i, g in entry.items()}
+        if not gains:
+            raise ValueError(f"query {query} has no relevant gallery item")
+        if min(gains) < 0 or max(gains) >= gallery_size:
+            raise ValueError(f"query {query}: relevant gallery indices must be in [0, {gallery_size}), got "
+                             f"{sorted(gains)}")
+        if not all(g > 0 and math.isfinite(g) for g in gains.values()):
+            raise ValueError(f"query {query}: gains must be finite and > 0, got {list(gains.values())}")
+        out.append(gains)
+    return out
+
+
+def relevant_ranks(
+    query_vecs: np.ndarray, gallery_vecs: np.ndarray, relevant: Sequence[Mapping[int, float]],
+    exclude: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """0-based rank of each relevant item of each query in its cosine-sorted gallery (same ties as `positive_ranks`).
+
+    Returns one int64 array per query, its items in `relevant[q]`'s order. Each item is ranked among the whole
+    gallery (another relevant item ahead of it counts), which is what DCG needs.
+    """
+    queries = _l2_normalise(np.asarray(query_vecs, dtype=np.float64))
+    gallery = _l2_normalise(np.asarray(gallery_vecs, dtype=np.float64))
+    skip = np.full(len(relevant), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if skip.shape != (len(relevant),) or any(int(s) in rel for s, rel in zip(skip, relevant, strict=True)):
+        raise ValueError("`exclude` needs one gallery index (or -1) per query, never one of the query's positives")
+    # One row per (query, relevant item), ranked like `positive_ranks` ranks single positives.
+    owner = np.repeat(np.arange(len(relevant)), [len(rel) for rel in relevant])
+    items = np.fromiter((i for rel in relevant for i in rel), dtype=np.int64, count=len(owner))
+    index = np.arange(len(gallery))
+    ranks = np.empty(len(owner), dtype=np.int64)
+    for start in range(0, len(owner), _QUERY_CHUNK):
+        rows = slice(start, start + _QUERY_CHUNK)
+        scores = queries[owner[rows]] @ gallery.T
+        target = np.take_along_axis(scores, items[rows, None], axis=1)
+        ahead = (scores > target) | ((scores == target) & (index[None, :] < items[rows, None]))
+        skipped = skip[owner[rows]]
+        excluded = np.nonzero(skipped >= 0)[0]
+        ahead[excluded, skipped[excluded]] = False
+        ranks[rows] = ahead.sum(axis=1)
+    return np.split(ranks, np.cumsum([len(rel) for rel in relevant])[:-1])
+
+
+def graded_metrics(ranks: Sequence[np.ndarray], gains: Sequence[Sequence[float]],
+                   ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`recall@k`, `mrr@10` and `ndcg@10` from each query's relevant items' 0-based ranks and gains.
+
+    `recall@k` is the hit rate (any relevant item in the top k; sentence-transformers calls it `accuracy@k`), MRR
+    the reciprocal rank of the first relevant item, nDCG@10 the DCG of linear gains with a `log2(rank + 2)`
+    discount over the ideal DCG (the gains sorted, best first).
+    """
+    if not len(ranks):
+        raise ValueError("cannot compute retrieval metrics over zero queries")
+    best = np.array([r.min() for r in ranks])
+    out = {f"recall@{k}": float(np.mean(best < k)) for k in ks}
+    out[f"mrr@{RANK_CUTOFF}"] = float(np.mean(np.where(best < RANK_CUTOFF, 1.0 / (best + 1), 0.0)))
+    ndcg = []
+    for rank, gain in zip(ranks, gains, strict=True):
+        gain = np.asarray(gain, dtype=np.float64)
+        top = rank < RANK_CUTOFF
+        ideal = np.sort(gain)[::-1][:RANK_CUTOFF]
+        ndcg.append(np.sum(gain[top] / np.log2(rank[top] + 2)) / np.sum(ideal / np.log2(np.arange(len(ideal)) + 2)))
+    out[f"ndcg@{RANK_CUTOFF}"] = float(np.mean(ndcg))
+    return out
+
+
 def retrieval_metrics(
-    query_vecs: np.ndarray, gallery_vecs: np.ndarray, positives: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+    query_vecs: np.ndarray, gallery_vecs: np.ndarray, positives: Sequence[Relevant], ks: Sequence[int] = (1, 5, 10),
     *, exclude: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Cosine-similarity retrieval metrics with one relevant gallery item per query.
+    """Cosine-similarity retrieval metrics with one or several (graded) relevant gallery items per query.
 
     Pure numpy and vectorised. Rows need not be normalised (they are, in float64, before scoring). Ties are broken
     deterministically: among equal scores the lower gallery index ranks first (see `positive_ranks`).
@@ -131,41 +210,76 @@ def retrieval_metrics(
     Args:
         query_vecs (`np.ndarray` of shape `(Q, D)`): query embeddings.
         gallery_vecs (`np.ndarray` of shape `(G, D)`): gallery embeddings.
-        positives (`Sequence[int]`): the gallery index of each query's relevant item.
+        positives (`Sequence[int | Mapping[int, float]]`): per query, the gallery index of its relevant item, or
+            `{gallery index: gain}` for several relevant items with graded gains (> 0).
         ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): cutoffs of `recall@k`.
         exclude (`Sequence[int]`, *optional*): per query, a gallery index left out of the ranking, or -1.
 
     Returns:
-        `dict[str, float]`: `recall@k` for each k (the hit rate: the positive is among the top k), `mrr@10` and
-        `ndcg@10`, each a mean over queries in [0, 1].
+        `dict[str, float]`: `recall@k` for each k (the hit rate: a relevant item is among the top k), `mrr@10` (first
+        relevant item) and `ndcg@10` (graded gains), each a mean over queries in [0, 1].
 
     Example:
         ```python
         >>> g = np.eye(3, dtype=np.float32)
         >>> retrieval_metrics(g, g, [0, 1, 2], ks=(1,))
         {'recall@1': 1.0, 'mrr@10': 1.0, 'ndcg@10': 1.0}
+        >>> retrieval_metrics(g[:1], g, [{1: 1.0, 0: 1.0}], ks=(1,))
+        {'recall@1': 1.0, 'mrr@10': 1.0, 'ndcg@10': 1.0}
         ```
     """
-    return metrics_from_ranks(positive_ranks(query_vecs, gallery_vecs, positives, exclude), ks)
+    if all(isinstance(p, int | np.integer) for p in positives):
+        return metrics_from_ranks(positive_ranks(query_vecs, gallery_vecs, positives, exclude), ks)
+    relevant = _as_relevance(positives, len(query_vecs), len(gallery_vecs))
+    ranks = relevant_ranks(query_vecs, gallery_vecs, relevant, exclude)
+    return graded_metrics(ranks, [list(rel.values()) for rel in relevant], ks)
 
 
-def chance_metrics(gallery_size: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Expected metrics of a random ranking of `gallery_size` items (the positive's rank is uniform)."""
+def chance_metrics(gallery_size: int, ks: Sequence[int] = (1, 5, 10),
+                   gains: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
+    """Expected metrics of a random ranking of `gallery_size` items.
+
+    With one relevant item per query (`gains=None`) its rank is uniform. With `gains` (per query, the gains of its
+    relevant items) the expectation is exact per query, then averaged: a random ranking hits one of m relevant items
+    in the top k with probability 1 - C(G-m, k) / C(G, k), and every position holds the mean gain on average.
+    """
     if gallery_size < 1:
         raise ValueError(f"gallery_size must be >= 1, got {gallery_size}")
-    ranks = np.arange(gallery_size)
-    return metrics_from_ranks(ranks, ks)
+    if gains is None:
+        return metrics_from_ranks(np.arange(gallery_size), ks)
+    per_query = [_chance_one(gallery_size, tuple(g), ks) for g in gains]
+    return {key: float(np.mean([m[key] for m in per_query])) for key in per_query[0]}
+
+
+def _chance_one(size: int, gains: tuple[float, ...], ks: Sequence[int]) -> dict[str, float]:
+    m = len(gains)
+    if not 1 <= m <= size:
+        raise ValueError(f"a query needs 1 to {size} relevant items, got {m}")
+    depth = max([*ks, RANK_CUTOFF])
+    # miss[j]: probability that none of the first j positions holds a relevant item.
+    miss = np.ones(depth + 1)
+    for j in range(1, depth + 1):
+        miss[j] = miss[j - 1] * max(size - m - (j - 1), 0) / (size - (j - 1)) if j <= size else 0.0
+    out = {f"recall@{k}": float(1 - miss[min(k, depth)]) for k in ks}
+    first = miss[:RANK_CUTOFF] - miss[1:RANK_CUTOFF + 1]  # P(first hit at rank r)
+    out[f"mrr@{RANK_CUTOFF}"] = float(np.sum(first / np.arange(1, RANK_CUTOFF + 1)))
+    positions = np.arange(min(RANK_CUTOFF, size))
+    ideal = np.sort(np.asarray(gains))[::-1][:RANK_CUTOFF]
+    expected = np.sum(sum(gains) / size / np.log2(positions + 2))  # each position: a random item's gain
+    out[f"ndcg@{RANK_CUTOFF}"] = float(expected / np.sum(ideal / np.log2(np.arange(len(ideal)) + 2)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------ tasks
 @dataclass
 class RetrievalTask:
-    """The queries of one anchor kind of a split, with their positives' positions in the split's gallery.
+    """The queries of one anchor kind of a split, with their relevant products' positions in the split's gallery.
 
     Attributes:
         name (`str`): one of `TASKS`.
         queries (`list[Query | Product]`): what is embedded as the query (inline anchors, or anchor products).
-        positives (`list[int]`): per query, the index of its positive in `Catalogue.gallery(split)`.
+        relevant (`list[dict[int, float]]`): per query, `{index in Catalogue.gallery(split): gain}` of its positives
+            (one entry with gain 1.0 for a pair with one `positive`).
         exclude (`list[int]`): per query, a gallery index left out of the ranking (-1 for none): a product anchor
             that is itself in the gallery would otherwise retrieve itself.
         pair_indices (`list[int]`): per query, its pair's position in `catalogue.pairs[split]`.
@@ -173,7 +287,7 @@ class RetrievalTask:
 
     name: str
     queries: list[Query | Product] = field(default_factory=list)
-    positives: list[int] = field(default_factory=list)
+    relevant: list[dict[int, float]] = field(default_factory=list)
     exclude: list[int] = field(default_factory=list)
     pair_indices: list[int] = field(default_factory=list)
 
@@ -201,7 +315,7 @@ def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTas
 
     Raises:
         `DataError`: the split is missing or has no pairs, a positive is not in the gallery (it could never be
-            retrieved), or a product anchor is its own positive.
+            retrieved), or a product anchor is one of its own positives.
     """
     if not catalogue.pairs.get(split):
         raise DataError(f"catalogue has no pairs for split {split!r} (splits: {', '.join(catalogue.pairs) or 'none'})")
@@ -209,14 +323,13 @@ def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTas
     gallery = {pid: i for i, pid in enumerate(catalogue.gallery(split))}
     tasks = {name: RetrievalTask(name) for name in TASKS}
     for number, pair in enumerate(pairs):
-        if pair.positive not in gallery:
-            raise DataError(
-                f"split {split!r}, pair {number}: positive {pair.positive!r} is not in the {split!r} gallery "
-                f"({len(gallery)} products), so it cannot be retrieved"
-            )
+        for pid in pair.positive_ids:
+            if pid not in gallery:
+                raise DataError(f"split {split!r}, pair {number}: positive {pid!r} is not in the {split!r} gallery "
+                                f"({len(gallery)} products), so it cannot be retrieved")
         if isinstance(pair.anchor, str):
-            if pair.anchor == pair.positive:
-                raise DataError(f"split {split!r}, pair {number}: product anchor {pair.anchor!r} is its own positive")
+            if pair.anchor in pair.positive_ids:
+                raise DataError(f"split {split!r}, pair {number}: product anchor {pair.anchor!r} is one of its own positives")
             if pair.anchor not in catalogue.products:
                 raise DataError(f"split {split!r}, pair {number}: unknown anchor product id {pair.anchor!r}")
             query: Query | Product = catalogue.products[pair.anchor]
@@ -225,10 +338,18 @@ def build_retrieval_tasks(catalogue: Catalogue, split: str) -> list[RetrievalTas
             query, skip = pair.anchor, -1
         task = tasks[_task_name(pair.anchor)]
         task.queries.append(query)
-        task.positives.append(gallery[pair.positive])
+        task.relevant.append({gallery[pid]: gain for pid, gain in pair.gains.items()})
         task.exclude.append(skip)
         task.pair_indices.append(number)
     return [task for task in tasks.values() if task.queries]
+
+
+def task_chance(task: RetrievalTask, gallery_size: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """A random ranking's expected metrics on `task` (its queries' relevant counts and gains, excluded anchors)."""
+    size = gallery_size - int(any(s >= 0 for s in task.exclude))
+    if all(len(rel) == 1 for rel in task.relevant):
+        return chance_metrics(size, ks)
+    return chance_metrics(size, ks, gains=[list(rel.values()) for rel in task.relevant])
 
 
 # ------------------------------------------------------------------------------------------------------- embedding
@@ -316,7 +437,7 @@ def evaluate_embedder(
 
     def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int]) -> dict[str, dict[str, float]]:
         return {
-            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.positives, cutoffs,
+            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.relevant, cutoffs,
                                          exclude=task.exclude)
             for i, task in enumerate(tasks)
         }
@@ -349,9 +470,7 @@ def evaluate_embedder(
     results["gallery_size"] = len(gallery_ids)
     results["n_queries"] = {task.name: len(task) for task in tasks}
     # product->product leaves the anchor out of the ranking when it is in the gallery: one candidate fewer.
-    results["chance"] = {
-        task.name: chance_metrics(len(gallery_ids) - int(any(s >= 0 for s in task.exclude)), ks) for task in tasks
-    }
+    results["chance"] = {task.name: task_chance(task, len(gallery_ids), ks) for task in tasks}
     results["split"] = split
     return results
 
