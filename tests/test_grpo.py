@@ -89,7 +89,7 @@ def test_rewards_receive_embeddings_candidates_and_columns(setup):
     assert call["pair"] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert call["attributes"][0] == setup.catalogue.products[setup.examples[0].positive].attributes
     torch.testing.assert_close(call["candidates"].norm(dim=1), torch.ones(len(call["candidates"])))
-    assert output["moon_product"].shape == (8,) and output["moon_pair"].tolist() == call["pair"]
+    assert output["moon_pair"].tolist() == call["pair"]
 
 
 def test_reward_and_loss_embeddings_are_the_same_function_of_the_same_tokens(setup):
@@ -122,9 +122,9 @@ def test_infonce_pulls_only_completions_at_least_as_good_as_their_group(setup, r
     seen = {}
     original, setting = trainer._contrastive, trainer.args.contrastive_rows
 
-    def spy(embeddings, pair_ids, product_ids):
+    def spy(embeddings, pair_ids):
         seen.update(pairs=pair_ids.tolist(), rows=len(embeddings))
-        return original(embeddings, pair_ids, product_ids)
+        return original(embeddings, pair_ids)
 
     trainer._contrastive, trainer.args.contrastive_rows = spy, rows
     trainer.current_gradient_accumulation_steps = 1
@@ -281,9 +281,9 @@ def test_infonce_drops_completions_the_loss_masks_as_truncated(setup):
     calls = []
     original, setting = trainer._contrastive, trainer.args.contrastive_rows
 
-    def spy(embeddings, pair_ids, product_ids):
+    def spy(embeddings, pair_ids):
         calls.append(pair_ids.tolist())
-        return original(embeddings, pair_ids, product_ids)
+        return original(embeddings, pair_ids)
 
     output = dict(trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11])))
     masked = [1, 4, 6]  # what TRL does to truncated completions under mask_truncated_completions
@@ -369,3 +369,25 @@ def test_vllm_with_fire_needs_a_token_level_truncated_correction(tmp_path, mode,
         assert "token_truncate" in problems[0] and "grpo.use_vllm: false" in problems[0]
         with pytest.raises(MoonError, match="vLLM samples without FIRE"):
             run_grpo(recipe, evaluate=False)
+
+
+def test_right_answers_are_every_query_that_lists_the_product():
+    """Pairs 0 and 1 share a query with positives [A, B] (one dataset row per positive); pair 2 is another query of A;
+    pair 3 another product's. A's completions must not count pairs 1 (lists A) and 2 (A's) as wrong answers, in the
+    reward's mask and the InfoNCE's, and B's completions must not count pair 0; neither answers pair 3's product."""
+    from moon_rl.training.candidates import answer_mask
+    from moon_rl.training.grpo import _answers_by_product
+
+    answers = _answers_by_product(["A", "B", "A", "C"], [("A", "B"), ("A", "B"), ("A",), ("C",)])
+    assert answers == {"A": (0, 1, 2), "B": (0, 1), "C": (3,)}
+    trainer = SimpleNamespace(_answers=answers, pair_products=["A", "B", "A", "C"])
+    from moon_rl.training.grpo import MoonGRPOTrainer
+
+    trainer._pair_product = lambda pair: MoonGRPOTrainer._pair_product(trainer, pair)
+    table = MoonGRPOTrainer._answer_table(trainer, [0, 1, 3], torch.device("cpu"))
+    assert table.tolist() == [[0, 1, 2], [0, 1, 1], [3, 3, 3]]
+    pool = torch.tensor([0, 1, 2, 3, 9])
+    mask = answer_mask(pool, table, torch.tensor([0, 1, 3]))
+    assert mask.tolist() == [[True, False, False, True, True],  # A: its own, then 1 and 2 are right answers
+                             [False, True, True, True, True],  # B: pair 0 lists B; pair 2 (A's alone) competes
+                             [True, True, True, True, True]]

@@ -77,6 +77,29 @@ def test_same_id_masking_matches_hand_computation_on_random_vectors():
     assert as_anchor.loss.item() == pytest.approx(expected.item(), abs=1e-12)
 
 
+def test_several_positives_mask_each_direction_by_hand():
+    a, p = _unit(4, 8, seed=3), _unit(4, 8, seed=4)
+    ids = ["x", "y", "z", "w"]
+    # Anchor 0 (and 1: the same query, another positive) answer to x and y; anchor 3 answers to w and x.
+    relevant = [["x", "y"], ["x", "y"], ["z"], ["w", "x"]]
+    forward_keep = torch.ones(4, 4, dtype=torch.bool)  # [i, j]: positive j competes for anchor i
+    forward_keep[0, 1] = forward_keep[1, 0] = forward_keep[3, 0] = False
+    reverse_keep = forward_keep.T.clone()  # [i, j]: anchor j competes for positive i
+
+    def direction(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-(logits[i, i]) + torch.logsumexp(logits[i][keep[i]], 0) for i in range(4)]).mean()
+
+    s = a @ p.T / TAU
+    expected = (direction(s, forward_keep) + direction(s.T, reverse_keep)) / 2
+    out = info_nce(a, p, temperature=TAU, positive_ids=ids, relevant_ids=relevant)
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert torch.isinf(out.logits).tolist() == (~forward_keep).tolist()
+    # Without them, the other positives are negatives: a different loss.
+    assert abs(info_nce(a, p, temperature=TAU, positive_ids=ids).loss.item() - expected.item()) > 1e-3
+    with pytest.raises(ValueError, match="relevant_ids needs positive_ids"):
+        info_nce(a, p, temperature=TAU, relevant_ids=relevant)
+
+
 def test_hard_negatives_add_columns_and_raise_the_loss():
     b, k = 5, 3
     v = _unit(1, 8).expand(b, 8)
@@ -167,25 +190,31 @@ def test_matches_sentence_transformers_multiple_negatives_ranking_loss(symmetric
 
 # --- 2 processes == 1 process --------------------------------------------------------------------------------------
 
-# (rows on rank 0, rows on rank 1, dtype, symmetric, with ids and hard negatives)
+# (rows on rank 0, rows on rank 1, dtype, symmetric, with ids and hard negatives, with several positives per anchor)
 CASES = [
-    (4, 4, torch.float64, True, True),
-    (5, 3, torch.float64, True, True),
-    (7, 1, torch.float64, False, False),
-    (5, 3, torch.float32, True, True),
-    (6, 0, torch.float64, True, True),  # a process with an empty batch still takes part
+    (4, 4, torch.float64, True, True, False),
+    (5, 3, torch.float64, True, True, False),
+    (7, 1, torch.float64, False, False, False),
+    (5, 3, torch.float32, True, True, False),
+    (6, 0, torch.float64, True, True, False),  # a process with an empty batch still takes part
+    (5, 3, torch.float64, True, True, True),  # relevant-id lists of another width on each rank
 ]
 D_IN, D, K = 12, 8, 2
 
 
 def _case_batch(case: int) -> dict:
     """The global batch of one case: raw inputs embedded by a shared linear "model" (so DDP is emulated exactly)."""
-    n0, n1, dtype, _, _ = CASES[case]
+    n0, n1, dtype, *_ = CASES[case]
     n = n0 + n1
     g = torch.Generator().manual_seed(100 + case)
     ids = [f"p{i}" for i in range(n)]
     ids[n - 1] = ids[1]  # a product on both ranks (when n1 > 0): masked across processes
     ids[2] = ids[0]
+    # Anchor 0 also answers to rows 3's product; anchor 6 (rank 1) to rows 0 and 4's: three ids wide.
+    relevant = [[pid] for pid in ids]
+    relevant[0].append(ids[3])
+    if n > 6:
+        relevant[6] += [ids[0], ids[4]]
     return {
         "xa": torch.randn(n, D_IN, generator=g, dtype=dtype),
         "xp": torch.randn(n, D_IN, generator=g, dtype=dtype),
@@ -193,12 +222,13 @@ def _case_batch(case: int) -> dict:
         "hmask": torch.rand(n, K, generator=g) > 0.3,
         "weight": torch.randn(D_IN, D, generator=g, dtype=dtype),
         "ids": ids,
+        "relevant": relevant,
     }
 
 
 def _run_case(case: int, rows: slice) -> dict:
     """Embed rows `rows` of the case's batch, compute the loss, backward; return the loss and the gradients."""
-    _, _, _, symmetric, extras = CASES[case]
+    _, _, _, symmetric, extras, several = CASES[case]
     batch = _case_batch(case)
     weight = batch["weight"].clone().requires_grad_(True)
     anchors = F.normalize(batch["xa"][rows] @ weight, dim=-1)
@@ -207,6 +237,8 @@ def _run_case(case: int, rows: slice) -> dict:
     for t in (anchors, positives, hard):
         t.retain_grad()
     kwargs = {"positive_ids": batch["ids"][rows], "hard_negatives": hard, "hard_negative_mask": batch["hmask"][rows]}
+    if several:
+        kwargs["relevant_ids"] = batch["relevant"][rows]
     out = info_nce(anchors, positives, temperature=TAU, symmetric=symmetric, **(kwargs if extras else {}))
     out.loss.backward()
     grads = {"anchors": anchors.grad, "positives": positives.grad, "hard": hard.grad, "weight": weight.grad}
@@ -257,7 +289,7 @@ def two_process_results(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_two_processes_equal_one_process(two_process_results, case):
-    n0, n1, dtype, _, _ = CASES[case]
+    n0, n1, dtype, *_ = CASES[case]
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     single = _run_case(case, slice(None))
     ranks = [torch.load(two_process_results / f"case{case}_rank{r}.pt") for r in range(2)]

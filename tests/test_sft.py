@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -246,10 +247,51 @@ def test_chain_negatives_alter_one_attribute_value_without_lm_targets(tmp_path):
     assert not torch.equal(collator(rows)["input_ids"], batch["input_ids"])
 
 
+def test_a_pair_with_several_positives_trains_each_and_masks_the_others(tmp_path):
+    """One example per positive, sharing the anchor (and its cached prompt); the layout carries the relevant ids and the
+    loss hands them to both InfoNCE terms, so the other positive is no negative of the shared anchor."""
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.data.records import Pair, Query
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training import sft as sft_module
+    from moon_rl.training.sft import MoonSFTTrainer
+    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    a, b, c = list(catalogue.products)[:3]
+    catalogue.pairs["train"] = [Pair(anchor=Query(text="red shirt"), positives=[a, b], relevance=[2, 1]),
+                                Pair(anchor=Query(text="blue shirt"), positive=c)]
+    examples = sft_examples(catalogue, "train")
+    assert [(ex.pair_index, ex.positive, ex.relevant) for ex in examples] == [
+        (0, a, (a, b)), (0, b, (a, b)), (1, c, (c,))]
+    assert len(sft_examples(catalogue, "train", max_pairs=1)) == 2  # max_train_pairs counts pairs, not examples
+    collator = MoonSFTCollator(MoonEmbedder.from_recipe(recipe), catalogue, examples, hard_negatives=0)
+    layout = collator([{"pair": 0}, {"pair": 1}, {"pair": 2}])["moon"]
+    assert layout["positive_ids"] == [a, b, c] and layout["relevant_ids"] == [(a, b), (a, b), (c,)]
+    seen = []
+    original = sft_module.info_nce
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("relevant_ids"))
+        return original(*args, **kwargs)
+
+    embeddings = torch.nn.functional.normalize(torch.randn(9, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    args = SimpleNamespace(contrastive_temperature=0.05, image_contrastive_weight=1.0, direct_contrastive_weight=1.0)
+    sft_module.info_nce = spy
+    try:
+        MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args), embeddings, layout)
+    finally:
+        sft_module.info_nce = original
+    assert seen == [[(a, b), (a, b), (c,)]] * 2  # the reason and the direct term
+    # Single-positive catalogues pass none (no extra gathers).
+    catalogue.pairs["train"] = [Pair(anchor=Query(text="x"), positive=c)]
+    single = MoonSFTCollator(collator.embedder, catalogue, sft_examples(catalogue, "train"), hard_negatives=0)
+    assert single([{"pair": 0}])["moon"]["relevant_ids"] is None
+
+
 def test_the_reason_term_ranks_the_true_chain_above_the_altered_one():
     """The loss reads the altered-chain rows at their place in the batch and uses them as the reason term's negatives."""
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
 
     from moon_rl.training.losses import info_nce
@@ -315,7 +357,6 @@ def test_value_tokens_and_photo_rows(tmp_path):
 
 def test_value_token_loss_is_the_mean_nll_of_the_marked_tokens():
     """Position t - 1's hidden state scores token t (the shift of every causal LM), through the model's LM head."""
-    from types import SimpleNamespace
 
     from moon_rl.training.sft import MoonSFTTrainer
 
@@ -377,6 +418,10 @@ def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
     grpo = build_grpo_trainer(recipe, sft.embedder, preflight=False)
     positives = [pair.positive for pair in collator.catalogue.pairs[recipe.data.train_split]]
     assert list(grpo.pair_products) == positives  # product-id masking of candidates
+    answers: dict[str, tuple[int, ...]] = {}
+    for pair, product in enumerate(positives):
+        answers[product] = (*answers.get(product, ()), pair)
+    assert grpo._answers == answers  # every pair of a product answers each of its completions
     assert [f.__name__ for f in grpo.reward_funcs] == ["retrieval_rank", "format"]
     assert grpo.reward_weights.tolist() == pytest.approx([0.7, 0.3])
     assert grpo.heads_optimizer.learning_rate == 0.004

@@ -10,8 +10,10 @@ groups). The pool is large and hard:
 * a queue of the queries of recent batches (MoCo-style; `grpo.candidate_queue_size`), detached and slightly stale,
   which only ever serve as negatives.
 
-Candidates are identified by pair (a query) and product: a completion's other queries of its own product (its text
-query when the positive is its image query, or a stale queue copy) are masked out, never counted as wrong answers.
+Candidates are identified by pair (a query). A completion's right answers are every query its product is relevant to:
+its own, its product's other queries (its text query when the positive is its image query), the queries that list the
+product among several `positives`, and stale queue copies of those. The trainer knows them (`answers`, per row) and
+`Candidates.mask` hides all but the row's own one: they are never counted as wrong answers.
 """
 
 from __future__ import annotations
@@ -32,13 +34,11 @@ class Candidates:
     Attributes:
         vectors (`torch.Tensor` of shape `(M, D)`): L2-normalised direct-mode query embeddings, no gradient.
         pairs (`torch.Tensor` of shape `(M,)`): the pair (query) of each candidate.
-        products (`torch.Tensor` of shape `(M,)`): its product, as `gather_ids` hashes ids.
         fresh (`int`): the first `fresh` rows are this batch's (gathered) queries; the rest come from the queue.
     """
 
     vectors: torch.Tensor
     pairs: torch.Tensor
-    products: torch.Tensor
     fresh: int
 
     def positions(self, pairs: Sequence[int]) -> torch.Tensor:
@@ -46,12 +46,10 @@ class Candidates:
         row = {int(p): i for i, p in enumerate(self.pairs[:self.fresh].tolist())}
         return torch.tensor([row[int(p)] for p in pairs], device=self.vectors.device)
 
-    def mask(self, products: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
-        """(N, M) bool: True where candidate j is a fair candidate for row i (another product's query, or i's own
-        positive)."""
-        allowed = self.products[None, :] != products[:, None].to(self.products.device)
-        allowed[torch.arange(len(positive_index)), positive_index] = True
-        return allowed
+    def mask(self, answers: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
+        """(N, M) bool: True where candidate j is a fair candidate for row i: no right answer for row i's product
+        (`answers`: per row, the pairs whose query is one, padded by repeating any of them), or row i's own positive."""
+        return answer_mask(self.pairs, answers, positive_index)
 
 
 class CandidatePool:
@@ -63,41 +61,47 @@ class CandidatePool:
 
     def __init__(self, queue_size: int):
         self.queue_size = queue_size
-        self._queue: OrderedDict[int, tuple[int, torch.Tensor]] = OrderedDict()  # pair -> (product, vector), oldest first
+        self._queue: OrderedDict[int, torch.Tensor] = OrderedDict()  # pair -> vector, oldest first
 
-    def build(self, local_pairs: Sequence[int], local_products: Sequence[str], local_vectors: torch.Tensor
-              ) -> Candidates:
+    def build(self, local_pairs: Sequence[int], local_vectors: torch.Tensor) -> Candidates:
         """Gather this process's candidates with every other process's, dedupe by pair, append the queue, then queue
         this batch's queries for the next steps (every process calls it: it holds collectives)."""
         device = local_vectors.device
         pairs = gather_ids(torch.tensor(list(local_pairs), dtype=torch.long, device=device))
-        products = gather_ids(list(local_products), device=device)
         vectors = gather_with_grad(local_vectors.detach())
         first: dict[int, int] = {}
         for row, pair in enumerate(pairs.tolist()):
             first.setdefault(pair, row)
         keep = torch.tensor(sorted(first.values()), device=device)
-        pairs, products, vectors = pairs[keep], products[keep], vectors[keep]
+        pairs, vectors = pairs[keep], vectors[keep]
         fresh = len(pairs)
         fresh_pairs = set(pairs.tolist())
         # The queue's copy of a pair that is fresh again is stale: the fresh one replaces it.
-        queued = [(pair, *entry) for pair, entry in self._queue.items() if pair not in fresh_pairs]
+        queued = [(pair, vector) for pair, vector in self._queue.items() if pair not in fresh_pairs]
         if queued:
             pairs = torch.cat([pairs, torch.tensor([e[0] for e in queued], device=device)])
-            products = torch.cat([products, torch.tensor([e[1] for e in queued], device=device)])
-            vectors = torch.cat([vectors, torch.stack([e[2].to(device) for e in queued])])
-        self.push(pairs[:fresh], products[:fresh], vectors[:fresh])
-        return Candidates(vectors=vectors, pairs=pairs, products=products, fresh=fresh)
+            vectors = torch.cat([vectors, torch.stack([e[1].to(device) for e in queued])])
+        self.push(pairs[:fresh], vectors[:fresh])
+        return Candidates(vectors=vectors, pairs=pairs, fresh=fresh)
 
-    def push(self, pairs: torch.Tensor, products: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Queue queries (pair ids, hashed product ids, vectors), evicting the oldest beyond `queue_size`."""
+    def push(self, pairs: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Queue queries (pair ids, vectors), evicting the oldest beyond `queue_size`."""
         if not self.queue_size:
             return
-        for pair, product, vector in zip(pairs.tolist(), products.tolist(), vectors, strict=True):
+        for pair, vector in zip(pairs.tolist(), vectors, strict=True):
             self._queue.pop(pair, None)  # re-inserted at the young end
-            self._queue[pair] = (product, vector.detach().clone())
+            self._queue[pair] = vector.detach().clone()
         while len(self._queue) > self.queue_size:
             self._queue.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._queue)
+
+
+def answer_mask(pairs: torch.Tensor, answers: torch.Tensor, positive_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, M) bool: False where candidate pair `pairs[j]` is among row i's right answers (`answers`, (N, K) pair ids),
+    except at row i's own positive (`positive_index`), which stays True."""
+    allowed = ~(pairs.to(answers.device)[None, :, None] == answers[:, None, :]).any(-1)
+    if positive_index is not None:
+        allowed[torch.arange(len(positive_index), device=allowed.device), positive_index] = True
+    return allowed

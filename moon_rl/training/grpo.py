@@ -49,11 +49,11 @@ from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
 from moon_rl.recipe import Recipe
-from moon_rl.training.candidates import CandidatePool, Candidates
+from moon_rl.training.candidates import CandidatePool, Candidates, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems, vllm_fire_problems
-from moon_rl.training.losses import gather_ids, info_nce, stable_id_hash
+from moon_rl.training.losses import gather_ids, info_nce
 from moon_rl.training.reward_context import ContextReward
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 
@@ -71,13 +71,13 @@ class RewardBatch:
         candidates (`torch.Tensor` of shape `(M, D)`): direct-mode query embeddings of the candidate pool
             (training/candidates.py): every process's queries, the look-alikes' queries, the queue.
         positive_index (`torch.Tensor` of shape `(N,)`): each completion's own query in `candidates`.
-        candidate_mask (`torch.Tensor` of shape `(N, M)`, bool): False where a candidate is another query of the
-            completion's own product (not a wrong answer); the positive is always True.
+        candidate_mask (`torch.Tensor` of shape `(N, M)`, bool): False where a candidate is another right answer for
+            the completion's product (another query of it, or a query listing it among its `positives`): not a wrong
+            answer. The positive is always True.
         truncated (`list[bool]`): the completion ran out of tokens before closing its turn.
         attributes (`list[dict[str, str]]`): the product's attributes, per completion.
-        pool (`Candidates`): the candidates with their pairs and products (the loss's InfoNCE negatives).
+        pool (`Candidates`): the candidates with their pairs (the loss's InfoNCE negatives).
         pairs (`torch.Tensor` of shape `(N,)`): each completion's pair (its query); rides along as `moon_pair`.
-        products (`torch.Tensor` of shape `(N,)`): its product (hashed id); rides along as `moon_product`.
     """
 
     embeddings: torch.Tensor
@@ -88,7 +88,6 @@ class RewardBatch:
     attributes: list[dict[str, str]]
     pool: Candidates
     pairs: torch.Tensor
-    products: torch.Tensor
 
     #: The fields reward functions receive as keyword arguments (rewards/ documents them).
     REWARD_KWARGS = ("embeddings", "candidates", "positive_index", "candidate_mask", "truncated", "attributes")
@@ -113,6 +112,9 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         pair_products (`Sequence[str]`, *optional*): the product of each pair (by the dataset's `pair` column), so
             that another query of a completion's own product is never counted as a wrong answer. Without it each
             pair is its own product.
+        pair_relevant (`Sequence[Sequence[str]]`, *optional*): every product relevant to each pair's query (a pair
+            with several `positives` is one dataset row per positive, each listing them all): a query is then a right
+            answer for each of them, never a wrong one. Defaults to each pair's own product.
         heads_learning_rate (`float`): learning rate of the heads' optimizer.
         product_images (`Callable[[str], list[Image]]`, *optional*): a product's images, fitted to the processor
             (`catalogue_images`), by the dataset's `product_id` column: `grpo_dataset` rows hold no images, which are
@@ -126,12 +128,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
     def __init__(self, embedder: MoonEmbedder, reward_funcs: Sequence[RewardEntry], args: MoonGRPOConfig, *,
                  query_item: Callable[[int], EmbedItem], heads_learning_rate: float,
                  related_pairs: Callable[[int], list[int]] | None = None, pair_products: Sequence[str] | None = None,
+                 pair_relevant: Sequence[Sequence[str]] | None = None,
                  product_images: Callable[[str], list[Any]] | None = None, prompt_cache_bytes: int | None = None,
                  **kwargs: Any):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         self.query_item = query_item
         self.related_pairs = related_pairs
         self.pair_products = pair_products
+        self._answers = _answers_by_product(pair_products, pair_relevant)
         self.candidate_pool = CandidatePool(args.candidate_queue_size)
         self._batch: RewardBatch | None = None  # the current generation batch (rewards, then its loss steps)
         dataset = kwargs.get("train_dataset")
@@ -159,6 +163,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
 
     def _pair_product(self, pair: int) -> str:
         return self.pair_products[pair] if self.pair_products is not None else f"pair:{pair}"
+
+    def _answer_table(self, pairs: Sequence[int], device: torch.device) -> torch.Tensor:
+        """(N, K) long: per row, the pairs whose query is a right answer for the row's product (its own pair among
+        them), padded by repeating its own pair."""
+        rows = [self._answers.get(self._pair_product(p), (p,)) for p in pairs]
+        width = max([len(r) for r in rows] + [1])
+        return torch.tensor([[*r, *[p] * (width - len(r))] for p, r in zip(pairs, rows, strict=True)],
+                            dtype=torch.long, device=device).reshape(len(pairs), width)
 
     def _query_batch(self, pairs: Sequence[int]) -> dict[str, torch.Tensor]:
         """Direct-mode model inputs of the pairs' queries (tokenised once per pair)."""
@@ -216,9 +228,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         with self._dist.summon_full_params(self.model_wrapped, recurse=False), eval_mode(self.model):
             for start in range(0, len(chosen), batch_size):
                 pairs = chosen[start:start + batch_size]
-                products = torch.tensor([stable_id_hash(self._pair_product(p)) for p in pairs], device=device)
-                self.candidate_pool.push(torch.tensor(pairs, device=device), products,
-                                         self.embedder(self._query_batch(pairs)))
+                self.candidate_pool.push(torch.tensor(pairs, device=device), self.embedder(self._query_batch(pairs)))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self.args.candidate_queue_size and not len(self.candidate_pool):
@@ -228,15 +238,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         local_pairs = self._local_candidate_pairs(pairs)
         embeddings, local_candidates, truncated = self._reward_forward(
             prompts, completion_ids_list, local_pairs, row_products)
-        pool = self.candidate_pool.build(local_pairs, [self._pair_product(p) for p in local_pairs], local_candidates)
+        pool = self.candidate_pool.build(local_pairs, local_candidates)
         positive_index = pool.positions(pairs)
         device = embeddings.device
-        products = torch.tensor([stable_id_hash(product) for product in row_products], device=device)
         self._batch = RewardBatch(
             embeddings=embeddings, candidates=pool.vectors, positive_index=positive_index,
-            candidate_mask=pool.mask(products, positive_index), truncated=truncated,
+            candidate_mask=pool.mask(self._answer_table(pairs, device), positive_index), truncated=truncated,
             attributes=[json.loads(x.get("attributes_json") or "{}") for x in inputs],
-            pool=pool, pairs=torch.tensor(pairs, device=device), products=products,
+            pool=pool, pairs=torch.tensor(pairs, device=device),
         )
         texts = [completion_text(c) for c in completions]
         self._log_batch(self._batch, completions, texts)
@@ -300,7 +309,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             mode = "train" if self.model.training else "eval"
             self._metrics[mode][f"sampling/is_{name}_share"].append(float(self.accelerator.gather(local).mean()))
         # (B,) tensors: TRL shuffles and splits them into micro-batches with the other rows.
-        output.update(moon_pair=self._batch.pairs, moon_product=self._batch.products)
+        output.update(moon_pair=self._batch.pairs)
         return output
 
     def _fsdp_autocast(self) -> contextlib.AbstractContextManager:
@@ -320,7 +329,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL keeps the generation batch and feeds it again when num_iterations > 1: never mutate it.
         inputs = dict(inputs)
-        pair_ids, product_ids = inputs.pop("moon_pair"), inputs.pop("moon_product")
+        pair_ids = inputs.pop("moon_pair")
         with self.embedder.taps.capture() as records:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.args.contrastive_weight == 0:
@@ -330,7 +339,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         # not the one the reward saw (read at its last token), so it leaves the InfoNCE as it leaves the policy loss.
         shown = inputs["completion_mask"].sum(1) > 0
         if not shown.all():
-            embeddings, pair_ids, product_ids = embeddings[shown], pair_ids[shown], product_ids[shown]
+            embeddings, pair_ids = embeddings[shown], pair_ids[shown]
             inputs = {**inputs, "advantages": inputs["advantages"][shown]}
         if not len(embeddings) and self.accelerator.num_processes == 1:
             return loss  # nothing left to pull (several processes still join the InfoNCE's gathers, with no rows)
@@ -339,22 +348,23 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             # its siblings onto its query would teach the read-out to ignore what the chain says.
             advantages = inputs["advantages"]
             keep = (advantages if advantages.dim() == 1 else advantages[:, 0]) >= 0  # (B, T) from TRL subclasses
-            embeddings, pair_ids, product_ids = embeddings[keep], pair_ids[keep], product_ids[keep]
-        term = self._contrastive(embeddings, pair_ids, product_ids)
+            embeddings, pair_ids = embeddings[keep], pair_ids[keep]
+        term = self._contrastive(embeddings, pair_ids)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["infonce"].append(float(term.global_loss))
         self._metrics[mode]["retrieval_acc"].append(float(term.accuracy))
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         return loss + self.args.contrastive_weight * term.loss / steps
 
-    def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor, product_ids: torch.Tensor):
+    def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor):
         """Symmetric InfoNCE between the micro-batch's completions and their queries, against the whole pool.
 
         The queries are embedded here, with gradient (direct mode), so GRPO trains the query side too: with the
         queries as fixed targets the backbone drifted away from them (image->product direct -35 of 480 queries at lr
         1e-4). Completion -> query ranks each completion's query among the micro-batch's queries (every process's)
         and the rest of the step's pool (other queries, look-alikes, the queue: detached); query -> completion ranks
-        the completions of every process's micro-batch. Queries of a completion's own product are never its negatives.
+        the completions of every process's micro-batch. A completion's right answers (its product's queries, and those
+        listing it among several positives) are never its negatives, nor is it theirs.
         Sharded training (FSDP, DeepSpeed) cannot run this extra forward outside the wrapper: its queries are the
         pool's detached ones.
         """
@@ -371,11 +381,14 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         # the pool keeps only the others, so that no query is counted twice.
         in_batch = gather_ids(torch.tensor(unique, dtype=torch.long, device=pool.pairs.device))
         others = ~torch.isin(pool.pairs, in_batch)
-        pool_vectors, pool_products = pool.vectors[others], pool.products[others]
+        pool_vectors = pool.vectors[others]
         negatives = pool_vectors[None].expand(len(pairs), -1, -1)
-        negative_mask = pool_products[None, :] != product_ids[:, None].to(pool_products.device)
+        answers = self._answer_table(pairs, pair_ids.device)
+        negative_mask = answer_mask(pool.pairs[others], answers)
+        # Ids are pairs: a row's "relevant" ids are the pairs answering its product (its own product's rows included).
         return info_nce(embeddings, positives, temperature=self.args.contrastive_temperature,
-                        positive_ids=product_ids, hard_negatives=negatives if len(pool_vectors) else None,
+                        positive_ids=pair_ids, relevant_ids=list(answers),
+                        hard_negatives=negatives if len(pool_vectors) else None,
                         hard_negative_mask=negative_mask if len(pool_vectors) else None, symmetric=True)
 
     def completion_embeddings(self, records: list, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -397,6 +410,22 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             rows.append(self.embedder.embed_record(record, batch))
             start += n
         return torch.cat(rows)
+
+
+def _answers_by_product(pair_products: Sequence[str] | None, pair_relevant: Sequence[Sequence[str]] | None
+                        ) -> dict[str, tuple[int, ...]]:
+    """Product -> the pairs whose query is a right answer for it (every pair that lists it as a positive); {} when
+    each pair is its own product."""
+    if pair_products is None:
+        return {}
+    relevant = pair_relevant if pair_relevant is not None else [(p,) for p in pair_products]
+    if len(relevant) != len(pair_products):
+        raise ValueError(f"pair_relevant has {len(relevant)} entries for {len(pair_products)} pairs")
+    answers: dict[str, list[int]] = {}
+    for pair, (own, products) in enumerate(zip(pair_products, relevant, strict=True)):
+        for product in dict.fromkeys((own, *products)):
+            answers.setdefault(product, []).append(pair)
+    return {product: tuple(pairs) for product, pairs in answers.items()}
 
 
 def importance_sampling_share(ratio: torch.Tensor, completion_mask: torch.Tensor, mode: str,
@@ -526,6 +555,7 @@ def build_grpo_trainer(recipe: Recipe, embedder: MoonEmbedder, *, args: MoonGRPO
         check_can_learn(report, allow=args.allow_untrained_reasoning)
     return MoonGRPOTrainer(embedder, rewards, args, query_item=query_item, related_pairs=lookalike_pairs(examples),
                            pair_products=[ex.positive for ex in examples],
+                           pair_relevant=[ex.relevant or (ex.positive,) for ex in examples],
                            heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
                            product_images=catalogue_images(embedder, catalogue),
                            prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,

@@ -20,8 +20,10 @@ $$
 
 where \(C_i\) is every row \(j\) of the global batch except the rows \(j \ne i\) that share row \(i\)'s product
 id (or anchor id): two pairs for the same product (say a text query and a photo of product *p*) are both right
-answers, so they must never push each other apart. \(h_{ik}\) are row \(i\)'s explicit hard negatives and
-\(m_{ik} \in \{0, 1\}\) their mask.
+answers, so they must never push each other apart. With several positives per query (`relevant_ids`), the rows
+\(j\) whose product is relevant to row \(i\)'s anchor leave \(C_i\) in the \(a \to p\) direction, and the rows
+\(j\) whose anchor row \(i\)'s product is relevant to leave it in the \(p \to a\) direction. \(h_{ik}\) are row
+\(i\)'s explicit hard negatives and \(m_{ik} \in \{0, 1\}\) their mask.
 
 Relation to sentence-transformers: without ids and hard negatives, the `a -> p` direction is exactly
 `MultipleNegativesRankingLoss(scale=1 / temperature, similarity_fct=cos_sim)` and the symmetric loss is
@@ -293,6 +295,7 @@ def info_nce(
     hard_negative_mask: torch.Tensor | None = None,
     symmetric: bool = True,
     gather: bool = True,
+    relevant_ids: Sequence[Sequence[str | int] | torch.Tensor] | None = None,
 ) -> InfoNCEOutput:
     r"""
     InfoNCE (in-batch negatives ranking loss) between anchors and positives, symmetric by default.
@@ -334,6 +337,11 @@ def info_nce(
         gather (`bool`, *optional*, defaults to `True`):
             Use every process's rows as negatives (needs every process to call this function). No effect when not
             distributed. With `False`, each process's loss is the plain mean over its own batch.
+        relevant_ids (`Sequence[Sequence[str | int]]`, *optional*):
+            Per row, every product id relevant to the row's anchor (a pair's `positives`), as `positive_ids` gives
+            them (required with it; a tensor row for hashed ids, as `gather_ids` makes). Every process must pass it
+            or none. A row whose product is relevant to row i's anchor is no negative of
+            anchor i, and anchor j is no negative of row i's product when that product is relevant to anchor j.
 
     Returns:
         [`InfoNCEOutput`]: `loss` to back-propagate, `global_loss` to log, `accuracy`, `logits`.
@@ -368,10 +376,18 @@ def info_nce(
     all_a = gather_with_grad(a, sizes=sizes) if distributed and symmetric else a
     targets = torch.arange(offset, offset + n, device=device)
     same_id = _same_id_mask(anchor_ids, positive_ids, targets, device, sizes if distributed else None)
+    forward_mask = reverse_mask = same_id
+    if relevant_ids is not None:
+        if positive_ids is None:
+            raise ValueError("relevant_ids needs positive_ids (the ids it refers to)")
+        relevant, answered = _relevance_masks(relevant_ids, positive_ids, targets, device,
+                                              sizes if distributed else None)
+        forward_mask = relevant if same_id is None else same_id | relevant
+        reverse_mask = answered if same_id is None else same_id | answered
 
     logits = a @ all_p.T / temperature
-    if same_id is not None:
-        logits = logits.masked_fill(same_id, float("-inf"))
+    if forward_mask is not None:
+        logits = logits.masked_fill(forward_mask, float("-inf"))
     if hard_negatives is not None:
         hard = torch.einsum("nd,nkd->nk", a, hard_negatives.to(dtype)) / temperature
         if hard_negative_mask is not None:
@@ -381,8 +397,8 @@ def info_nce(
 
     if symmetric:
         reverse = p @ all_a.T / temperature
-        if same_id is not None:
-            reverse = reverse.masked_fill(same_id, float("-inf"))
+        if reverse_mask is not None:
+            reverse = reverse.masked_fill(reverse_mask, float("-inf"))
         row_loss = (row_loss + F.cross_entropy(reverse, targets, reduction="none")) / 2
 
     # Sum over local rows, scaled so that DDP's mean over W processes is the mean over the N global rows.
@@ -393,3 +409,39 @@ def info_nce(
     return InfoNCEOutput(
         loss=loss, global_loss=stats[0] / total, accuracy=float(stats[1].item()) / total, logits=logits
     )
+
+
+def _relevance_masks(
+    relevant_ids: Sequence[Sequence[str | int] | torch.Tensor],
+    positive_ids: IdsLike,
+    rows: torch.Tensor,
+    device: torch.device,
+    sizes: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n, N)` bool masks, False at each row's target: (column j's product is relevant to local row i's anchor,
+    local row i's product is relevant to column j's anchor)."""
+    n = rows.shape[0]
+    if len(relevant_ids) != n:
+        raise ValueError(f"got {len(relevant_ids)} relevant-id lists for {n} rows")
+    own = _ids_tensor(positive_ids, device)
+    width = max([len(ids) for ids in relevant_ids] + [1])
+    if sizes is not None:  # every process pads to the same width, so that the rows can be gathered
+        width_t = torch.tensor([width], device=device)
+        dist.all_reduce(width_t, op=dist.ReduceOp.MAX)
+        width = int(width_t)
+    # Padded with the row's own product, which masks nothing new (same-product rows are masked already).
+    table = own[:, None].repeat(1, width)
+    for i, ids in enumerate(relevant_ids):
+        if len(ids):
+            table[i, :len(ids)] = _ids_tensor(ids if isinstance(ids, torch.Tensor) else list(ids), device)
+    if sizes is not None:
+        table = torch.cat(_all_gather_uneven(table, sizes), dim=0)
+        products = gather_ids(own, device=device, sizes=sizes)
+    else:
+        products = own
+    relevant = (table[rows][:, None, :] == products[None, :, None]).any(-1)
+    answered = (table[None, :, :] == products[rows][:, None, None]).any(-1)
+    local = torch.arange(n, device=device)
+    relevant[local, rows] = False
+    answered[local, rows] = False
+    return relevant, answered

@@ -96,7 +96,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         chain_mask = layout["chain_negative_mask"].to(embeddings.device)
         chain_negatives = embeddings[(3 + k) * n:(4 + k) * n].view(n, 1, -1) if len(chain_mask) else None
         image_only = layout["image_only"].to(embeddings.device)
-        ids = layout["positive_ids"]
+        ids, relevant = layout["positive_ids"], layout.get("relevant_ids")
         cfg = self.args
         total = embeddings.new_zeros(())
         metrics: dict[str, float] = {"pairs/global": 0.0}
@@ -108,14 +108,15 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
             if global_rows == 0 or weight == 0:
                 continue
             sub_ids = [ids[i] for i in rows.tolist()]
+            sub_relevant = None if relevant is None else [relevant[i] for i in rows.tolist()]
             reason_term = info_nce(
                 anchor[rows], reason[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
-                hard_negatives=None if chain_negatives is None else chain_negatives[rows],
+                relevant_ids=sub_relevant, hard_negatives=None if chain_negatives is None else chain_negatives[rows],
                 hard_negative_mask=None if chain_negatives is None else chain_mask[rows, None],
             )
             direct_term = info_nce(
                 anchor[rows], direct[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
-                hard_negatives=None if negatives is None else negatives[rows],
+                relevant_ids=sub_relevant, hard_negatives=None if negatives is None else negatives[rows],
                 hard_negative_mask=None if negatives is None else layout["negative_mask"].to(rows.device)[rows],
             )
             total = total + weight * (reason_term.loss + cfg.direct_contrastive_weight * direct_term.loss)

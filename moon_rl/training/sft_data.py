@@ -38,12 +38,15 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class SFTExample:
-    """One training pair, resolved: anchor item kind and the product ids involved."""
+    """One training pair, resolved: anchor item kind and the product ids involved (a pair with several `positives`
+    gives one example per positive)."""
 
     pair_index: int
     anchor: str | Query
     positive: str
     negatives: tuple[str, ...]
+    #: Every positive of the pair (this one included): none of them is a negative of this example's anchor.
+    relevant: tuple[str, ...] = ()
 
     @property
     def image_only(self) -> bool:
@@ -51,13 +54,13 @@ class SFTExample:
 
 
 def sft_examples(catalogue: Catalogue, split: str, max_pairs: int | None = None) -> list[SFTExample]:
-    """The split's pairs as examples (in file order, truncated to `max_pairs`)."""
+    """The split's pairs as examples (in file order, truncated to `max_pairs` pairs): one per positive of a pair."""
     pairs: list[Pair] = catalogue.pairs.get(split, [])
     if not pairs:
         raise DataError(f"catalogue {catalogue.base_dir}: split {split!r} has no pairs to train on "
                         f"(splits with pairs: {', '.join(catalogue.splits) or 'none'})")
-    examples = [SFTExample(i, p.anchor, p.positive, tuple(p.negatives)) for i, p in enumerate(pairs)]
-    return examples[:max_pairs] if max_pairs else examples
+    return [SFTExample(i, p.anchor, positive, tuple(p.negatives), tuple(p.positive_ids))
+            for i, p in enumerate(pairs[:max_pairs] if max_pairs else pairs) for positive in p.positive_ids]
 
 
 class MoonSFTCollator:
@@ -94,6 +97,7 @@ class MoonSFTCollator:
         self.chain_negatives = chain_negatives and reasoning
         self.value_token_weight = value_token_weight
         self.photo_traces = photo_traces and reasoning
+        self.multi_positive = any(len(ex.relevant) > 1 for ex in examples)
         self._value_masks: dict[str, tuple[list[bool], list[bool]]] = {}
         self._vocabulary: AttributeVocabulary | None = None
         self.epoch = 0
@@ -283,6 +287,8 @@ class MoonSFTCollator:
                                     else torch.zeros(0, dtype=torch.bool)),
             "photo_rows": torch.tensor(len(photo_rows)),
             "positive_ids": list(ex.positive for ex in examples),
+            # Only when some pair has several positives (a static choice: every process then joins the same gathers).
+            "relevant_ids": [ex.relevant for ex in examples] if self.multi_positive else None,
             "value_mask": value_mask,
         }
         return model_inputs
