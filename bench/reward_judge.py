@@ -88,9 +88,9 @@ def split_queries(catalogue: Any, split: str) -> tuple[list[Any], list[str], dic
         if not isinstance(anchor, Query) or bool(anchor.text) == (anchor.image is not None):
             continue  # product anchors and text+image queries: neither kind
         kind = "text" if anchor.text else "image"
-        first.setdefault((pair.positive, kind), len(queries))
+        first.setdefault((pair.positive_ids[0], kind), len(queries))
         queries.append(anchor)
-        products.append(pair.positive)
+        products.append(pair.positive_ids[0])
     return queries, products, first
 
 

@@ -123,3 +123,20 @@ def test_a_look_alike_with_the_same_title_is_not_a_duplicate_listing():
     assert _listing_keys(shirt) & _listing_keys(other_seller)
     assert not _listing_keys(shirt) & _listing_keys(look_alike)
     assert _listing_keys(shirt) & _listing_keys(same_photo)
+
+
+def test_a_pair_with_several_positives_mines_past_all_of_them_and_keeps_them_in_the_copy(catalogue, tmp_path):
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    (folder / "products.jsonl").write_text((catalogue.base_dir / "products.jsonl").read_text())
+    pairs = [{"anchor": {"text": "red shirt"}, "positives": ["pos", "pos2"], "relevance": [2, 1], "negatives": ["n4"]}]
+    (folder / "pairs_train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    multi = load_catalogue(folder)
+    report = mine_negatives(PlantedEmbedder(PLANTED), multi, "train", k=2, margin=0.95, show_progress=False)
+    # Both positives skipped; the ceiling is the less similar positive's (0.95 x cos 5 = 0.946): "anchor" (1.0) and
+    # "close" (0.985) are too close; "dup" lists like "pos".
+    assert report.mined == [["n1", "n2"]]
+    assert report.counts()["removed"] == {"anchor": 0, "positive": 2, "duplicate": 1, "too_close": 2}
+    copy = load_catalogue(write_mined_catalogue(multi, report, tmp_path / "mined", model="m"))
+    pair = copy.pairs["train"][0]
+    assert (pair.positives, pair.relevance, pair.negatives) == (["pos", "pos2"], [2.0, 1.0], ["n1", "n2"])

@@ -9,8 +9,9 @@ of their score with the anchor; a candidate is skipped, and counted under the fi
   several right answers, and training would push them apart);
 - `duplicate`: another listing of a positive: the same main image, or the same title (case and spacing ignored),
   category and attributes;
-- `too_close`: scored above `margin` x the positive's score (positive-aware mining, NV-Retriever's TopK-PercPos: what
-  scores almost as high as the positive is more often an unlabelled positive than a negative);
+- `too_close`: scored above `margin` x the positive's score (the least similar positive's, with several;
+  positive-aware mining, NV-Retriever's TopK-PercPos: what scores almost as high as the positive is more often an
+  unlabelled positive than a negative);
 
 and the first `k` candidates left become the pair's `negatives`. Products that only other splits use (the test
 split's products and gallery) are never candidates: training on them as negatives would leak the evaluation set. The result is a copy of the catalogue whose split
@@ -93,7 +94,7 @@ def held_out_products(catalogue: Catalogue, split: str) -> set[str]:
     def used(name: str) -> set[str]:
         ids = set(catalogue.galleries.get(name, []))
         for pair in catalogue.pairs.get(name, []):
-            ids |= {pair.positive, *pair.negatives} | ({pair.anchor} if isinstance(pair.anchor, str) else set())
+            ids |= {*pair.positive_ids, *pair.negatives} | ({pair.anchor} if isinstance(pair.anchor, str) else set())
         return ids
 
     others = set().union(*(used(name) for name in catalogue.pairs if name != split), set())
@@ -124,7 +125,7 @@ def mine_negatives(embedder: Any, catalogue: Catalogue, split: str = "train", *,
     ids = list(catalogue.products)
     index = {pid: i for i, pid in enumerate(ids)}
     for number, pair in enumerate(pairs):
-        for pid in ([pair.anchor] if isinstance(pair.anchor, str) else []) + [pair.positive]:
+        for pid in ([pair.anchor] if isinstance(pair.anchor, str) else []) + pair.positive_ids:
             if pid not in index:
                 raise DataError(f"mine: split {split!r}, pair {number}: unknown product id {pid!r}")
     products = embedder.encode(list(catalogue.products.values()), mode=mode, batch_size=batch_size,
@@ -134,7 +135,7 @@ def mine_negatives(embedder: Any, catalogue: Catalogue, split: str = "train", *,
     positives_of: dict[str, set[int]] = defaultdict(set)
     for key, pair in zip(pair_keys, pairs, strict=True):
         first.setdefault(key, pair.anchor)
-        positives_of[key].add(index[pair.positive])
+        positives_of[key].update(index[pid] for pid in pair.positive_ids)
     records = [catalogue.products[a] if isinstance(a, str) else a for a in first.values()]
     anchors = embedder.encode(records, mode="direct", batch_size=batch_size, load_image=catalogue.image,
                               show_progress=show_progress)
@@ -153,7 +154,8 @@ def mine_negatives(embedder: Any, catalogue: Catalogue, split: str = "train", *,
         row = scores[anchor_row[key]]
         positives = positives_of[key]
         duplicates = {j for p in positives for lk in product_keys[p] for j in listings[lk]} - positives
-        ceiling = margin * float(row[index[pair.positive]]) if margin is not None else None
+        # Several positives: the least similar one sets the ceiling (the stricter filter against false negatives).
+        ceiling = margin * min(float(row[index[pid]]) for pid in pair.positive_ids) if margin is not None else None
         skip = {"anchor": {index[pair.anchor]} if isinstance(pair.anchor, str) else set(), "positive": positives,
                 "duplicate": duplicates}
         chosen: list[str] = []
