@@ -139,15 +139,41 @@ def data_synth(
     typer.echo(report.summary())
 
 
+def _pairs_option(values: list[str] | None, option: str) -> dict[str, str]:
+    """`--column id=sku --column title=name` as `{"id": "sku", "title": "name"}`."""
+    from moon_rl.errors import MoonError
+
+    out = {}
+    for value in values or []:
+        ours, sep, theirs = value.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise MoonError(f"{option} {value!r}: expected NAME=VALUE, e.g. {option} id=sku")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
 @data_app.command("validate")
 @_user_errors
 def data_validate(
-    path: Annotated[Path, typer.Argument(help="Catalogue folder or products file.", exists=True)],
+    path: Annotated[str, typer.Argument(
+        help="Catalogue folder or products file, a folder `datasets` reads, or a Hub dataset hf:owner/name[:config]"
+             "[@revision].")],
+    column: Annotated[list[str] | None, typer.Option(
+        "--column", help="Map a moon-rl field to your column, as data.columns does: --column id=sku "
+        "--column image=img --column query_text=query")] = None,
+    split: Annotated[list[str] | None, typer.Option(
+        "--split", help="Read only these splits, renamed, as data.splits does: --split train=training "
+        "--split test=validation")] = None,
 ) -> None:
     """Check every row of a catalogue and its pairs; print each problem with file, line, field and reason."""
+    from moon_rl.data.columns import column_map_problems
     from moon_rl.data.validate import validate_catalogue
+    from moon_rl.errors import MoonError
 
-    report = validate_catalogue(path)
+    columns, splits = _pairs_option(column, "--column"), _pairs_option(split, "--split")
+    if problems := column_map_problems(columns):
+        raise MoonError(f"--column: {'; '.join(problems)}")
+    report = validate_catalogue(path, columns=columns, splits=splits)
     for problem in report.problems:
         typer.echo(str(problem), err=True)
     typer.echo(report.summary())
