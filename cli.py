@@ -110,6 +110,13 @@ def _result(text: str) -> None:
         typer.echo(text)
 
 
+def _copy_hint(recipe: Recipe) -> str:
+    """What else training on a written catalogue copy needs: the copy has moon-rl's column and split names."""
+    if not (recipe.data.columns or recipe.data.splits):
+        return ""
+    return " --set 'data.columns={}' --set 'data.splits={}' (the copy uses moon-rl's column and split names)"
+
+
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     from moon_rl.recipe import load_recipe
 
@@ -277,7 +284,7 @@ def annotate(
             catalogue, target, Teacher(teacher, resolved.model), retrace=retrace, order=order,
             max_attempts=max_attempts, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
             overwrite=overwrite, seed=resolved.seed)
-    _result(report.summary())
+    _result(report.summary() + _copy_hint(resolved))
 
 
 @app.command("mine")
@@ -313,7 +320,7 @@ def mine(
     target = write_mined_catalogue(catalogue, report, out or Path(resolved.output_dir) / "catalogue-mined",
                                    keep_given=keep_given, model=str(model), overwrite=overwrite)
     _result(f"{report.summary()}\nwritten to {target.resolve()}; train on it with "
-            f"--set data.catalogue={target.resolve()}")
+            f"--set data.catalogue={target.resolve()}{_copy_hint(resolved)}")
 
 
 # ---------------------------------------------------------------------------------------------------- train

@@ -369,6 +369,30 @@ def test_data_validate_command_takes_the_column_mapping(tmp_path: Path):
     assert CliRunner().invoke(app, [*args, "--column", "name"]).exit_code == 2
 
 
+def test_an_annotated_copy_of_a_mapped_catalogue_trains_without_the_mapping(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.recipe import load_recipe
+
+    _renamed_folder(tmp_path / "shop", "parquet")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"data: {{catalogue: shop, columns: {json.dumps(COLUMNS)}}}\n")
+    result = CliRunner().invoke(app, ["annotate", str(recipe_file), "--template", "--out", str(tmp_path / "copy")])
+    assert result.exit_code == 0, result.output
+    assert "--set 'data.columns={}' --set 'data.splits={}'" in result.output
+    copy = load_recipe_catalogue(load_recipe(recipe_file, [f"data.catalogue={tmp_path / 'copy'}", "data.columns={}",
+                                                           "data.splits={}"]).data)  # fmt: skip
+    expected = _canonical(tmp_path / "canonical")
+    assert list(copy.products) == list(expected.products) and copy.products["p2"].reasoning is not None
+    assert {split: [(p.positive, p.negatives) for p in pairs] for split, pairs in copy.pairs.items()} == {
+        split: [(p.positive, p.negatives) for p in pairs] for split, pairs in expected.pairs.items()}
+    # Image paths are re-rooted at the copy (nothing is copied): they still open the source's files.
+    image = copy.pairs["train"][2].anchor.image
+    assert copy.image(image).tobytes() == expected.image(expected.pairs["train"][2].anchor.image).tobytes()
+
+
 # ------------------------------------------------------------------------------------------------------------ e2e
 
 
