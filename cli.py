@@ -110,6 +110,13 @@ def _result(text: str) -> None:
         typer.echo(text)
 
 
+def _copy_hint(recipe: Recipe) -> str:
+    """What else training on a written catalogue copy needs: the copy has moon-rl's column and split names."""
+    if not (recipe.data.columns or recipe.data.splits):
+        return ""
+    return " --set 'data.columns={}' --set 'data.splits={}' (the copy uses moon-rl's column and split names)"
+
+
 def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
     from moon_rl.recipe import load_recipe
 
@@ -139,15 +146,41 @@ def data_synth(
     typer.echo(report.summary())
 
 
+def _pairs_option(values: list[str] | None, option: str) -> dict[str, str]:
+    """`--column id=sku --column title=name` as `{"id": "sku", "title": "name"}`."""
+    from moon_rl.errors import MoonError
+
+    out = {}
+    for value in values or []:
+        ours, sep, theirs = value.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise MoonError(f"{option} {value!r}: expected NAME=VALUE, e.g. {option} id=sku")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
 @data_app.command("validate")
 @_user_errors
 def data_validate(
-    path: Annotated[Path, typer.Argument(help="Catalogue folder or products file.", exists=True)],
+    path: Annotated[str, typer.Argument(
+        help="Catalogue folder or products file, a folder `datasets` reads, or a Hub dataset hf:owner/name[:config]"
+             "[@revision].")],
+    column: Annotated[list[str] | None, typer.Option(
+        "--column", help="Map a moon-rl field to your column, as data.columns does: --column id=sku "
+        "--column image=img --column query_text=query")] = None,
+    split: Annotated[list[str] | None, typer.Option(
+        "--split", help="Read only these splits, renamed, as data.splits does: --split train=training "
+        "--split test=validation")] = None,
 ) -> None:
     """Check every row of a catalogue and its pairs; print each problem with file, line, field and reason."""
+    from moon_rl.data.columns import column_map_problems
     from moon_rl.data.validate import validate_catalogue
+    from moon_rl.errors import MoonError
 
-    report = validate_catalogue(path)
+    columns, splits = _pairs_option(column, "--column"), _pairs_option(split, "--split")
+    if problems := column_map_problems(columns):
+        raise MoonError(f"--column: {'; '.join(problems)}")
+    report = validate_catalogue(path, columns=columns, splits=splits)
     for problem in report.problems:
         typer.echo(str(problem), err=True)
     typer.echo(report.summary())
@@ -251,7 +284,7 @@ def annotate(
             catalogue, target, Teacher(teacher, resolved.model), retrace=retrace, order=order,
             max_attempts=max_attempts, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
             overwrite=overwrite, seed=resolved.seed)
-    _result(report.summary())
+    _result(report.summary() + _copy_hint(resolved))
 
 
 @app.command("mine")
@@ -287,7 +320,7 @@ def mine(
     target = write_mined_catalogue(catalogue, report, out or Path(resolved.output_dir) / "catalogue-mined",
                                    keep_given=keep_given, model=str(model), overwrite=overwrite)
     _result(f"{report.summary()}\nwritten to {target.resolve()}; train on it with "
-            f"--set data.catalogue={target.resolve()}")
+            f"--set data.catalogue={target.resolve()}{_copy_hint(resolved)}")
 
 
 # ---------------------------------------------------------------------------------------------------- train

@@ -10,6 +10,9 @@ Folder layout (what `moon-rl data synth` writes and what users may provide)::
 
 A path may also name a single products file (or HF dataset folder): a catalogue without pairs.
 `builtin:synthetic` is generated once into the cache (see `moon_rl.data.synthetic`) and loaded from there.
+A Hub dataset (`hf:owner/name`), a `save_to_disk` DatasetDict or a folder of data files without a products file is
+read through `datasets` (see `moon_rl.data.hub`). `data.columns` maps any table's column names onto moon-rl's fields
+(`moon_rl.data.columns`), and `data.splits` picks and renames the splits.
 
 `scan_catalogue` walks all of it and hands each `Problem` to a callback: the loader raises on the first one, the
 validator (`moon_rl.data.validate`) collects them all.
@@ -18,7 +21,7 @@ validator (`moon_rl.data.validate`) collects them all.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,12 +29,15 @@ from typing import Any, TypeVar
 from PIL import Image
 from pydantic import ValidationError
 
+from moon_rl.data.columns import ColumnMap
+from moon_rl.data.hub import HF_PREFIX, PRODUCTS_SPLIT, dataset_tables, load_dataset_dict
 from moon_rl.data.records import Pair, Product, Query, describe_errors
 from moon_rl.data.sources import (
     DEFAULT_MAX_PIXELS,
     TABLE_SUFFIXES,
     Problem,
     Row,
+    Table,
     iter_rows,
     iter_text_lines,
     load_image,
@@ -48,17 +54,49 @@ MANIFEST = "catalogue.json"
 
 @dataclass(frozen=True)
 class CatalogueLayout:
-    """Where each part of a catalogue lives."""
+    """Where each part of a catalogue lives.
+
+    Attributes:
+        base_dir (`Path`): the folder image paths are relative to.
+        products (`Table`): the products table.
+        pairs (`dict[str, Table]`): the pairs tables, by moon-rl split name.
+        galleries (`dict[str, Path]`): `gallery_<split>.txt` files, by moon-rl split name.
+        manifest (`Path`, *optional*): `catalogue.json`.
+        columns (`ColumnMap`): `data.columns`, used to name a problem's field by the table's column.
+        source (`str`, *optional*): the `datasets` dataset the tables are splits of (`hf:owner/name`, a folder).
+    """
 
     base_dir: Path
-    products: Path
-    pairs: dict[str, Path]
+    products: Table
+    pairs: dict[str, Table]
     galleries: dict[str, Path]
     manifest: Path | None
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    source: str | None = None
+
+    def where(self, file: str) -> str:
+        """A problem's file as the loader shows it: the path of a catalogue file, a dataset split as named."""
+        return file if self.source is not None else str(self.base_dir / file)
+
+    def in_columns(self, problem: Problem) -> Problem:
+        """The problem with its field named by the table's column (`sku` for `id`) when `data.columns` maps it."""
+        name = self.columns.original(problem.field)
+        reason = problem.reason
+        if name == problem.field and reason == "required field is missing" and (self.columns.columns or self.source):
+            reason += f" (map the column that holds it with data.columns.{name})"
+        return replace(problem, field=name, reason=reason)
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+_DATA_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl", ".arrow")
+
+
+def _has_data_files(folder: Path) -> bool:
+    """Whether `datasets.load_dataset(folder)` has something to read (data files, in the folder or below it)."""
+    return any(p.suffix in _DATA_SUFFIXES and p.name != MANIFEST for p in folder.rglob("*") if p.is_file())
 
 
 def _tables(folder: Path, stem: str) -> list[Path]:
@@ -66,24 +104,68 @@ def _tables(folder: Path, stem: str) -> list[Path]:
     return found + ([folder / stem] if _is_hf_dataset_dir(folder / stem) else [])
 
 
-def find_layout(path: str | Path) -> CatalogueLayout:
-    """Find the products, pairs, galleries and manifest of a catalogue folder (or a single products file).
+def _rename_splits(folder: Path, found: dict[str, Any], splits: Mapping[str, str], kind: str) -> dict[str, Any]:
+    """Pair files (or galleries) by moon-rl split: `data.splits` picks and renames them when set."""
+    if not splits:
+        return found
+    if PRODUCTS_SPLIT in splits:
+        raise DataError(f"catalogue folder {str(folder)!r}: data.splits.{PRODUCTS_SPLIT} names the products split of a "
+                        "`datasets` dataset; this folder has a products file")
+    if kind == "pairs" and (absent := [f"pairs_{theirs} (data.splits.{ours})" for ours, theirs in splits.items()
+                                       if theirs not in found]):
+        raise DataError(f"catalogue folder {str(folder)!r} has no {', '.join(absent)}; "
+                        f"pair splits: {', '.join(found) or 'none'}")
+    return {ours: found[theirs] for ours, theirs in splits.items() if theirs in found}
+
+
+def _dataset_layout(source: str, folder: Path | None, columns: Mapping[str, str],
+                    splits: Mapping[str, str]) -> CatalogueLayout:
+    dataset = load_dataset_dict(source if folder is None else folder)
+    products, pairs, column_map = dataset_tables(source, dataset, columns, splits)
+    base_dir = folder if folder is not None else Path.cwd()
+    return CatalogueLayout(base_dir, products, pairs, {}, None, column_map, source)
+
+
+def find_layout(
+    path: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    splits: Mapping[str, str] | None = None,
+) -> CatalogueLayout:
+    """Find the products, pairs, galleries and manifest of a catalogue folder, a single products file, a Hub dataset
+    (`hf:owner/name[:config][@revision]`) or a folder `datasets` reads.
+
+    Args:
+        path (`str | Path`): the catalogue.
+        columns (`Mapping[str, str]`, *optional*): `data.columns`, moon-rl field -> the tables' column.
+        splits (`Mapping[str, str]`, *optional*): `data.splits`, moon-rl split -> the catalogue's split; when set, only
+            these splits are read.
 
     Raises:
-        `DataError`: if there is no products file, or more than one file for the products or for one split.
+        `DataError`: if there is no products file, more than one file for the products or for one split, a split
+            `data.splits` names is absent, or a `datasets` dataset cannot be loaded.
     """
+    columns, splits = dict(columns or {}), dict(splits or {})
+    if isinstance(path, str) and path.startswith(HF_PREFIX):
+        return _dataset_layout(path, None, columns, splits)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"catalogue {str(path)!r} does not exist")
+    if (path / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk: splits, as from the Hub
+        return _dataset_layout(str(path), path, columns, splits)
+    products_map = ColumnMap(columns, "products")
     if path.is_file() or _is_hf_dataset_dir(path):
         if path.is_file() and path.suffix not in TABLE_SUFFIXES:
             raise DataError(f"catalogue file {str(path)!r}: unsupported type (expected {', '.join(TABLE_SUFFIXES)})")
-        return CatalogueLayout(path.parent, path, {}, {}, None)
+        return CatalogueLayout(path.parent, Table.file(path, products_map), {}, {}, None, products_map)
     products = _tables(path, "products")
+    if not products and not any(path.glob("pairs_*")) and _has_data_files(path):
+        return _dataset_layout(str(path), path, columns, splits)
     if not products:
         raise DataError(
             f"catalogue folder {str(path)!r} has no products file "
-            "(expected products.jsonl, products.csv, products.parquet or an HF dataset folder products/)"
+            "(expected products.jsonl, products.csv, products.parquet or an HF dataset folder products/, "
+            "or data files that `datasets` reads, such as train.parquet)"
         )
     if len(products) > 1:
         raise DataError(f"catalogue folder {str(path)!r} has several products files: {[p.name for p in products]}")
@@ -106,8 +188,13 @@ def find_layout(path: str | Path) -> CatalogueLayout:
             )
         pairs[split] = entry
     galleries = {p.stem.removeprefix("gallery_"): p for p in sorted(path.glob("gallery_*.txt"))}
+    pairs = _rename_splits(path, pairs, splits, "pairs")
+    galleries = _rename_splits(path, galleries, splits, "galleries")
     manifest = path / MANIFEST
-    return CatalogueLayout(path, products[0], pairs, galleries, manifest if manifest.is_file() else None)
+    pairs_map = ColumnMap(columns, "pairs")
+    return CatalogueLayout(path, Table.file(products[0], products_map),
+                           {split: Table.file(file, pairs_map) for split, file in pairs.items()}, galleries,
+                           manifest if manifest.is_file() else None, pairs_map)
 
 
 @dataclass
@@ -209,24 +296,24 @@ def _scan_products(layout: CatalogueLayout, scan: _Scan, report: ProblemSink, de
     n_rows = 0
     for row in iter_rows(layout.products):
         n_rows += 1
+        where = row.source or name  # the products of a `datasets` dataset come from all of its splits
         product, problems = _parse_row(row, Product)
         if product is None:
             for fld, reason in problems:
-                report(Problem(name, row.line, fld, row.id_hint, reason))
+                report(Problem(where, row.line, fld, row.id_hint, reason))
             if row.id_hint:
                 # Its own problem is reported; pairs that mention it should not add "unknown id" noise.
                 scan.invalid_ids.add(row.id_hint)
                 first_line.setdefault(row.id_hint, row.line)
             continue
         if product.id in first_line:
-            where = first_line[product.id]
             report(
                 Problem(
-                    name,
+                    where,
                     row.line,
                     "id",
                     product.id,
-                    f"duplicate product id {product.id!r} (first defined on line {where})",
+                    f"duplicate product id {product.id!r} (first defined on line {first_line[product.id]})",
                 )
             )
             continue
@@ -234,7 +321,7 @@ def _scan_products(layout: CatalogueLayout, scan: _Scan, report: ProblemSink, de
         first_line[product.id] = row.line
         for index, ref in enumerate(product.images):
             if reason := _image_reason(ref, layout.base_dir, decode, max_pixels):
-                report(Problem(name, row.line, f"images[{index}]", product.id, reason))
+                report(Problem(where, row.line, f"images[{index}]", product.id, reason))
     if n_rows == 0:
         report(Problem(name, None, None, None, "catalogue has no products (the products file has no rows)"))
 
@@ -310,20 +397,27 @@ def scan_catalogue(
             instead of only checking that image files exist.
         max_pixels (`int`, *optional*, defaults to `40_000_000`): decompression-bomb limit.
     """
+
+    def named(problem: Problem) -> None:  # messages name the user's column (`sku`), not moon-rl's field (`id`)
+        report(layout.in_columns(problem))
+
     scan = _Scan()
     if layout.manifest is not None:
         try:
             scan.manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             report(Problem(layout.manifest.name, None, None, None, f"unreadable manifest: {exc}"))
-    _scan_products(layout, scan, report, decode_images, max_pixels)
-    _scan_galleries(layout, scan, report)
-    _scan_pairs(layout, scan, report, decode_images, max_pixels)
+    _scan_products(layout, scan, named, decode_images, max_pixels)
+    _scan_galleries(layout, scan, named)
+    _scan_pairs(layout, scan, named, decode_images, max_pixels)
     return Catalogue(layout.base_dir, scan.products, scan.pairs, scan.galleries, scan.manifest, max_pixels)
 
 
-def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = None) -> Path:
-    """A catalogue path on disk; `builtin:synthetic` is generated into the cache first if needed."""
+def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = None) -> Path | str:
+    """A catalogue path on disk, or a Hub dataset reference (`hf:...`) as it is; `builtin:synthetic` is generated into
+    the cache first if needed."""
+    if str(path).startswith(HF_PREFIX):
+        return str(path)
     if str(path) != BUILTIN_SYNTHETIC:
         if str(path).startswith("builtin:"):
             raise DataError(f"unknown builtin catalogue {str(path)!r} (known: {BUILTIN_SYNTHETIC})")
@@ -341,37 +435,43 @@ def load_catalogue(
     synthetic: SynthOptions | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode_images: bool = False,
+    columns: Mapping[str, str] | None = None,
+    splits: Mapping[str, str] | None = None,
 ) -> Catalogue:
-    """Load a catalogue folder, a single products file, or `builtin:synthetic`; fail fast on the first bad row.
+    """Load a catalogue folder, a single products file, a Hub dataset (`hf:owner/name[:config][@revision]`), a folder
+    `datasets` reads, or `builtin:synthetic`; fail fast on the first bad row.
 
     By default images are not decoded here (only their files' existence is checked); `Catalogue.image` decodes on
     demand. Run `validate_catalogue` for a report of every problem.
 
     Args:
-        path (`str | Path`): a catalogue folder, a products file, or `"builtin:synthetic"`.
+        path (`str | Path`): a catalogue folder, a products file, an `hf:` reference, or `"builtin:synthetic"`.
         synthetic (`SynthOptions`, *optional*): options of the builtin synthetic catalogue (defaults otherwise).
         max_pixels (`int`, *optional*, defaults to `40_000_000`): decompression-bomb limit for `Catalogue.image`.
         decode_images (`bool`, *optional*, defaults to `False`): also decode every image once (products' and
             anchors'), so that a corrupt, truncated, oversized or non-image file fails here, not mid-run.
+        columns (`Mapping[str, str]`, *optional*): `data.columns`, moon-rl field -> the tables' column.
+        splits (`Mapping[str, str]`, *optional*): `data.splits`, moon-rl split -> the catalogue's split.
 
     Raises:
         `DataError`: `<folder>/file:line: field 'x': reason (id ...)` for the first problem found.
     """
     folder = resolve_catalogue_path(path, synthetic)
-    layout = find_layout(folder)
+    layout = find_layout(folder, columns=columns, splits=splits)
 
     def fail(problem: Problem) -> None:
-        raise DataError(str(replace(problem, file=str(layout.base_dir / problem.file))))
+        raise DataError(str(replace(problem, file=layout.where(problem.file))))
 
     return scan_catalogue(layout, fail, decode_images=decode_images, max_pixels=max_pixels)
 
 
 def load_recipe_catalogue(data: Any, path: str | Path | None = None, *, decode_images: bool = True) -> Catalogue:
-    """The catalogue a recipe's `data` section names (or `path` instead), with its `synthetic` options applied.
+    """The catalogue a recipe's `data` section names (or `path` instead), with its `synthetic` options, `columns` and
+    `splits` applied.
 
     Images are decoded once up front by default: the stages that call this (data, SFT, GRPO, eval) would otherwise
     meet a broken image only when a batch reaches it, after writing checkpoints (0.4 s for the default 600-product
     synthetic catalogue).
     """
     return load_catalogue(path or data.catalogue, synthetic=SynthOptions(**data.synthetic.model_dump()),
-                          decode_images=decode_images)
+                          decode_images=decode_images, columns=data.columns, splits=data.splits)

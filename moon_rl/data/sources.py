@@ -1,8 +1,10 @@
-"""Reading catalogue files: rows from JSONL / CSV / parquet / saved HF datasets, text lines, and images.
+"""Reading catalogue tables: rows from JSONL / CSV / parquet / saved HF datasets / `datasets` splits, text lines, and
+images.
 
 Every reader yields *all* rows, each carrying the problems found while reading it, so the same code serves the
 fail-fast loader (`load_catalogue` raises on the first problem) and the validator (which collects every problem).
-Rows come back as plain dicts in the JSONL shape; turning them into `Product` / `Pair` is the caller's job.
+Rows come back as plain dicts in the JSONL shape, columns renamed by the table's `ColumnMap` (`data.columns`) first;
+turning them into `Product` / `Pair` is the caller's job.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from moon_rl.data.columns import ColumnMap
 from moon_rl.errors import DataError
 
 __all__ = [
@@ -27,7 +30,9 @@ __all__ = [
     "TABLE_SUFFIXES",
     "Problem",
     "Row",
+    "Table",
     "iter_rows",
+    "table_rows",
     "iter_text_lines",
     "load_image",
     "resolve_image_path",
@@ -36,8 +41,8 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 40_000_000
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Columns whose CSV cells (and parquet/HF string cells) may hold JSON, per the catalogue format.
-JSON_COLUMNS = ("attributes", "images", "negatives", "anchor")
-_LIST_COLUMNS = ("images", "negatives")
+JSON_COLUMNS = ("attributes", "images", "negatives", "anchor", "positives", "relevance")
+_LIST_COLUMNS = ("images", "negatives", "positives", "relevance")
 _ID_RE = re.compile(r'"id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -67,12 +72,39 @@ class Problem:
 
 @dataclass
 class Row:
-    """A row as read from a file: `data` in the JSONL shape, or `errors` if it could not be read."""
+    """A row as read from a file: `data` in the JSONL shape, or `errors` if it could not be read.
+
+    `source` names the table the row came from when it differs from the one being read (the products of a `datasets`
+    dataset are read from all of its splits).
+    """
 
     line: int | None
     data: dict[str, Any] | None
     errors: list[tuple[str | None, str]] = field(default_factory=list)
     id_hint: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of a catalogue: a file or saved HF dataset folder, or the rows of a `datasets` split.
+
+    Args:
+        name (`str`): how problems name it: the file name (relative to the catalogue folder), or `<source>[<split>]`.
+        columns (`ColumnMap`, *optional*): how its columns become moon-rl fields (default: as they are).
+        path (`Path`, *optional*): the file or folder to read.
+        read (`Callable[[], Iterator[Row]]`, *optional*): the rows, for tables that are not files.
+    """
+
+    name: str
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    path: Path | None = None
+    read: Callable[[], Iterator[Row]] | None = field(default=None, compare=False)
+
+    @classmethod
+    def file(cls, path: Path, columns: ColumnMap | None = None) -> Table:
+        """The table of a file (or saved HF dataset folder), named by its file name."""
+        return cls(path.name, columns or ColumnMap(), path)
 
 
 def _utf8_error(exc: UnicodeDecodeError) -> str:
@@ -107,26 +139,36 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             yield number, text.strip(), None
 
 
-def iter_rows(path: Path) -> Iterator[Row]:
-    """Yield every row of a `.jsonl`, `.csv` or `.parquet` file or a saved HF dataset folder.
+def iter_rows(table: Path | Table) -> Iterator[Row]:
+    """Yield every row of a table: a `.jsonl`, `.csv` or `.parquet` file, a saved HF dataset folder, or a `Table`
+    (whose `ColumnMap` renames the columns first).
 
     Raises:
-        `DataError`: if the path is neither (callers check the layout first).
+        `DataError`: if the path is none of these (callers check the layout first).
     """
-    path = Path(path)
+    if not isinstance(table, Table):
+        table = Table.file(Path(table))
+    if table.read is not None:
+        yield from table.read()
+        return
+    path, columns = Path(str(table.path)), table.columns
     if path.is_dir():
-        yield from _iter_tabular(path, _read_hf_dir)
+        yield from _iter_tabular(path, _read_hf_dir, columns)
     elif path.suffix == ".jsonl":
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, columns)
     elif path.suffix == ".csv":
-        yield from _iter_csv(path)
+        yield from _iter_csv(path, columns)
     elif path.suffix == ".parquet":
-        yield from _iter_tabular(path, _read_parquet)
+        yield from _iter_tabular(path, _read_parquet, columns)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected one of {', '.join(TABLE_SUFFIXES)})")
 
 
-def _iter_jsonl(path: Path) -> Iterator[Row]:
+def _id_hint(data: dict[str, Any]) -> str | None:
+    return data.get("id") if isinstance(data.get("id"), str) else None
+
+
+def _iter_jsonl(path: Path, columns: ColumnMap) -> Iterator[Row]:
     for number, text, error in _decode_lines(path.read_bytes()):
         if error is not None:
             match = _ID_RE.search(text)
@@ -144,8 +186,8 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
         if not isinstance(data, dict):
             yield Row(number, None, [(None, f"expected a JSON object, got {type(data).__name__}")])
             continue
-        hint = data.get("id") if isinstance(data.get("id"), str) else None
-        yield Row(number, data, [], hint)
+        data = columns.apply(data)
+        yield Row(number, data, [], _id_hint(data))
 
 
 def _parse_json_cell(column: str, cell: str) -> tuple[Any, str | None]:
@@ -159,7 +201,7 @@ def _parse_json_cell(column: str, cell: str) -> tuple[Any, str | None]:
     return ([cell] if column in _LIST_COLUMNS else cell), None
 
 
-def _iter_csv(path: Path) -> Iterator[Row]:
+def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[Row]:
     lines = _decode_lines(path.read_bytes())
     bad = {number: error for number, _, error in lines if error is not None}
     # Undecodable lines are decoded lossily so the csv parser still finds row bounds; their rows are reported, not read.
@@ -175,7 +217,10 @@ def _iter_csv(path: Path) -> Iterator[Row]:
     if 1 in bad:
         yield Row(1, None, [(None, bad[1])])
         return
-    columns = [c.strip() for c in header]
+    names = [c.strip() for c in header]
+    if reason := columns.missing(names):
+        yield Row(1, None, [(None, reason)])
+        return
     while True:
         start = reader.line_num + 1
         try:
@@ -190,37 +235,42 @@ def _iter_csv(path: Path) -> Iterator[Row]:
             continue
         if not any(c.strip() for c in cells):
             continue
-        if len(cells) != len(columns):
-            yield Row(start, None, [(None, f"expected {len(columns)} cells (the header's), got {len(cells)}")])
+        if len(cells) != len(names):
+            yield Row(start, None, [(None, f"expected {len(names)} cells (the header's), got {len(cells)}")])
             continue
-        yield _csv_row(start, columns, cells)
+        yield _csv_row(start, columns, names, cells)
 
 
-def _csv_row(line: int, columns: list[str], cells: list[str]) -> Row:
+def _csv_row(line: int, columns: ColumnMap, names: list[str], cells: list[str]) -> Row:
+    required = {columns.column(name) for name in ("id", "title", "positive")}
+    # An empty cell is a missing optional value; required fields keep theirs, so that the error says "too short".
+    raw = {name: cell for name, cell in zip(names, cells, strict=True) if cell != "" or name in required}
     data: dict[str, Any] = {}
     errors: list[tuple[str | None, str]] = []
-    for column, cell in zip(columns, cells, strict=True):
-        if cell == "" and column not in ("id", "title", "positive"):
-            continue  # an empty cell is a missing optional value
-        if column in JSON_COLUMNS:
-            value, error = _parse_json_cell(column, cell)
+    for key, value in columns.apply(raw).items():
+        if key in JSON_COLUMNS and isinstance(value, str):
+            value, error = _parse_json_cell(key, value)
             if error:
-                errors.append((column, error))
+                errors.append((key, error))
                 continue
-            data[column] = value
-        else:
-            data[column] = cell
-    hint = data.get("id") if isinstance(data.get("id"), str) else None
-    return Row(line, None if errors else data, errors, hint)
+        data[key] = value
+    return Row(line, None if errors else data, errors, _id_hint(data))
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    table = pq.read_table(path)
+    return table.column_names, table.to_pylist()
 
 
-def _read_hf_dir(path: Path) -> list[dict[str, Any]]:
+def dataset_records(dataset: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """A `datasets.Dataset`'s column names and rows, with `Image` cells kept as `{bytes, path}` (not decoded)."""
+    # Arrow format skips decoding `Image` features into PIL: images stay {bytes, path} until asked for.
+    return list(dataset.column_names), dataset.with_format("arrow")[0 : len(dataset)].to_pylist()
+
+
+def _read_hf_dir(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -228,26 +278,45 @@ def _read_hf_dir(path: Path) -> list[dict[str, Any]]:
         if len(loaded) != 1:
             raise ValueError(f"expected one dataset, got a DatasetDict with splits {sorted(loaded)}")
         loaded = next(iter(loaded.values()))
-    # Arrow format skips decoding `Image` features into PIL: images stay {bytes, path} until asked for.
-    return loaded.with_format("arrow")[0 : len(loaded)].to_pylist()
+    return dataset_records(loaded)
 
 
-def _iter_tabular(path: Path, read: Any) -> Iterator[Row]:
+def _iter_tabular(path: Path, read: Any, columns: ColumnMap) -> Iterator[Row]:
     try:
-        records = read(path)
+        names, records = read(path)
     except Exception as exc:  # pyarrow / datasets raise many types for a corrupt file; all mean "unreadable"
         yield Row(None, None, [(None, f"cannot read {path.name}: {type(exc).__name__}: {exc}")])
         return
+    yield from table_rows(names, records, columns)
+
+
+def table_rows(names: list[str], records: Iterable[dict[str, Any]], columns: ColumnMap) -> Iterator[Row]:
+    """The rows of a parquet / arrow table (`names` are its columns), renamed by `columns` and in the JSONL shape.
+
+    A column the mapping needs and the table lacks is one problem for the whole table. A `flat` pairs table (a
+    `datasets` split) skips rows without a query: those rows only list their product.
+    """
+    if reason := columns.missing(names):
+        yield Row(None, None, [(None, reason)])
+        return
     for number, record in enumerate(records, start=1):
-        data, errors = _normalize_record(record)
-        hint = data.get("id") if isinstance(data.get("id"), str) else None
-        yield Row(number, None if errors else data, errors, hint)
+        mapped = columns.apply(record)
+        if columns.flat and columns.role == "pairs" and "anchor" not in mapped:
+            continue
+        data, errors = _normalize_record(mapped)
+        yield Row(number, None if errors else data, errors, _id_hint(data))
 
 
 def _normalize_image(item: Any) -> Any:
     # HF `Image` features store {"bytes": ..., "path": ...}; prefer the bytes, which need no file.
     if isinstance(item, dict) and ("bytes" in item or "path" in item):
         return item.get("bytes") or item.get("path")
+    if isinstance(item, Image.Image):  # rows built in Python (a `datasets` row read with decoding on)
+        buffer = io.BytesIO()
+        item.save(buffer, format=item.format if item.format in ("PNG", "JPEG", "WEBP") else "PNG")
+        return buffer.getvalue()
+    if isinstance(item, bytearray | memoryview):
+        return bytes(item)
     return item
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +19,13 @@ class ValidationReport:
     """What `validate_catalogue` found.
 
     Attributes:
-        path (`Path`): the catalogue that was checked.
+        path (`Path | str`): the catalogue that was checked (a Hub reference stays a string).
         problems (`list[Problem]`): every problem, in file order (products, galleries, then pairs by split).
         n_products (`int`): products that passed their row checks.
         n_pairs (`dict[str, int]`): pairs that passed their row checks, by split.
     """
 
-    path: Path
+    path: Path | str
     problems: list[Problem] = field(default_factory=list)
     n_products: int = 0
     n_pairs: dict[str, int] = field(default_factory=dict)
@@ -46,6 +47,8 @@ def validate_catalogue(
     *,
     synthetic: SynthOptions | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    columns: Mapping[str, str] | None = None,
+    splits: Mapping[str, str] | None = None,
 ) -> ValidationReport:
     """Check a catalogue completely and collect every problem (it never stops at the first).
 
@@ -54,16 +57,20 @@ def validate_catalogue(
     products, positives missing from an explicit gallery, and an empty catalogue.
 
     Args:
-        path (`str | Path`): a catalogue folder, a single products file, or `"builtin:synthetic"`.
+        path (`str | Path`): a catalogue folder, a single products file, a Hub dataset (`hf:owner/name`), a folder
+            `datasets` reads, or `"builtin:synthetic"`.
         synthetic (`SynthOptions`, *optional*): options of the builtin synthetic catalogue.
         max_pixels (`int`, *optional*, defaults to `40_000_000`): decompression-bomb limit.
+        columns (`Mapping[str, str]`, *optional*): `data.columns`, moon-rl field -> the tables' column; problems name
+            the tables' columns.
+        splits (`Mapping[str, str]`, *optional*): `data.splits`, moon-rl split -> the catalogue's split.
 
     Returns:
         `ValidationReport`: `report.ok` is True when nothing is wrong; print each of `report.problems` otherwise.
     """
     try:
         folder = resolve_catalogue_path(path, synthetic)
-        layout = find_layout(folder)
+        layout = find_layout(folder, columns=columns, splits=splits)
     except DataError as exc:
         return ValidationReport(Path(str(path)), [Problem(str(path), None, None, None, str(exc))])
     problems: list[Problem] = []

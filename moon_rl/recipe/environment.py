@@ -15,9 +15,9 @@ __all__ = ["catalogue_problems", "package_problems"]
 
 
 def catalogue_problems(recipe: Recipe) -> list[str]:
-    """A `data.catalogue` path that does not exist here (every stage reads it)."""
+    """A `data.catalogue` path that does not exist here (every stage reads it); a Hub dataset is checked on loading."""
     catalogue = recipe.data.catalogue
-    if not catalogue.startswith("builtin:") and not Path(catalogue).exists():
+    if not catalogue.startswith(("builtin:", "hf:")) and not Path(catalogue).exists():
         return [f"{recipe.blame('data.catalogue')}: 'data.catalogue' {catalogue!r} does not exist"]
     return []
 

@@ -173,7 +173,7 @@ def _resolve_paths(data: dict[str, Any], origins: Origins, folders: dict[str, Pa
     section = data.get("data")
     if isinstance(section, dict) and isinstance(section.get("catalogue"), str):
         catalogue = section["catalogue"]
-        if catalogue and not catalogue.startswith("builtin:"):
+        if catalogue and not catalogue.startswith(("builtin:", "hf:")):
             section["catalogue"] = absolute(catalogue, ("data", "catalogue"))
     grpo = data.get("grpo")
     rewards = grpo.get("rewards") if isinstance(grpo, dict) else None

@@ -174,9 +174,16 @@ class SyntheticSpec(_Section):
 
 
 class DataSpec(_Section):
-    """Catalogue and pairs."""
+    """Catalogue and pairs.
+
+    `catalogue` is a folder or file, `builtin:synthetic`, or a Hub dataset `hf:owner/name[:config][@revision]`.
+    `columns` maps moon-rl fields to the catalogue's column names (`{id: sku, title: name, image: img}`), `splits`
+    moon-rl split names to the catalogue's (`{test: validation}`; when set, only the splits it lists are read).
+    """
 
     catalogue: str = Field(default="builtin:synthetic", min_length=1)
+    columns: dict[str, str] = Field(default_factory=dict)
+    splits: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
     train_split: str = Field(default="train", min_length=1)
     test_split: str = Field(default="test", min_length=1)
@@ -190,6 +197,27 @@ class DataSpec(_Section):
     def _known_builtin(cls, value: str) -> str:
         if value.startswith("builtin:") and value not in BUILTIN_CATALOGUES:
             raise ValueError(f"{value!r} is not a built-in catalogue; built-ins: {BUILTIN_CATALOGUES}")
+        if value.startswith("hf:"):
+            from moon_rl.data.hub import parse_hub_ref  # the data layer, imported only when needed (import time)
+
+            parse_hub_ref(value)  # its ValueError names the accepted forms
+        return value
+
+    @_field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        if value:
+            from moon_rl.data.columns import column_map_problems
+
+            if problems := column_map_problems(value):
+                raise ValueError("; ".join(problems))
+        return value
+
+    @_field_validator("splits")
+    @classmethod
+    def _split_names(cls, value: dict[str, str]) -> dict[str, str]:
+        if "" in value:
+            raise ValueError("a moon-rl split name is empty")
         return value
 
 
