@@ -217,7 +217,7 @@ def test_batch_order_key_needs_no_image_and_matches_the_item():
 
 
 def test_shared_image_features_encode_each_distinct_image_once(full_embedder):
-    from moon_rl.modeling.shared_images import shared_image_features
+    from moon_rl.modeling.shared_images import ImageFeatureCache, shared_image_features
     from moon_rl.modeling.taps import backbone_of
 
     randomise_heads(full_embedder)
@@ -226,18 +226,29 @@ def test_shared_image_features_encode_each_distinct_image_once(full_embedder):
              EmbedItem(text="Title: b", images=[blue, red], kind="product"),
              EmbedItem(text="Title: a", images=[red], kind="product"), EmbedItem(text="no image")]
     batch = full_embedder.prepare(items)
-    seen: list[int] = []
-    handle = backbone_of(full_embedder.model).visual.register_forward_hook(
-        lambda module, args, kwargs, out: seen.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    grid = batch["image_grid_thw"].prod(-1).tolist()  # patches per image occurrence: red, blue, red, red
+    encoded: list[int] = []  # patch rows entering the tower's patch embedding, per call
+    visual = backbone_of(full_embedder.model).visual
+    handle = visual.patch_embed.register_forward_hook(lambda module, args, out: encoded.append(out.shape[0]))
+    cache = ImageFeatureCache()
     try:
         with torch.no_grad():
             plain = full_embedder(batch)
             with shared_image_features(full_embedder.model):
                 shared = full_embedder(batch)
+            with shared_image_features(full_embedder.model, cache):
+                first = full_embedder(batch)
+                again = full_embedder(full_embedder.prepare(items[2:]))  # red only: served from the cache
+        with torch.enable_grad(), shared_image_features(full_embedder.model, cache):
+            full_embedder(full_embedder.prepare(items[:1]))  # a gradient wants a graph: encoded again
     finally:
         handle.remove()
-    assert seen == [4, 2]  # four image occurrences, two distinct images
+    assert encoded == [sum(grid), grid[0] + grid[1], grid[0] + grid[1], grid[0]]
+    assert (cache.encoded, cache.reused) == (2, 2 + 1)
+    assert "forward" not in vars(visual)  # the block leaves the tower as it found it
     torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-5)  # fusion and FIRE saw the same features
+    torch.testing.assert_close(first, plain, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again, plain[2:], atol=1e-5, rtol=1e-4)
 
 
 def test_full_weight_folder_is_a_complete_hf_model_folder(tmp_path, full_embedder):

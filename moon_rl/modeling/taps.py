@@ -16,10 +16,10 @@ The hook contract (three owners put hooks on the same modules; this is the order
 1. `BackboneTaps` (this module) installs its hooks once, when `MoonEmbedder` wraps the model: backbone pre/post hooks,
    token-embedding and vision-tower forward hooks (read only), and FIRE's pre-hooks on the decoder layers (they
    change each layer's input).
-2. `shared_images.shared_image_features` installs, only inside its block, a vision-tower pre-hook (one copy of each
-   distinct image goes in) and a forward hook registered with `prepend=True` that copies the features back to every
-   occurrence *in place of* the tower's output. Prepended, it runs before `_on_visual` here, so the taps (and FIRE,
-   which reads `record.visual`) see one feature row per image occurrence, as without sharing
+2. `shared_images.shared_image_features` replaces the vision tower's `forward`, only inside its block: one copy of
+   each distinct image goes in (or none, when its features are cached) and the features come back copied to every
+   occurrence. Hooks wrap `forward`, so `_on_visual` here still runs after it and the taps (and FIRE, which reads
+   `record.visual`) see one feature row per image occurrence, as without sharing
    (`tests/test_shared_prompts.py::test_taps_see_every_image_occurrence_when_images_are_shared`).
 3. `shared_prompts.embed_completions` calls the backbone itself (prompt, then completions on its KV cache) inside
    `shared_image_features`; FIRE's pre-hook skips the decoding calls, which hold no image tokens.

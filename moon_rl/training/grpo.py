@@ -46,6 +46,7 @@ from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder, eval_mode
 from moon_rl.modeling.folder import FINAL_DIR, is_model_folder
 from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_prompts
+from moon_rl.modeling.shared_images import ImageFeatureCache, shared_image_features
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
 from moon_rl.recipe import Recipe
@@ -298,7 +299,9 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
                 if row["product_id"] not in decoded:
                     decoded[row["product_id"]] = self.product_images(row["product_id"])
             inputs = [{**row, "images": decoded[row["product_id"]]} for row in inputs]
-        with self._fsdp_autocast():
+        # Generation's prefill encodes each distinct product image once, and the reward forward reuses those features
+        # (same weights, no gradient) instead of encoding the images again.
+        with self._fsdp_autocast(), shared_image_features(self.model, ImageFeatureCache()):
             output = super()._generate_and_score_completions(inputs)
         if output.get("importance_sampling_ratio") is not None:  # vLLM sampled, TRL corrects: say what it cost
             name, share = importance_sampling_share(
