@@ -421,13 +421,15 @@ def embed(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <output_dir>/embed).")] = None,
     mode: Annotated[str | None, typer.Option(help="direct (fast) or reason (generate first).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable products instead of stopping.")] = False,
+    dim: Annotated[int | None, typer.Option("--dim", min=1, help="Keep the first DIM values of each vector "
+                                            "(a Matryoshka size; default: embed.dim, else the full size).")] = None,
     set_: SetOption = None,
 ) -> None:
     """Embed a catalogue into embeddings.parquet + a FAISS index."""
     from moon_rl.inference.pipeline import run_embed
 
     summary = run_embed(_load(recipe, set_), model_dir=model, catalogue=catalogue, out=out, mode=mode,
-                        skip_bad=skip_bad)
+                        skip_bad=skip_bad, dim=dim)
     _result(summary.summary())
 
 

@@ -44,14 +44,14 @@ from moon_rl.modeling.heads import MoonHeads  # noqa: E402
 from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item, tokenize_prompts  # noqa: E402
 from moon_rl.modeling.loading import load_backbone  # noqa: E402
 from moon_rl.modeling.taps import backbone_of  # noqa: E402
+from moon_rl.recipe.schema import HeadsSpec  # noqa: E402
 
 
 def model_spec(size: str, embed_dim: int) -> Any:
     """A recipe-like `model` section: builtin backbone, full weights (no LoRA), fusion + FIRE heads on."""
     return NS(name_or_path="builtin:tiny-vl", builtin_size=size, dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=None, image_min_pixels=56 * 56,
-              image_max_pixels=112 * 112, heads=NS(embed_dim=embed_dim, fusion=NS(enabled=True, num_heads=4),
-                                                   fire=NS(enabled=True, layers=None, rank=8)))
+              image_max_pixels=112 * 112, heads=HeadsSpec(embed_dim=embed_dim))  # the recipe's own heads section
 
 
 def build(size: str, embed_dim: int) -> tuple[MoonEmbedder, torch.nn.Module]:

@@ -30,7 +30,8 @@ def embedder() -> MoonEmbedder:
     spec = NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=None, image_min_pixels=56 * 56,
               image_max_pixels=112 * 112,
-              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True), fire=NS(enabled=True, layers=None, rank=8)))
+              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True),
+                       fire=NS(enabled=True, layers=None, rank=8), matryoshka_dims=None))
     model, processor = load_backbone(spec)
     return MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)),
                         meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"})
@@ -91,6 +92,25 @@ def test_search_text_query(embedded, embedder):
     lines = format_results(results).splitlines()
     assert len(lines) == 4 and lines[1].split()[0] == "1" and lines[1].split()[1] == results[0][0]
     assert f"{results[0][1]:.4f}" in lines[1]
+
+
+def test_embed_at_a_matryoshka_size_and_search_it(tmp_path, embedded, embedder, catalogue, caplog):
+    """`embed --dim 16`: the index, parquet and manifest hold the renormalised 16-value prefixes; search cuts the
+    query to the index's size, so it finds what a search over truncated full vectors finds."""
+    out = tmp_path / "index16"
+    with caplog.at_level("WARNING"):
+        embed_catalogue(embedder, catalogue, out, batch_size=8, show_progress=False, dim=16)
+    assert "was trained for [64]" in caplog.text  # this model has no Matryoshka sizes: allowed, with a warning
+    full = np.asarray(pq.read_table(embedded / "embeddings.parquet").column("vector").to_pylist(), dtype=np.float32)
+    cut = np.asarray(pq.read_table(out / "embeddings.parquet").column("vector").to_pylist(), dtype=np.float32)
+    prefix = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    np.testing.assert_allclose(cut, prefix, atol=1e-5)
+    assert json.loads((out / "embed.json").read_text())["dim"] == 16 and EmbeddingIndex.load(out).dim == 16
+    query = embedder.encode([{"text": "red striped cotton shirt"}], dim=16)
+    hits = search(out, text="red striped cotton shirt", image=None, k=3, embedder=embedder)
+    assert hits == EmbeddingIndex.load(out).search_vectors(query, k=3)[0]
+    with pytest.raises(MoonError, match="between 1 and the model's embedding size 64"):
+        embed_catalogue(embedder, catalogue, tmp_path / "too-big", show_progress=False, dim=65)
 
 
 def test_search_errors(tmp_path, embedded, embedder):

@@ -117,6 +117,26 @@ def test_report_folder_holds_tables_metrics_and_real_plots(tmp_path):
 
 
 
+def test_matryoshka_results_get_a_table_and_a_plot_of_recall_against_size(tmp_path):
+    from moon_rl.evaluation.report import dims_table
+
+    def at(r1: float) -> dict:
+        return {"text->product": {"recall@1": r1, "mrr@10": r1}, "image->product": {"recall@1": r1 / 2, "mrr@10": 0.1}}
+
+    model = {"direct": at(0.8), "gallery_size": 10, "n_queries": {"text->product": 5}, "split": "test",
+             "dims": {"direct": {"256": at(0.8), "64": at(0.75), "32": at(0.6)}}}
+    plain = {"direct": at(0.7), "gallery_size": 10, "n_queries": {"text->product": 5}, "split": "test"}
+    summary = {"split": "test", "results": {"sft": model, "untrained": plain}, "table": "|", "text_only": None}
+    table = dims_table(summary["results"])
+    assert table.splitlines()[0] == "| model | mode | dim | text->product R@1 | image->product R@1 |"
+    assert "| sft | direct | 64 | 0.750 | 0.375 |" in table and "untrained" not in table
+    assert dims_table({"untrained": plain}) is None
+    text = write_report(tmp_path / "eval", summary, run_dir=None, models={"sft": "x"}).read_text()
+    assert "## Embedding size (Matryoshka)" in text and "![recall_by_dim](recall_by_dim.png)" in text
+    image = Image.open(tmp_path / "eval" / "recall_by_dim.png")
+    assert image.size[0] > 400 and len(set(image.convert("L").getdata())) > 10
+
+
 def _chain_result(colour: tuple[float, float], material: tuple[float, float] | None) -> dict:
     metrics = {"recall@1": 0.5, "mrr@10": 0.5}
     chains = {"colour": {"right": colour[0], "wrong": colour[1], "chance": 0.375, "n": 3}}

@@ -100,6 +100,28 @@ def test_several_positives_mask_each_direction_by_hand():
         info_nce(a, p, temperature=TAU, relevant_ids=relevant)
 
 
+def test_matryoshka_loss_is_the_mean_of_info_nce_over_renormalised_prefixes():
+    from moon_rl.training.losses import matryoshka_info_nce
+
+    a, p = _unit(6, 16, seed=5), _unit(6, 16, seed=6)
+    hard = F.normalize(torch.randn(6, 2, 16, generator=torch.Generator().manual_seed(7)), dim=-1)
+    a.requires_grad_(True)
+    out = matryoshka_info_nce(a, p, [16, 8, 4], temperature=TAU, hard_negatives=hard, positive_ids=list("abcdea"))
+    parts = [info_nce(F.normalize(a[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), temperature=TAU,
+                      hard_negatives=F.normalize(hard[..., :d], dim=-1), positive_ids=list("abcdea"))
+             for d in (16, 8, 4)]
+    assert out.loss.item() == pytest.approx(sum(x.loss.item() for x in parts) / 3, rel=1e-9)
+    assert out.accuracy == parts[0].accuracy
+    torch.testing.assert_close(out.logits, parts[0].logits, atol=1e-5, rtol=1e-6)
+    # The prefixes are trained: the first 4 values get gradient from every term, the last 8 from the full one only.
+    (grad,) = torch.autograd.grad(out.loss, a)
+    assert grad[:, 8:].abs().sum() > 0 and grad[:, :4].abs().sum() > grad[:, 8:].abs().sum()
+    # One size, the full width: exactly info_nce.
+    assert matryoshka_info_nce(a, p, [16], temperature=TAU).loss.item() == info_nce(a, p, temperature=TAU).loss.item()
+    with pytest.raises(ValueError, match="must be non-empty sizes in"):
+        matryoshka_info_nce(a, p, [32], temperature=TAU)
+
+
 def test_hard_negatives_add_columns_and_raise_the_loss():
     b, k = 5, 3
     v = _unit(1, 8).expand(b, 8)

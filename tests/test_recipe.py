@@ -368,3 +368,14 @@ def test_the_teacher_demo_differs_from_tiny_cpu_only_where_it_says():
     assert changed == {"output_dir", "data.synthetic.trace_errors", "grpo.learning_rate", "grpo.heads_learning_rate",
                        "grpo.max_steps", "grpo.save_steps"}, changed
     assert teacher["data.synthetic.trace_errors"] == 0.3 and teacher["grpo.max_steps"] == 480
+
+
+def test_matryoshka_dims_are_sorted_unique_and_fit_the_embedding(tmp_path):
+    recipe = load_recipe(TINY, ["model.heads.matryoshka_dims=[32, 128, 64]"])
+    assert recipe.model.heads.matryoshka_dims == [128, 64, 32]
+    with pytest.raises(RecipeError, match="must not exceed embed_dim 256"):
+        load_recipe(TINY, ["model.heads.matryoshka_dims=[512, 64]"])
+    with pytest.raises(RecipeError, match="matryoshka_dims"):
+        load_recipe(TINY, ["model.heads.matryoshka_dims=[64, 64]"])
+    with pytest.raises(RecipeError, match="embed.dim"):
+        load_recipe(TINY, ["embed.dim=0"])

@@ -287,6 +287,35 @@ def test_build_tasks_with_several_graded_positives():
         build_retrieval_tasks(_catalogue([Pair(anchor="b", positives=["a", "b"])], ["a", "b"]), "test")
 
 
+def test_evaluate_scores_every_matryoshka_size_on_truncated_queries_and_gallery(small_catalogue):
+    """`dims`: each size's metrics are the retrieval of renormalised prefixes (queries and gallery alike); the full size
+    is the main result."""
+    rng = np.random.default_rng(3)
+
+    class Fixed:  # one fixed random vector per record, whatever the mode
+        def encode(self, records, mode="direct", batch_size=32, load_image=None, show_progress=False,
+                   return_completions=False):
+            vecs = unit(np.stack([rng_table(repr(getattr(r, "id", None) or r)) for r in records]))
+            return (vecs, [""] * len(records)) if return_completions else vecs
+
+    table: dict[str, np.ndarray] = {}
+
+    def rng_table(key: str) -> np.ndarray:
+        return table.setdefault(key, rng.normal(size=32))
+
+    result = evaluate_embedder(Fixed(), small_catalogue, "test", zero_shot=False, dims=[8])
+    assert set(result["dims"]["direct"]) == {"32", "8"}
+    assert result["dims"]["direct"]["32"] == result["direct"]
+    tasks = build_retrieval_tasks(small_catalogue, "test")
+    gallery = [small_catalogue.products[pid] for pid in small_catalogue.gallery("test")]
+    g = unit(np.stack([table[repr(p.id)] for p in gallery])[:, :8])
+    for task in tasks:
+        q = unit(np.stack([table[repr(getattr(x, "id", None) or x)] for x in task.queries])[:, :8])
+        expected = retrieval_metrics(q, g, task.relevant, exclude=task.exclude)
+        assert result["dims"]["direct"]["8"][task.name] == pytest.approx(expected)
+    assert result["dims"]["direct"]["8"] != result["direct"]  # 8 of 32 random values rank differently
+
+
 # ----------------------------------------------------------------------------------------------------- embedder
 def test_evaluate_untrained_embedder(small_catalogue):
     from moon_rl.modeling.embedder import MoonEmbedder

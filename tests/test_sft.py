@@ -270,7 +270,7 @@ def test_a_pair_with_several_positives_trains_each_and_masks_the_others(tmp_path
     layout = collator([{"pair": 0}, {"pair": 1}, {"pair": 2}])["moon"]
     assert layout["positive_ids"] == [a, b, c] and layout["relevant_ids"] == [(a, b), (a, b), (c,)]
     seen = []
-    original = sft_module.info_nce
+    original = sft_module.matryoshka_info_nce
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("relevant_ids"))
@@ -278,11 +278,11 @@ def test_a_pair_with_several_positives_trains_each_and_masks_the_others(tmp_path
 
     embeddings = torch.nn.functional.normalize(torch.randn(9, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     args = SimpleNamespace(contrastive_temperature=0.05, image_contrastive_weight=1.0, direct_contrastive_weight=1.0)
-    sft_module.info_nce = spy
+    sft_module.matryoshka_info_nce = spy
     try:
-        MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args), embeddings, layout)
+        MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args, contrastive_dims=[8]), embeddings, layout)
     finally:
-        sft_module.info_nce = original
+        sft_module.matryoshka_info_nce = original
     assert seen == [[(a, b), (a, b), (c,)]] * 2  # the reason and the direct term
     # Single-positive catalogues pass none (no extra gathers).
     catalogue.pairs["train"] = [Pair(anchor=Query(text="x"), positive=c)]
@@ -303,7 +303,8 @@ def test_the_reason_term_ranks_the_true_chain_above_the_altered_one():
               "negative_mask": torch.ones(n, k, dtype=torch.bool), "image_only": torch.zeros(n, dtype=torch.bool),
               "positive_ids": ["a", "b", "c"], "chain_negative_mask": torch.tensor([True, False, True])}
     args = SimpleNamespace(contrastive_temperature=0.05, image_contrastive_weight=1.0, direct_contrastive_weight=0.0)
-    total, metrics = MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args), embeddings, layout)
+    total, metrics = MoonSFTTrainer._contrastive_loss(SimpleNamespace(args=args, contrastive_dims=[d]), embeddings,
+                                                      layout)
     reason, anchor, altered = embeddings[:n], embeddings[n:2 * n], embeddings[(3 + k) * n:]
     expected = info_nce(anchor, reason, temperature=0.05, positive_ids=["a", "b", "c"], hard_negatives=altered[:, None],
                         hard_negative_mask=torch.tensor([[True], [False], [True]]))
@@ -401,6 +402,7 @@ def test_sft_learns_to_retrieve_the_paired_product(tmp_path):
 def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
     """The benches build their trainers with these builders; a setting dropped here (as the benches' copies had dropped
     the pair products, trace options and reward files) would train something other than `moon-rl sft/grpo`."""
+    from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.training.grpo import build_grpo_trainer
     from moon_rl.training.sft import build_sft_trainer
 
@@ -408,8 +410,11 @@ def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
                           "model.heads.learning_rate=0.002", "data.prompt_cache_mb=7", "grpo.heads_learning_rate=0.004",
                           "grpo.rewards=[{name: retrieval_rank, weight: 0.7}, {name: format, weight: 0.3}]",
                           "grpo.per_device_train_batch_size=8", "grpo.num_generations=2", "grpo.bf16=false",
-                          "grpo.use_cpu=true", "grpo.report_to=none")
+                          "grpo.use_cpu=true", "grpo.report_to=none", "model.heads.matryoshka_dims=[8, 16]")
     sft = build_sft_trainer(recipe)
+    assert sft.contrastive_dims == [32, 16, 8]  # the full size, then the Matryoshka prefixes
+    saved = MoonEmbedder.load(sft.embedder.save(tmp_path / "saved"))
+    assert saved.heads.config.matryoshka_dims == [16, 8]
     collator = sft.data_collator
     assert (collator.value_token_weight, collator.photo_traces, collator.trace_noise) == (3.0, True, 0.3)
     assert collator.hard_negatives == 1 and collator._prompts.max_bytes == 7 * 2**20
@@ -425,3 +430,4 @@ def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
     assert [f.__name__ for f in grpo.reward_funcs] == ["retrieval_rank", "format"]
     assert grpo.reward_weights.tolist() == pytest.approx([0.7, 0.3])
     assert grpo.heads_optimizer.learning_rate == 0.004
+    assert grpo.contrastive_dims == [32, 16, 8]

@@ -63,16 +63,19 @@ ST_SCRIPT = textwrap.dedent("""
             model.save(f"{work}/resaved")
             again = SentenceTransformer(f"{work}/resaved", trust_remote_code=True, device="cpu")
             out["resaved/query"] = again.encode(queries)
+            cut = SentenceTransformer(f"{work}/{name}", trust_remote_code=True, device="cpu", truncate_dim=16)
+            out["full/query16"] = cut.encode(queries, batch_size=2)
     assert "moon_rl" not in sys.modules
     np.savez(f"{work}/st.npz", **out)
 """)
 
 
-def _spec(lora=None) -> NS:
+def _spec(lora=None, matryoshka_dims=None) -> NS:
     return NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=lora, image_min_pixels=56 * 56,
               image_max_pixels=112 * 112,
-              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True), fire=NS(enabled=True, layers=None, rank=8)))
+              heads=NS(embed_dim=64, fusion=NS(enabled=True, num_heads=4, chain=True),
+                       fire=NS(enabled=True, layers=None, rank=8), matryoshka_dims=matryoshka_dims))
 
 
 def _saved_embedder(folder: Path, spec: NS, seed: int) -> Path:
@@ -100,12 +103,13 @@ def exported(tmp_path_factory) -> dict:
         image_paths.append(str(path))
     images = [Image.open(p) for p in image_paths]
     reference = {}
-    for name, spec, seed in [("full", _spec(), 1), ("adapter", _spec(LORA), 2)]:
+    for name, spec, seed in [("full", _spec(matryoshka_dims=[32, 16]), 1), ("adapter", _spec(LORA), 2)]:
         saved = _saved_embedder(work / f"{name}-src", spec, seed)
         export_sentence_transformers(saved, work / name, model_spec=spec)
         embedder = MoonEmbedder.load(saved, model_spec=spec)
         queries = [TEXTS[0], images[0], {"text": TEXTS[1], "image": images[1]}, TEXTS[1], images[1]]
         reference[f"{name}/query"] = embedder.encode(queries, mode="direct")
+        reference[f"{name}/query16"] = embedder.encode(queries, mode="direct", dim=16)
         documents = [EmbedItem(text=TEXTS[0], images=[images[0].convert("RGB")], kind="product"),
                      EmbedItem(text=TEXTS[1], kind="product")]
         reference[f"{name}/document"] = embedder.encode(documents, mode="direct")
@@ -126,6 +130,16 @@ def test_st_matches_moon_embedder(exported, name, task):
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 1e-5
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_truncate_dim_gives_the_matryoshka_prefix(exported):
+    """sentence-transformers' `truncate_dim` keeps the prefix moon-rl's `encode(dim=16)` gives (ST does not
+    renormalise; cosine similarity does), and the model card says how."""
+    got, ref = exported["st"]["full/query16"], exported["reference"]["full/query16"]
+    assert got.shape == ref.shape == (5, 16)
+    np.testing.assert_allclose(got / np.linalg.norm(got, axis=1, keepdims=True), ref, atol=1e-5)
+    assert "truncate_dim=16" in (exported["work"] / "full" / "README.md").read_text()
+    assert "Matryoshka" not in (exported["work"] / "adapter" / "README.md").read_text()
 
 
 def test_heads_and_lora_matter(exported):

@@ -110,6 +110,34 @@ def recall_curves(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
         plt.close(fig)
 
 
+def recall_by_dim(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], path: Path) -> Path | None:
+    """Recall@1 against the embedding size (log scale), one panel per task, one line per (model, mode) that has
+    Matryoshka results (`evaluate_embedder(dims=...)`); None when none has."""
+    series = [(f"{model} ({mode})", per_dim) for model, r in results.items()
+              for mode, per_dim in (r.get("dims") or {}).items()]
+    tasks = [t for t in tasks if any(t in per_task for _, per_dim in series for per_task in per_dim.values())]
+    if not series or not tasks:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for label, per_dim in series:
+            points = sorted((int(d), (per_task.get(task) or {}).get("recall@1")) for d, per_task in per_dim.items())
+            points = [(d, v) for d, v in points if v is not None]
+            if points:
+                ax.plot([d for d, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set(title=task, xlabel="embedding size", ylabel="Recall@1", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Test split: Recall@1 against the embedding size (Matryoshka)")
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _matching(keys: Sequence[str], pattern: str) -> list[str]:
     if pattern.startswith("re:"):
         rx = re.compile(pattern[3:])

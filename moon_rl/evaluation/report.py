@@ -51,7 +51,7 @@ def evaluation_summary(
     for name, model in trained.items():
         logger.info("evaluating %s (%s)", name, ", ".join(spec.modes))
         results[name] = evaluate_embedder(model, catalogue, split, spec.modes, ks, spec.batch_size,
-                                          faithfulness=spec.faithfulness)
+                                          faithfulness=spec.faithfulness, dims=model.heads.config.matryoshka_dims)
     if "untrained" in spec.baselines:
         logger.info("evaluating the untrained backbone")
         baseline = baseline_embedder or MoonEmbedder.from_recipe(recipe)
@@ -122,6 +122,18 @@ def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     return markdown_table(header, rows)
 
 
+def dims_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Matryoshka models: Recall@1 of each task at each embedding size (`embed --dim`), per model and mode."""
+    entries = [(model, mode, per_dim) for model, r in results.items() for mode, per_dim in (r.get("dims") or {}).items()]
+    if not entries:
+        return None
+    tasks = [t for t in TASKS if any(t in per_task for _, _, per_dim in entries for per_task in per_dim.values())]
+    header = ["model", "mode", "dim", *[f"{t} R@1" for t in tasks]]
+    rows = [[model, mode, dim, *[_cell((per_task.get(t) or {}).get("recall@1")) for t in tasks]]
+            for model, mode, per_dim in entries for dim, per_task in per_dim.items()]
+    return markdown_table(header, rows)
+
+
 def chain_attribute_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     """Reason mode: per attribute, the share of greedy chains naming the right / a wrong value; a chance row last.
 
@@ -145,13 +157,14 @@ def chain_attribute_table(results: Mapping[str, Mapping[str, Any]]) -> str | Non
 # ------------------------------------------------------------------------------------------------------------ report
 def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None, models: Mapping[str, str]) -> Path:
     """`report.md`, `metrics.json` and the PNG plots of an evaluation `summary` into `out`; returns report.md."""
-    from moon_rl.evaluation.plots import recall_curves, stage_training_curves
+    from moon_rl.evaluation.plots import recall_by_dim, recall_curves, stage_training_curves
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = summary["results"]
     atomic_write_text(out / "metrics.json", json.dumps({**summary, "models": dict(models)}, indent=2))
-    plots = [p for p in [recall_curves(results, TASKS, out / "recall_at_k.png")] if p is not None]
+    plots = [p for p in [recall_curves(results, TASKS, out / "recall_at_k.png"),
+                         recall_by_dim(results, TASKS, out / "recall_by_dim.png")] if p is not None]
     if run_dir is not None:
         plots += stage_training_curves(run_dir, out)
     first = next(iter(results.values()))
@@ -174,6 +187,11 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
                   "direct): greedy reasoning against no reasoning; swapped: every product read out after another "
                   "product's reasoning. Values near 1 and no drop when swapped mean the embedding ignores the "
                   "reasoning. Reported, not judged.", "", table, ""]
+    if (table := dims_table(results)) is not None:
+        lines += ["## Embedding size (Matryoshka)", "",
+                  "Recall@1 with queries and gallery cut to the first `dim` values of each vector and renormalised, as "
+                  "`moon-rl embed --dim` indexes them; the model trained these sizes (`model.heads.matryoshka_dims`).",
+                  "", table, ""]
     if (table := chain_attribute_table(results)) is not None:
         lines += ["## Chain attribute accuracy (reason mode)", "",
                   "Share of the gallery products' greedy reasoning chains that name the product's own value of each "

@@ -30,6 +30,7 @@ from moon_rl.data.records import Product, Query
 from moon_rl.errors import DataError
 from moon_rl.evaluation.faithfulness import faithfulness as measure_faithfulness
 from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
+from moon_rl.modeling.matryoshka import truncate
 
 __all__ = [
     "TASKS",
@@ -52,7 +53,7 @@ TASKS: tuple[str, ...] = ("text->product", "image->product", "multimodal->produc
 RANK_CUTOFF = 10
 #: Keys of an `evaluate_embedder` result that are not modes.
 RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples",
-                              "zero_shot", "faithfulness", "chain_attributes"})
+                              "zero_shot", "faithfulness", "chain_attributes", "dims"})
 # Scores are computed this many queries at a time, so a large gallery never needs a full (queries x gallery) matrix.
 _QUERY_CHUNK = 1024
 
@@ -387,7 +388,7 @@ def well_formed_rate(traces: Sequence[str]) -> float:
 def evaluate_embedder(
     embedder: Any, catalogue: Catalogue, split: str = "test", modes: Sequence[str] = ("direct",),
     ks: Sequence[int] = (1, 5, 10), batch_size: int = 32, show_progress: bool = False, *, zero_shot: bool = True,
-    faithfulness: bool = False,
+    faithfulness: bool = False, dims: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Retrieval metrics of an embedder on every task of a split, for each gallery embedding mode.
 
@@ -407,6 +408,8 @@ def evaluate_embedder(
             attributes zero-shot (evaluation/zero_shot.py), per mode, when the catalogue has them.
         faithfulness (`bool`, *optional*, defaults to `False`): with the `reason` mode, also measure how much the
             embeddings depend on the reasoning (evaluation/faithfulness.py; samples two more chains per product).
+        dims (`Sequence[int]`, *optional*): Matryoshka sizes to score besides the full one: queries and gallery cut to
+            the first `d` values (renormalised), as `embed --dim d` indexes them.
 
     Returns:
         `dict`: `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each mode, plus
@@ -415,7 +418,8 @@ def evaluate_embedder(
         ..., "attributes": ...}}`; with `faithfulness`, `"faithfulness"` (see `faithfulness.faithfulness`); with the
         `reason` mode and products with attributes, `"chain_attributes"`: `{attribute: {"right", "wrong", "chance",
         "n"}}`, the share of the gallery's greedy chains naming the product's value, another value of the attribute,
-        and chance, over the whole catalogue's values (see `moon_rl.data.chains.chain_attribute_accuracy`).
+        and chance, over the whole catalogue's values (see `moon_rl.data.chains.chain_attribute_accuracy`); with
+        `dims`, `"dims"`: `{mode: {str(d): {task: metrics}}}` for every size, the full one included.
 
     Raises:
         `DataError`: see `build_retrieval_tasks`.
@@ -435,9 +439,11 @@ def evaluate_embedder(
     def encode_text(texts: list[str]) -> np.ndarray:
         return embedder.encode(texts, mode="direct", batch_size=batch_size)
 
-    def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int]) -> dict[str, dict[str, float]]:
+    def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int], dim: int | None = None
+                     ) -> dict[str, dict[str, float]]:
+        queries, gallery = truncate(query_vecs, dim), truncate(gallery_vecs, dim)
         return {
-            task.name: retrieval_metrics(query_vecs[bounds[i]:bounds[i + 1]], gallery_vecs, task.relevant, cutoffs,
+            task.name: retrieval_metrics(queries[bounds[i]:bounds[i + 1]], gallery, task.relevant, cutoffs,
                                          exclude=task.exclude)
             for i, task in enumerate(tasks)
         }
@@ -458,6 +464,11 @@ def evaluate_embedder(
             if chains := _chain_attributes(traces, gallery_products, catalogue):
                 results["chain_attributes"] = chains
         results[mode] = task_metrics(gallery_vecs, ks)
+        if dims:
+            full = gallery_vecs.shape[1]
+            results.setdefault("dims", {})[mode] = {
+                str(d): results[mode] if d == full else task_metrics(gallery_vecs, ks, d)
+                for d in sorted({full, *dims}, reverse=True)}
         if space:
             results.setdefault("zero_shot", {})[mode] = zero_shot_tasks(gallery_products, gallery_vecs, space,
                                                                           encode_text)

@@ -29,6 +29,7 @@ from moon_rl.data.catalogue import Catalogue, load_recipe_catalogue
 from moon_rl.errors import DataError, MoonError
 from moon_rl.modeling.embedder import MODES, MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item
+from moon_rl.modeling.matryoshka import check_dim
 from moon_rl.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _loaded_batches(
 
 def _embed_rows(
     embedder: MoonEmbedder, catalogue: Catalogue, *, mode: str, batch_size: int, skip_bad: bool, show_progress: bool,
+    dim: int | None = None,
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Ids, (N, D) float32 L2-normalised vectors and skipped rows, in length-sorted order."""
     skipped: list[tuple[str, str]] = []
@@ -129,12 +131,12 @@ def _embed_rows(
         # while only one batch of images is decoded at a time. Prefetching the next batch in a thread was measured
         # slower on a 2-core CPU (it competes with torch's threads), so the loop stays sequential.
         for items in _loaded_batches(embedder, catalogue, batch_size, skip_bad, skipped):
-            on_batch(items, embedder.encode(items, mode=mode, batch_size=len(items)))
+            on_batch(items, embedder.encode(items, mode=mode, batch_size=len(items), dim=dim))
         bar.update(len(ids) + len(skipped) - bar.n)
     finally:
         bar.close()
-    dim = embedder.heads.config.embed_dim
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
+    width = dim or embedder.heads.config.embed_dim
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
     # encode() already normalises; doing it again costs nothing and guarantees inner product == cosine in the index.
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
     return ids, matrix, skipped
@@ -188,6 +190,7 @@ def _write_recipe(folder: Path, embedder: MoonEmbedder, recipe: Recipe | None) -
 def embed_catalogue(
     embedder: MoonEmbedder, catalogue: Catalogue, out: Path, *, mode: str = "direct", batch_size: int = 32,
     skip_bad: bool = False, show_progress: bool = True, model_dir: Path | None = None, recipe: Recipe | None = None,
+    dim: int | None = None,
 ) -> EmbedSummary:
     """Embed every product of `catalogue` and write vectors, FAISS index, ids and manifest into `out` atomically.
 
@@ -202,6 +205,8 @@ def embed_catalogue(
         show_progress (`bool`, *optional*, defaults to `True`): tqdm bar.
         model_dir (`Path`, *optional*): the folder `embedder` was loaded from; recorded so that search loads it.
         recipe (`Recipe`, *optional*): saved as `recipe.yaml` (else the recipe in `embedder.meta`, if any).
+        dim (`int`, *optional*): keep the first `dim` values of each vector, renormalised (Matryoshka); the index,
+            the manifest's `dim` and every `search` of the folder use that size. None: the model's `embed_dim`.
 
     Raises:
         `DataError`: a product's image cannot be decoded (without `skip_bad`), naming the product id; or no product
@@ -213,10 +218,12 @@ def embed_catalogue(
         raise MoonError(f"embed batch_size must be >= 1, got {batch_size}")
     if not catalogue.products:
         raise DataError(f"catalogue {str(catalogue.base_dir)!r} has no products to embed")
+    heads = embedder.heads.config
+    check_dim(dim, heads.embed_dim, heads.matryoshka_dims, what="embed dim")
     out = Path(out)
     start = time.perf_counter()
     ids, vectors, skipped = _embed_rows(embedder, catalogue, mode=mode, batch_size=batch_size, skip_bad=skip_bad,
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, dim=dim)
     seconds = time.perf_counter() - start
     if not ids:
         raise DataError(f"catalogue {str(catalogue.base_dir)!r}: all {len(skipped)} products were skipped as bad; "
@@ -257,7 +264,7 @@ def _manifest(
 
 def run_embed(
     recipe: Recipe, *, model_dir: Path | None, catalogue: str | None, out: Path | None, mode: str | None,
-    skip_bad: bool, show_progress: bool = True,
+    skip_bad: bool, show_progress: bool = True, dim: int | None = None,
 ) -> EmbedSummary:
     """`moon-rl embed`: resolve model, catalogue, output folder and mode from the arguments and the recipe.
 
@@ -269,6 +276,7 @@ def run_embed(
         out (`Path`, *optional*): output folder; defaults to `<recipe.output_dir>/embed`.
         mode (`str`, *optional*): defaults to `recipe.embed.mode`.
         skip_bad (`bool`): see `embed_catalogue`.
+        dim (`int`, *optional*): defaults to `recipe.embed.dim` (see `embed_catalogue`).
     """
     if model_dir is not None:
         embedder = MoonEmbedder.load(model_dir)
@@ -287,5 +295,5 @@ def run_embed(
     out = Path(out) if out is not None else Path(recipe.output_dir) / "embed"
     return embed_catalogue(
         embedder, cat, out, mode=mode, batch_size=recipe.embed.batch_size, skip_bad=skip_bad,
-        show_progress=show_progress, model_dir=model_dir, recipe=recipe,
+        show_progress=show_progress, model_dir=model_dir, recipe=recipe, dim=dim or recipe.embed.dim,
     )

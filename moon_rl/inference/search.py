@@ -137,7 +137,9 @@ def search(
     if image is not None:
         query["image"] = load_image(str(image), Path.cwd())
     embedder = embedder or index.load_embedder(model_dir)
-    vector = embedder.encode([query], mode=index.mode, batch_size=1)
+    # An index embedded at a Matryoshka size (`embed --dim`) is searched with the query cut to the same size.
+    dim = index.dim if index.dim < embedder.heads.config.embed_dim else None
+    vector = embedder.encode([query], mode=index.mode, batch_size=1, dim=dim)
     return index.search_vectors(vector, k)[0]
 
 

@@ -85,7 +85,7 @@ scores = model.similarity(queries, products)  # cosine; vectors are L2-normalise
 - `encode_document`: the same inputs embedded as catalogue products (moon-rl's product instruction); write a product's
   text as `Title: ...\\nDescription: ...`, as moon-rl does.
 - Prompts (`prompt=`, `prompt_name=`) are not supported: the instructions are part of the trained model.
-- `model_kwargs={{"dtype": "bfloat16"}}` loads the backbone in another dtype (default: the saved one).
+- `model_kwargs={{"dtype": "bfloat16"}}` loads the backbone in another dtype (default: the saved one).{matryoshka}
 
 The folder is also a moon-rl model folder: `MoonEmbedder.load("{name}")` reads it (and adds `reason` mode).
 """
@@ -197,10 +197,14 @@ def _write_configs(folder: Path, model_dir: Path, manifest: dict[str, Any], name
     (folder / "moon_st_config.json").write_text(json.dumps(module_config, indent=2))
     exported = {**manifest, "weights": "full", "exported_from": str(model_dir), "exported_by": moon_rl.__version__}
     (folder / MODEL_MANIFEST).write_text(json.dumps(exported, indent=2))
-    embed_dim = json.loads((model_dir / HEADS_CONFIG).read_text()).get("embed_dim")
+    heads_config = json.loads((model_dir / HEADS_CONFIG).read_text())
+    embed_dim, dims = heads_config.get("embed_dim"), heads_config.get("matryoshka_dims") or []
+    matryoshka = (f"\n- Trained at the sizes {sorted({embed_dim, *dims}, reverse=True)} (Matryoshka): "
+                  f"`SentenceTransformer(..., truncate_dim={min(dims)})` keeps the first {min(dims)} values of each "
+                  "vector (`similarity` is cosine, so no renormalising is needed).") if dims else ""
     (folder / "README.md").write_text(README.format(
         name=name, version=moon_rl.__version__,
-        source=model_dir, base_model=manifest.get("base_model"), embed_dim=embed_dim,
+        source=model_dir, base_model=manifest.get("base_model"), embed_dim=embed_dim, matryoshka=matryoshka,
     ))
 
 

@@ -41,6 +41,7 @@ from moon_rl.modeling.inputs import (
     to_item,
     tokenize_prompts,
 )
+from moon_rl.modeling.matryoshka import truncate
 from moon_rl.modeling.taps import (
     BackboneTaps,
     ForwardRecord,
@@ -80,6 +81,7 @@ def heads_config_for(model: nn.Module, heads_spec: HeadsSpec) -> HeadsConfig:
         fusion=heads_spec.fusion.enabled, fusion_heads=heads_spec.fusion.num_heads,
         fusion_chain=heads_spec.fusion.chain,
         fire=heads_spec.fire.enabled, fire_layers=list(layers), fire_rank=heads_spec.fire.rank,
+        matryoshka_dims=list(heads_spec.matryoshka_dims or []),
     )
 
 
@@ -235,7 +237,7 @@ class MoonEmbedder(nn.Module):
         self, records: Sequence[Any], mode: Mode = "direct", batch_size: int = 32, *,
         load_image: ImageLoader | None = None, show_progress: bool = False, padding_side: Literal["left", "right"] = "left",
         return_completions: bool | Literal["ids"] = False, completions: Sequence[Sequence[int]] | None = None,
-        do_sample: bool = False, temperature: float = 1.0,
+        do_sample: bool = False, temperature: float = 1.0, dim: int | None = None,
     ) -> np.ndarray | tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[list[int]]]:
         """Embed records (Products, Queries, `{text, image}` dicts, strings, PIL images) into a float32 matrix.
 
@@ -243,10 +245,13 @@ class MoonEmbedder(nn.Module):
         at a time, so a large catalogue never sits in memory. In `reason` mode the model first writes its reasoning
         (greedy, or sampled at `temperature` with `do_sample=True`), unless `completions` (token ids per record, e.g.
         another record's reasoning) are given; `return_completions=True` also returns the decoded traces, `"ids"`
-        their token ids.
+        their token ids. `dim` keeps the first `dim` values of each vector, renormalised (Matryoshka; see
+        `moon_rl.modeling.matryoshka`).
         """
         if mode not in MODES:
             raise MoonError(f"mode must be one of {MODES}, got {mode!r}")
+        if dim is not None and not 1 <= dim <= self.heads.config.embed_dim:
+            raise MoonError(f"dim={dim}: must be between 1 and the model's embedding size {self.heads.config.embed_dim}")
         order = sorted(range(len(records)), key=lambda i: batch_order_key(records[i], self.max_images))
         out = np.zeros((len(records), self.heads.config.embed_dim), dtype=np.float32)
         if completions is not None and len(completions) != len(records):
@@ -271,6 +276,7 @@ class MoonEmbedder(nn.Module):
                     for i, trace in zip(idx, decoded, strict=True):
                         traces[i] = trace
                 bar.update(len(idx))
+        out = truncate(out, dim)
         return (out, traces) if return_completions else out
 
     # ------------------------------------------------------------------ artifacts

@@ -46,6 +46,8 @@ class HeadsConfig:
     fire_layers: list[int] = field(default_factory=list)
     fire_rank: int = 8
     init_seed: int = 0
+    #: Prefix sizes trained with the Matryoshka loss besides `embed_dim` (empty: the full size only).
+    matryoshka_dims: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -128,6 +128,20 @@ class HeadsSpec(_Section):
     learning_rate: PositiveFloat = 1e-3
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     fire: FireSpec = Field(default_factory=FireSpec)
+    #: Matryoshka: the contrastive losses also train these prefixes of the embedding (e.g. [128, 64, 32]), so that
+    #: `embed --dim 64` keeps most of the quality at a quarter of the size. The full `embed_dim` always trains.
+    matryoshka_dims: list[PositiveInt] | None = None
+
+    @_field_validator("matryoshka_dims")
+    @classmethod
+    def _dims_unique(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else sorted(_unique(value), reverse=True)
+
+    @model_validator(mode="after")
+    def _dims_fit(self) -> HeadsSpec:
+        if self.matryoshka_dims and max(self.matryoshka_dims) > self.embed_dim:
+            raise ValueError(f"matryoshka_dims {self.matryoshka_dims} must not exceed embed_dim {self.embed_dim}")
+        return self
 
 
 class ModelSpec(_Section):
@@ -228,6 +242,9 @@ class EmbedSpec(_Section):
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 96
     generation_backend: Literal["hf", "vllm"] = "hf"
+    #: Keep the first `dim` values of each vector (renormalised): one of the model's `matryoshka_dims` for a model
+    #: trained for it. None keeps the model's full `embed_dim`.
+    dim: PositiveInt | None = None
 
 
 class EvalSpec(_Section):

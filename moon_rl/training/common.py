@@ -21,6 +21,7 @@ from moon_rl.cache import atomic_write_text
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import FINAL_DIR
+from moon_rl.modeling.matryoshka import loss_dims
 from moon_rl.training.checkpoint import latest_checkpoint, load_heads, mark_complete, save_heads
 from moon_rl.training.heads_optimizer import HeadsOptimizer
 
@@ -65,6 +66,8 @@ class MoonTrainerMixin:
 
     def _init_moon(self, embedder: MoonEmbedder, heads_learning_rate: float, trainer_kwargs: dict[str, Any]) -> None:
         self.embedder = embedder
+        # The contrastive terms' embedding sizes: the full one, and the Matryoshka prefixes the heads were built for.
+        self.contrastive_dims = loss_dims(embedder.heads.config.embed_dim, embedder.heads.config.matryoshka_dims)
         self.heads_optimizer = HeadsOptimizer(embedder.heads, heads_learning_rate)
         trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), self.heads_optimizer]
 

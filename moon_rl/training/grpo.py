@@ -54,7 +54,7 @@ from moon_rl.training.candidates import CandidatePool, Candidates, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems, vllm_fire_problems
-from moon_rl.training.losses import gather_ids, info_nce
+from moon_rl.training.losses import gather_ids, matryoshka_info_nce
 from moon_rl.training.reward_context import ContextReward
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 
@@ -389,10 +389,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         answers = self._answer_table(pairs, pair_ids.device)
         negative_mask = answer_mask(pool.pairs[others], answers)
         # Ids are pairs: a row's "relevant" ids are the pairs answering its product (its own product's rows included).
-        return info_nce(embeddings, positives, temperature=self.args.contrastive_temperature,
-                        positive_ids=pair_ids, relevant_ids=list(answers),
-                        hard_negatives=negatives if len(pool_vectors) else None,
-                        hard_negative_mask=negative_mask if len(pool_vectors) else None, symmetric=True)
+        return matryoshka_info_nce(embeddings, positives, self.contrastive_dims,
+                                   temperature=self.args.contrastive_temperature, positive_ids=pair_ids,
+                                   relevant_ids=list(answers), hard_negatives=negatives if len(pool_vectors) else None,
+                                   hard_negative_mask=negative_mask if len(pool_vectors) else None, symmetric=True)
 
     def completion_embeddings(self, records: list, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings of the loss forward's rows, read out at each completion's last token."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ __all__ = [
     "gather_ids",
     "gather_with_grad",
     "info_nce",
+    "matryoshka_info_nce",
     "stable_id_hash",
 ]
 
@@ -445,3 +447,43 @@ def _relevance_masks(
     relevant[local, rows] = False
     answered[local, rows] = False
     return relevant, answered
+
+
+def matryoshka_info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    dims: Sequence[int],
+    *,
+    hard_negatives: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> InfoNCEOutput:
+    r"""
+    [`info_nce`] averaged over prefixes of the embeddings (Matryoshka representation learning).
+
+    For each size $d$ in `dims` the first $d$ values of every anchor, positive and hard negative are L2-normalised
+    again and [`info_nce`] is computed on them; the loss is the mean over the sizes (sentence-transformers'
+    `MatryoshkaLoss` with equal weights, divided by their number so the loss keeps the scale of one term). `accuracy`
+    and `logits` are the full size's (the largest in `dims`). With one size equal to the full width it is exactly
+    [`info_nce`].
+
+    Args:
+        anchors, positives (`torch.Tensor` of shape `(n, D)`): L2-normalised, as for [`info_nce`].
+        dims (`Sequence[int]`): the prefix sizes, each in `[1, D]` (e.g. `moon_rl.modeling.matryoshka.loss_dims`).
+        hard_negatives (`torch.Tensor` of shape `(n, K, D)`, *optional*): truncated like the rest.
+        **kwargs: the other arguments of [`info_nce`].
+    """
+    sizes = sorted(set(dims), reverse=True)
+    if not sizes or sizes[-1] < 1 or sizes[0] > anchors.shape[-1]:
+        raise ValueError(f"dims {list(dims)} must be non-empty sizes in [1, {anchors.shape[-1]}]")
+
+    def cut(x: torch.Tensor | None, d: int) -> torch.Tensor | None:
+        return x if x is None or d == x.shape[-1] else F.normalize(x[..., :d], dim=-1)
+
+    outputs = [info_nce(cut(anchors, d), cut(positives, d), hard_negatives=cut(hard_negatives, d), **kwargs)
+               for d in sizes]
+    full = outputs[0]
+    if len(outputs) == 1:
+        return full
+    return InfoNCEOutput(loss=sum(o.loss for o in outputs) / len(outputs),
+                         global_loss=sum(o.global_loss for o in outputs) / len(outputs),
+                         accuracy=full.accuracy, logits=full.logits)

@@ -35,7 +35,7 @@ from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
 from moon_rl.training.configs import MoonSFTConfig
-from moon_rl.training.losses import info_nce
+from moon_rl.training.losses import matryoshka_info_nce
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         chain_negatives = embeddings[(3 + k) * n:(4 + k) * n].view(n, 1, -1) if len(chain_mask) else None
         image_only = layout["image_only"].to(embeddings.device)
         ids, relevant = layout["positive_ids"], layout.get("relevant_ids")
+        dims = self.contrastive_dims  # the full size alone unless Matryoshka is on
         cfg = self.args
         total = embeddings.new_zeros(())
         metrics: dict[str, float] = {"pairs/global": 0.0}
@@ -109,13 +110,13 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
                 continue
             sub_ids = [ids[i] for i in rows.tolist()]
             sub_relevant = None if relevant is None else [relevant[i] for i in rows.tolist()]
-            reason_term = info_nce(
-                anchor[rows], reason[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
+            reason_term = matryoshka_info_nce(
+                anchor[rows], reason[rows], dims, temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
                 relevant_ids=sub_relevant, hard_negatives=None if chain_negatives is None else chain_negatives[rows],
                 hard_negative_mask=None if chain_negatives is None else chain_mask[rows, None],
             )
-            direct_term = info_nce(
-                anchor[rows], direct[rows], temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
+            direct_term = matryoshka_info_nce(
+                anchor[rows], direct[rows], dims, temperature=cfg.contrastive_temperature, positive_ids=sub_ids,
                 relevant_ids=sub_relevant, hard_negatives=None if negatives is None else negatives[rows],
                 hard_negative_mask=None if negatives is None else layout["negative_mask"].to(rows.device)[rows],
             )
