@@ -440,6 +440,10 @@ def search(
     query: Annotated[str | None, typer.Argument(help="Query text.")] = None,
     image: Annotated[Path | None, typer.Option(help="Query image.", exists=True, dir_okay=False)] = None,
     k: Annotated[int, typer.Option("-k", help="Number of results.", min=1)] = 5,
+    nprobe: Annotated[int | None, typer.Option(help="IVF indexes: cells searched (default: the stored one).",
+                                               min=1)] = None,
+    ef_search: Annotated[int | None, typer.Option(help="HNSW indexes: search breadth (default: the stored one).",
+                                                  min=1)] = None,
 ) -> None:
     """Print the k nearest products to a text and/or image query."""
     from moon_rl.errors import MoonError
@@ -448,7 +452,8 @@ def search(
 
     if query is None and image is None:
         raise MoonError("give a query text, an --image, or both")
-    typer.echo(format_results(run_search(index, text=query, image=image, k=k)))
+    params = {name: value for name, value in (("nprobe", nprobe), ("efSearch", ef_search)) if value is not None}
+    typer.echo(format_results(run_search(index, text=query, image=image, k=k, params=params)))
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from moon_rl.cache import atomic_dir, atomic_write_text
 from moon_rl.data.catalogue import Catalogue, load_recipe_catalogue
 from moon_rl.errors import DataError, MoonError
+from moon_rl.inference.ann import IndexSpec, build_index, measure_recall, resolve_index
 from moon_rl.modeling.embedder import MODES, MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item
 from moon_rl.modeling.matryoshka import check_dim
@@ -151,12 +152,19 @@ def _write_parquet(path: Path, ids: Sequence[str], vectors: np.ndarray) -> None:
     pq.write_table(pa.table({"id": pa.array(list(ids), type=pa.string()), "vector": column}), str(path))
 
 
-def _write_index(path: Path, vectors: np.ndarray) -> None:
+def _write_index(path: Path, vectors: np.ndarray, spec: IndexSpec) -> dict[str, Any]:
+    """Build and write the index; what the manifest records of it (with its recall against exact search)."""
     import faiss
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    index = build_index(vectors, spec)
     faiss.write_index(index, str(path))
+    info: dict[str, Any] = {"name": spec.name, "factory": spec.factory, "params": spec.params}
+    if spec.factory != "Flat":
+        info["measured"] = measure_recall(index, vectors)
+        logger.info("index %s (%s): recall@10 %.3f against exact search, %.0f queries/s (exact %.0f)", spec.name,
+                    spec.factory, info["measured"]["recall@10"], info["measured"]["qps"],
+                    info["measured"]["exact_qps"])
+    return info
 
 
 def _model_record(embedder: MoonEmbedder, model_dir: Path | None, has_recipe: bool) -> dict[str, Any]:
@@ -190,7 +198,7 @@ def _write_recipe(folder: Path, embedder: MoonEmbedder, recipe: Recipe | None) -
 def embed_catalogue(
     embedder: MoonEmbedder, catalogue: Catalogue, out: Path, *, mode: str = "direct", batch_size: int = 32,
     skip_bad: bool = False, show_progress: bool = True, model_dir: Path | None = None, recipe: Recipe | None = None,
-    dim: int | None = None,
+    dim: int | None = None, index: str = "flat", index_params: dict[str, int] | None = None,
 ) -> EmbedSummary:
     """Embed every product of `catalogue` and write vectors, FAISS index, ids and manifest into `out` atomically.
 
@@ -207,6 +215,8 @@ def embed_catalogue(
         recipe (`Recipe`, *optional*): saved as `recipe.yaml` (else the recipe in `embedder.meta`, if any).
         dim (`int`, *optional*): keep the first `dim` values of each vector, renormalised (Matryoshka); the index,
             the manifest's `dim` and every `search` of the folder use that size. None: the model's `embed_dim`.
+        index (`str`, *optional*, defaults to `"flat"`): the search index, a preset or a FAISS factory string
+            (`moon_rl.inference.ann`); `index_params` (`dict`, *optional*): its `nprobe` / `efSearch`.
 
     Raises:
         `DataError`: a product's image cannot be decoded (without `skip_bad`), naming the product id; or no product
@@ -231,18 +241,18 @@ def embed_catalogue(
     dim = int(vectors.shape[1])
     with atomic_dir(out) as tmp:
         _write_parquet(tmp / EMBEDDINGS_FILE, ids, vectors)
-        _write_index(tmp / INDEX_FILE, vectors)
+        index_info = _write_index(tmp / INDEX_FILE, vectors, resolve_index(index, len(ids), dim, index_params))
         atomic_write_text(tmp / IDS_FILE, json.dumps(ids))
         model = _model_record(embedder, model_dir, _write_recipe(tmp, embedder, recipe))
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps(_manifest(
             model=model, mode=mode, dim=dim, count=len(ids), skipped=skipped, seconds=seconds,
-            catalogue=catalogue, batch_size=batch_size), indent=2))
+            catalogue=catalogue, batch_size=batch_size, index=index_info), indent=2))
     return EmbedSummary(count=len(ids), skipped=skipped, dim=dim, seconds=seconds, out=out, mode=mode, model=model)
 
 
 def _manifest(
     *, model: dict[str, Any], mode: str, dim: int, count: int, skipped: list[tuple[str, str]], seconds: float,
-    catalogue: Catalogue, batch_size: int,
+    catalogue: Catalogue, batch_size: int, index: dict[str, Any],
 ) -> dict[str, Any]:
     import moon_rl
 
@@ -254,6 +264,7 @@ def _manifest(
         "dim": dim,
         "count": count,
         "metric": "inner_product",  # rows are L2-normalised, so this is cosine similarity
+        "index": index,
         "catalogue": str(catalogue.base_dir),
         "batch_size": batch_size,
         "skipped": [{"id": pid, "reason": reason} for pid, reason in skipped],
@@ -296,4 +307,5 @@ def run_embed(
     return embed_catalogue(
         embedder, cat, out, mode=mode, batch_size=recipe.embed.batch_size, skip_bad=skip_bad,
         show_progress=show_progress, model_dir=model_dir, recipe=recipe, dim=dim or recipe.embed.dim,
+        index=recipe.embed.index, index_params=dict(recipe.embed.index_params),
     )

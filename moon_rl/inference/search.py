@@ -16,6 +16,7 @@ import numpy as np
 
 from moon_rl.data.sources import load_image
 from moon_rl.errors import MoonError
+from moon_rl.inference.ann import apply_params
 from moon_rl.inference.pipeline import IDS_FILE, INDEX_FILE, MANIFEST_FILE, RECIPE_FILE
 from moon_rl.modeling.embedder import MoonEmbedder
 
@@ -38,8 +39,9 @@ class EmbeddingIndex:
         return str(self.manifest.get("mode", "direct"))
 
     @classmethod
-    def load(cls, folder: Path) -> EmbeddingIndex:
-        """Read the index, ids and manifest of `folder`, checking they agree.
+    def load(cls, folder: Path, params: dict[str, int] | None = None) -> EmbeddingIndex:
+        """Read the index, ids and manifest of `folder`, checking they agree; set the search parameters the manifest
+        stored (`nprobe`, `efSearch`), then `params` over them.
 
         Raises:
             `MoonError`: naming the folder and the missing or unreadable part.
@@ -66,6 +68,7 @@ class EmbeddingIndex:
                             f"lists {len(ids)} ids; the folder is inconsistent, {hint} again")
         if index.ntotal == 0:
             raise MoonError(f"index folder {str(folder)!r}: the index is empty; {hint}")
+        apply_params(index, {**((manifest.get("index") or {}).get("params") or {}), **(params or {})})
         return cls(folder, index, [str(i) for i in ids], manifest)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
@@ -112,7 +115,7 @@ def _read_json(path: Path, kind: type, expected: str) -> Any:
 
 def search(
     index_dir: Path, *, text: str | None, image: Path | None, k: int = 5, model_dir: Path | None = None,
-    embedder: MoonEmbedder | None = None,
+    embedder: MoonEmbedder | None = None, params: dict[str, int] | None = None,
 ) -> list[tuple[str, float]]:
     """Top-`k` catalogue products `(id, cosine score)` for a text and/or image query, best first.
 
@@ -123,6 +126,7 @@ def search(
         k (`int`, *optional*, defaults to `5`): how many results (at most the catalogue size).
         model_dir (`Path`, *optional*): the model folder; defaults to the one recorded in the index folder.
         embedder (`MoonEmbedder`, *optional*): an already loaded model (programmatic use; skips loading).
+        params (`dict`, *optional*): search-time index parameters over the stored ones (`nprobe`, `efSearch`).
 
     Raises:
         `MoonError`: no query, a missing or corrupt index folder, or a model that does not match the index.
@@ -132,7 +136,7 @@ def search(
         raise MoonError("search needs a query: give text (--text) and/or an image (--image)")
     if k < 1:
         raise MoonError(f"k must be >= 1, got {k}")
-    index = EmbeddingIndex.load(index_dir)
+    index = EmbeddingIndex.load(index_dir, params)
     query: dict[str, Any] = {"text": text} if text else {}
     if image is not None:
         query["image"] = load_image(str(image), Path.cwd())

@@ -245,6 +245,11 @@ class EmbedSpec(_Section):
     #: Keep the first `dim` values of each vector (renormalised): one of the model's `matryoshka_dims` for a model
     #: trained for it. None keeps the model's full `embed_dim`.
     dim: PositiveInt | None = None
+    #: The search index: `flat` (exact), `hnsw`, `ivf`, `ivfpq` (presets sized to the catalogue) or a FAISS
+    #: index_factory string; see moon_rl/inference/ann.py.
+    index: str = Field(default="flat", min_length=1)
+    #: Search-time parameters stored with the index (`nprobe` for IVF, `efSearch` for HNSW); presets have defaults.
+    index_params: dict[Literal["nprobe", "efSearch"], PositiveInt] = Field(default_factory=dict)
 
 
 class EvalSpec(_Section):
