@@ -56,9 +56,9 @@ class BodyLimit:
                 await self._refuse(send, None)
 
     async def _refuse(self, send: Any, size: int | None) -> None:
-        what = f"{size:,} bytes" if size is not None else "larger than that"
-        body = json.dumps({"detail": f"request body is {what}; the limit is {self.max_bytes:,} bytes "
-                                     "(send smaller images, or fewer per request)"}).encode()
+        what = (f"request body is {size:,} bytes; the limit is {self.max_bytes:,} bytes" if size is not None else
+                f"request body is over the limit of {self.max_bytes:,} bytes")
+        body = json.dumps({"detail": f"{what} (send smaller images, or fewer per request)"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
