@@ -465,6 +465,8 @@ def serve(
                                            help="Merge concurrent requests into one model forward.")] = True,
     max_batch: Annotated[int, typer.Option(help="Most records in one batched forward.", min=1)] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a forward waits for more requests (ms).", min=0)] = 5.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads for the model (default: torch's choice).",
+                                                min=1)] = None,
 ) -> None:
     """Serve an index over HTTP: POST /embed, POST /search, a search page at /."""
     from moon_rl.errors import MoonError
@@ -479,6 +481,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.getLogger("moon_rl").warning(
             "serving on %s without an API key: anyone who can reach this port can use the service (--api-key)", host)
+    if threads is not None:
+        import torch
+
+        # On a CPU shared with other work, fewer intra-op threads than cores avoids stalls at torch's thread barriers.
+        torch.set_num_threads(threads)
     web_app = create_app(index, model_dir=model, api_key=api_key, batching=batching, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, catalogue=catalogue)
     typer.echo(f"serving {index} on http://{host}:{port}/ (Ctrl-C stops)")

@@ -1,7 +1,7 @@
 """Load on `moon-rl serve`: N concurrent clients on localhost for a bounded time, batching on and off side by side.
 
     python bench/serve_load.py [--clients 16] [--seconds 5] [--endpoint search|embed] [--index DIR]
-                               [--max-batch 16] [--max-wait-ms 5] [--results]
+                               [--max-batch 16] [--max-wait-ms 5] [--threads 1] [--results]
 
 Without `--index` it first embeds a small synthetic catalogue with the untrained tiny model of
 `recipes/tiny-cpu.yaml` into a temporary folder (the service rebuilds the same model from the saved recipe). Then,
@@ -65,12 +65,12 @@ def free_port() -> int:
 class Server:
     """`moon-rl serve` in a child process (its own interpreter: the clients' event loop does not share its GIL)."""
 
-    def __init__(self, index: Path, *, batching: bool, max_batch: int, max_wait_ms: float):
+    def __init__(self, index: Path, *, batching: bool, max_batch: int, max_wait_ms: float, threads: int | None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, str(ROOT / "cli.py"), "serve", str(index), "--port", str(self.port),
                 "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-                "--batching" if batching else "--no-batching"]
+                "--batching" if batching else "--no-batching", *(["--threads", str(threads)] if threads else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.pop("MOON_RL_API_KEY", None)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, read if it dies; closed in stop()
@@ -139,7 +139,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_side(index: Path, args: argparse.Namespace, batching: bool) -> dict[str, Any]:
-    server = Server(index, batching=batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    server = Server(index, batching=batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                    threads=args.threads or None)
     try:
         server.wait_ready()
         # Warm-up (first-call allocations, tokenizer caches) outside the measured window.
@@ -177,6 +178,10 @@ def main() -> int:
     parser.add_argument("--n-products", type=int, default=48, help="catalogue size of the index built by default")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    # One torch thread by default: the clients need a core too, and on a shared 2-core machine two intra-op threads
+    # stall at torch's barriers whenever another process takes a core (a single-query forward of the tiny model went
+    # from 4 ms to 20-240 ms).
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: torch's default)")
     parser.add_argument("--results", action="store_true", help="write the table into bench/RESULTS.md")
     args = parser.parse_args()
     if args.clients < 1 or not 0 < args.seconds <= 600:
@@ -187,8 +192,8 @@ def main() -> int:
         index = args.index or build_index(Path(tmp), args.n_products)
         rows = [run_side(index, args, batching) for batching in (True, False)]
     header = (f"`bench/serve_load.py`: {args.clients} clients, {args.seconds:g} s per side, POST /{args.endpoint}, "
-              f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms:g}, {platform.machine()} "
-              f"{os.cpu_count()} CPUs")
+              f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms:g}, server torch threads "
+              f"{args.threads or 'default'}, {platform.machine()} {os.cpu_count()} CPUs")
     report = f"{header}\n\n{table(rows)}"
     print(report)
     if args.results:

@@ -74,6 +74,7 @@ def test_health_and_the_page(client, served):
     assert all(f'id="{name}"' in page.text for name in ("q", "drop", "file", "results", "chain"))
     assert "moon-rl search" in client.get("/static/app.js").text
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
 
 def test_embed_texts_match_the_model(client, served):
@@ -169,9 +170,14 @@ def test_products_and_their_images(client, served):
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
-def test_non_image_uploads_are_refused(client):
+def test_non_image_uploads_are_refused(client, served):
+    _, _, catalogue = served
     refused(client.post("/embed", files={"images": ("notes.txt", b"just some text", "text/plain")}), 400,
             r"^images\[0\] \('notes\.txt'\): image bytes \(14 bytes\) is not an image \(unrecognised format\)")
+    photo = image_file(catalogue, next(iter(catalogue.products)))
+    refused(client.post("/embed", files=[("images", ("a.png", photo.read_bytes(), "image/png")),
+                                         ("images", ("b.png", photo.read_bytes()[:200], "image/png"))]), 400,
+            r"^images\[1\] \('b\.png'\): image bytes \(200 bytes\) is (truncated or corrupt|corrupt)")
     refused(client.post("/search", json={"image": base64.b64encode(b"GIF89a garbage").decode()}), 400,
             r"^image: image bytes .* (is not an image|is corrupt|truncated)")
     refused(client.post("/embed", json={"images": ["not base64!"]}), 422, r"^images\[0\]: not valid base64")

@@ -67,6 +67,16 @@ def test_max_batch_bounds_a_forward_and_modes_never_mix():
     batcher.close()
 
 
+def test_a_request_that_would_overfill_a_batch_opens_the_next():
+    model = FakeModel()
+    batcher = MicroBatcher(model, max_batch=5, max_wait_ms=200)
+    results = submit_held(batcher, model, [([10 * i, 10 * i + 1, 10 * i + 2], "direct") for i in range(4)] +
+                          [([99] * 7, "direct")])
+    assert [len(records) for records, _ in model.calls[1:]] == [3, 3, 3, 3, 7]  # never 6 of 5; 7 runs whole
+    assert [r.vectors[:, 0].tolist() for r in results[:2]] == [[0, 1, 2], [10, 11, 12]]
+    batcher.close()
+
+
 def test_without_batching_each_request_is_its_own_forward():
     model = FakeModel()
     batcher = MicroBatcher(model, max_batch=64, max_wait_ms=200, enabled=False)

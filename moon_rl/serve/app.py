@@ -98,7 +98,9 @@ def build_app(service: SearchService, *, api_key: str | None = None) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(title="moon-rl", summary="Product embedding and search", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: the POST routes read JSON or forms themselves (one route, two encodings), so
+    # the generated schema would show no body, and the docs pages load their scripts from a CDN. README documents the API.
+    app = FastAPI(title="moon-rl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.options.max_body_bytes)
     _add_error_handlers(app)
@@ -185,11 +187,13 @@ async def _form_parts(form: FormData, list_fields: tuple[str, ...],
                       file_fields: tuple[str, ...]) -> tuple[dict[str, Any], list[tuple[str, bytes, str | None]]]:
     fields: dict[str, Any] = {}
     files: list[tuple[str, bytes, str | None]] = []
+    count: dict[str, int] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key not in file_fields:
                 raise ApiError(422, f"{key}: unexpected file; upload images as {' or '.join(file_fields) or 'JSON'}")
-            files.append((f"{key}[{sum(1 for f in files if f[0] == key)}]", await value.read(), value.filename))
+            count[key] = count.get(key, -1) + 1
+            files.append((f"{key}[{count[key]}]", await value.read(), value.filename))
         elif key in list_fields:
             fields.setdefault(key, []).append(value)
         elif key in file_fields:

@@ -67,8 +67,8 @@ class MicroBatcher:
 
     Args:
         encode (`EncodeFn`): runs the model on a list of records in one mode.
-        max_batch (`int`, *optional*, defaults to `16`): the most records one encode call collects (a single larger
-            request still runs whole, in one call).
+        max_batch (`int`, *optional*, defaults to `16`): the most records one encode call collects; a request that
+            would overfill a batch waits for the next (a single larger request still runs whole, in one call).
         max_wait_ms (`float`, *optional*, defaults to `5.0`): how long the first request of a batch waits for others.
             It bounds the latency batching adds when the service is idle.
         enabled (`bool`, *optional*, defaults to `True`): False runs each request alone (no waiting, no merging).
@@ -88,6 +88,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._held: _Job | None = None  # taken from the queue but left for the next batch (worker thread only)
 
     # ------------------------------------------------------------------ client side
     def submit(self, records: Sequence[Any], mode: str) -> Future:
@@ -132,6 +133,9 @@ class MicroBatcher:
                 break
             if job is _STOP:
                 return jobs, True
+            if count + len(job.records) > self.max_batch:
+                self._held = job  # would overfill this batch: it opens the next one
+                break
             jobs.append(job)
             count += len(job.records)
         return jobs, False
@@ -139,7 +143,7 @@ class MicroBatcher:
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            first, self._held = (self._held, None) if self._held is not None else (self._queue.get(), None)
             if first is _STOP:
                 break
             jobs, stop = self._collect(first)
