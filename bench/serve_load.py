@@ -197,8 +197,12 @@ def main() -> int:
     report = f"{header}\n\n{table(rows)}"
     print(report)
     if args.results:
+        index_note = (f"the index {args.index}" if args.index else
+                      f"the untrained tiny model of recipes/tiny-cpu.yaml on a {args.n_products}-product synthetic "
+                      "catalogue")
         write_section(Path(__file__).parent / "RESULTS.md", "serve_load",
-                      f"## Serving under load\n\n{report}\n\nMachine: {machine_description()}.")
+                      f"## Serving under load\n\n{report}\n\nServer: {index_note}, in its own process; the clients "
+                      f"(one asyncio process) share the machine with it. Machine: {machine_description()}.")
 
     errors = sum(r["errors"] for r in rows)
     if errors:
