@@ -122,6 +122,7 @@ def test_text_and_image_queries_render_their_product_images(server, browser, tmp
     browser.evaluate(f"document.querySelector('.card[data-id=\"{second}\"] a.more').click()")
     shown = rendered(browser, f"more like {second}")
     assert shown["state"] == "rendered" and shown["ids"][0] == second and shown["drawn"] == shown["cards"], shown
+    assert browser.evaluate("document.getElementById('preview').hidden && document.getElementById('q').value === ''")
     keep(browser.screenshot(tmp_path / "serve-more-like-this.png"))
 
 

@@ -56,6 +56,9 @@ async function search(productId) {
     setState("idle", "type a query or drop a photo");
     return;
   }
+  if (!productId && location.hash) {
+    history.replaceState(null, "", location.pathname + location.search);  // so "more like this" works again
+  }
   const form = new FormData();
   if (productId) {
     form.append("product_id", productId);
@@ -153,6 +156,9 @@ async function showResults(results) {
 function runFromLocation() {
   const more = new URLSearchParams(location.hash.slice(1)).get("more");
   if (more) {
+    // The form shows what is being searched: a product, not the last text or photo.
+    clearImage();
+    $("q").value = "";
     search(more);
     return;
   }
