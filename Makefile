@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,quant]"
+	$(PY) -m pip install -q -e ".[dev,quant,serve]"
 	touch $(STAMP)
 
 demo: install

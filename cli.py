@@ -39,7 +39,8 @@ app = typer.Typer(
     "  moon-rl grpo recipes/tiny-cpu.yaml\n\n"
     "  moon-rl eval recipes/tiny-cpu.yaml\n\n"
     "  moon-rl embed recipes/tiny-cpu.yaml --catalogue runs/catalogue --out runs/embed\n\n"
-    "  moon-rl search runs/embed \"red striped shirt\" -k 5",
+    "  moon-rl search runs/embed \"red striped shirt\" -k 5\n\n"
+    "  moon-rl serve runs/embed --port 8000",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -454,6 +455,48 @@ def search(
         raise MoonError("give a query text, an --image, or both")
     params = {name: value for name, value in (("nprobe", nprobe), ("efSearch", ef_search)) if value is not None}
     typer.echo(format_results(run_search(index, text=query, image=image, k=k, params=params)))
+
+
+@app.command("serve")
+@_user_errors
+def serve(
+    index: Annotated[Path, typer.Argument(help="Folder written by `moon-rl embed`.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: the one that built the index).")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; only this machine by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MOON_RL_API_KEY",
+                                                help="Require this key (X-API-Key header) on every API route.")] = None,
+    catalogue: Annotated[str | None, typer.Option(help="Catalogue, if it moved since the index was built.")] = None,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching",
+                                           help="Merge concurrent requests into one model forward.")] = True,
+    max_batch: Annotated[int, typer.Option(help="Most records in one batched forward.", min=1)] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a forward waits for more requests (ms).", min=0)] = 5.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads for the model (default: torch's choice).",
+                                                min=1)] = None,
+) -> None:
+    """Serve an index over HTTP: POST /embed, POST /search, a search page at /."""
+    from moon_rl.errors import MoonError
+
+    try:
+        import uvicorn
+
+        from moon_rl.serve import create_app
+    except ImportError as exc:
+        raise MoonError(f"moon-rl serve needs the serve extra ({exc.name} is missing): "
+                        'pip install "moon-rl[serve]"') from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logging.getLogger("moon_rl").warning(
+            "serving on %s without an API key: anyone who can reach this port can use the service (--api-key)", host)
+    if threads is not None:
+        import torch
+
+        # On a CPU shared with other work, fewer intra-op threads than cores avoids stalls at torch's thread barriers.
+        torch.set_num_threads(threads)
+    web_app = create_app(index, model_dir=model, api_key=api_key, batching=batching, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, catalogue=catalogue)
+    typer.echo(f"serving {index} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(web_app, host=host, port=port, log_level="info")
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -37,7 +37,7 @@ def catalogue(tmp_path_factory) -> Path:
 def test_help_lists_existing_verbs():
     result = invoke("--help")
     assert result.exit_code == 0
-    for verb in ("data", "recipe", "annotate", "sft", "grpo", "embed", "search", "export"):
+    for verb in ("data", "recipe", "annotate", "sft", "grpo", "embed", "search", "serve", "export"):
         assert re.search(rf"│ {verb}\b", result.output), verb
     for group, subs in {"data": ("synth", "validate"), "recipe": ("validate", "show"),
                         "export": ("sentence-transformers",)}.items():

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moon_rl.data.catalogue import Catalogue, load_catalogue
 from moon_rl.data.sources import load_image
+from moon_rl.data.synthetic import SynthOptions
 from moon_rl.errors import MoonError
 from moon_rl.inference.ann import apply_params
 from moon_rl.inference.pipeline import IDS_FILE, INDEX_FILE, MANIFEST_FILE, RECIPE_FILE
@@ -71,6 +74,21 @@ class EmbeddingIndex:
         apply_params(index, {**((manifest.get("index") or {}).get("params") or {}), **(params or {})})
         return cls(folder, index, [str(i) for i in ids], manifest)
 
+    @cached_property
+    def rows(self) -> dict[str, int]:
+        """Product id -> row of the index."""
+        return {pid: row for row, pid in enumerate(self.ids)}
+
+    def vector(self, product_id: str) -> np.ndarray:
+        """The stored vector of a product (shape (dim,), L2-normalised), without running the model.
+
+        Raises:
+            `MoonError`: the id is not in the index.
+        """
+        if product_id not in self.rows:
+            raise MoonError(f"product {product_id!r} is not in the index {str(self.folder)!r}")
+        return np.asarray(self.index.reconstruct(self.rows[product_id]), dtype=np.float32)
+
     def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-`k` `(id, score)` per row of `vectors` (L2-normalised float32, shape (Q, dim)), best first."""
         if k < 1:
@@ -101,6 +119,31 @@ class EmbeddingIndex:
             return MoonEmbedder.from_recipe(load_recipe(recipe_file)).eval()
         raise MoonError(f"index folder {str(self.folder)!r} records no model folder and has no {RECIPE_FILE}; "
                         "pass the model folder the index was built with (--model)")
+
+    def load_catalogue(self, path: str | Path | None = None) -> Catalogue:
+        """The catalogue the index was built from (titles, images): `path` if given, else the folder the manifest
+        records, else the saved recipe's `data.catalogue`; the saved recipe's `data.columns` / `data.splits` apply.
+
+        Raises:
+            `MoonError`: when no catalogue can be found (pass one explicitly); `DataError` for a broken one.
+        """
+        recipe = None
+        if (self.folder / RECIPE_FILE).is_file():
+            from moon_rl.recipe import load_recipe
+
+            recipe = load_recipe(self.folder / RECIPE_FILE)
+        recorded = self.manifest.get("catalogue")
+        if path is None and recorded and Path(recorded).is_dir():
+            path = recorded
+        elif path is None and recipe is not None:
+            path = recipe.data.catalogue
+        if path is None:
+            raise MoonError(f"index folder {str(self.folder)!r}: the catalogue it was built from ({recorded!r}) is not "
+                            "there; pass the catalogue explicitly (--catalogue)")
+        if recipe is None:
+            return load_catalogue(path)
+        return load_catalogue(path, synthetic=SynthOptions(**recipe.data.synthetic.model_dump()),
+                              columns=recipe.data.columns, splits=recipe.data.splits)
 
 
 def _read_json(path: Path, kind: type, expected: str) -> Any:
