@@ -30,11 +30,12 @@ def tiny_sft_recipe(run_dir: Path, *, max_steps: int, save_steps: int, batch_siz
     )
 
 
-def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32):
+def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim: int | None = None):
     """A tiny model saved to `folder/model` and its index of a small synthetic catalogue in `folder/index`, the way
     `moon-rl embed --model` writes it (the index records the model folder and the catalogue).
 
-    Returns `(index_dir, embedder, catalogue)`; the tests of `moon-rl serve` start the service on it.
+    Returns `(index_dir, embedder, catalogue)`; the tests of `moon-rl serve` start the service on it. `dim`: the
+    index holds that Matryoshka prefix of each vector (`embed --dim`).
     """
     from types import SimpleNamespace as NS
 
@@ -44,17 +45,18 @@ def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32):
     from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for
     from moon_rl.modeling.heads import MoonHeads
     from moon_rl.modeling.loading import load_backbone
+    from moon_rl.recipe.schema import HeadsSpec
 
     spec = NS(name_or_path="builtin:tiny-vl", builtin_size="tiny", dtype="float32", trust_remote_code=False,
               attn_implementation="sdpa", quantization=None, lora=None, image_min_pixels=56 * 56,
               image_max_pixels=112 * 112,
-              heads=NS(embed_dim=embed_dim, fusion=NS(enabled=True, num_heads=4, chain=True),
-                       fire=NS(enabled=True, layers=None, rank=8)))
+              heads=HeadsSpec(embed_dim=embed_dim, matryoshka_dims=[dim] if dim else None))
     model, processor = load_backbone(spec)
     embedder = MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)), max_new_tokens=16,
                             meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"}).eval()
     model_dir = embedder.save(folder / "model")
     synthesize(folder / "catalogue", SynthOptions(n_products=n_products, seed=0, image_size=56))
     catalogue = load_catalogue(folder / "catalogue")
-    embed_catalogue(embedder, catalogue, folder / "index", batch_size=16, show_progress=False, model_dir=model_dir)
+    embed_catalogue(embedder, catalogue, folder / "index", batch_size=16, show_progress=False, model_dir=model_dir,
+                    dim=dim)
     return folder / "index", embedder, catalogue

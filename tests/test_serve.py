@@ -77,6 +77,20 @@ def test_health_and_the_page(client, served):
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
 
+def test_an_index_of_matryoshka_prefixes_is_served_at_its_size(tmp_path):
+    """An index written by `embed --dim 16` from a 32-d model: queries are cut to 16 values, as `moon-rl search` cuts
+    them, and /health lists the sizes the model trained."""
+    index_dir, embedder, _ = served_index(tmp_path, dim=16)
+    with TestClient(create_app(index_dir)) as small:
+        health = small.get("/health").json()
+        assert health["dim"] == 16 and health["trained_dims"] == [32, 16]
+        got = small.post("/search", json={"text": "red striped cotton shirt", "k": 3}).json()
+        want = search(index_dir, text="red striped cotton shirt", image=None, k=3, embedder=embedder)
+        assert [(hit["id"], pytest.approx(hit["score"], abs=1e-5)) for hit in got["results"]] == want
+        vectors = np.asarray(small.post("/embed", json={"texts": ["a blue wool hat"]}).json()["vectors"])
+        np.testing.assert_allclose(vectors, embedder.encode(["a blue wool hat"], dim=16), atol=1e-5)
+
+
 def test_embed_texts_match_the_model(client, served):
     _, embedder, _ = served
     texts = ["red striped cotton shirt", "a blue wool hat"]

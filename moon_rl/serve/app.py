@@ -31,6 +31,7 @@ from moon_rl.data.records import Product
 from moon_rl.errors import MoonError
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import EmbedItem, product_text
+from moon_rl.modeling.matryoshka import loss_dims
 from moon_rl.serve.inputs import (
     MAX_INPUTS,
     ApiError,
@@ -112,7 +113,9 @@ def build_app(service: SearchService, *, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, Any]:
         index = service.index
+        heads = service.embedder.heads.config
         return {"status": "ok", "products": len(index.ids), "dim": index.dim, "mode": service.mode,
+                "trained_dims": loss_dims(heads.embed_dim, heads.matryoshka_dims),
                 "auth": api_key is not None, "model": index.manifest.get("model"),
                 "batching": {"enabled": service.options.batching, "max_batch": service.options.max_batch,
                              "max_wait_ms": service.options.max_wait_ms, **service.batcher.stats.as_dict()}}

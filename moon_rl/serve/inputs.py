@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moon_rl.data.sources import load_image
 from moon_rl.errors import DataError
+from moon_rl.modeling.matryoshka import truncate
 
 #: The most results one search returns.
 MAX_K = 100
@@ -96,8 +97,8 @@ def decode_image(field: str, data: bytes, *, max_pixels: int, filename: str | No
 def check_dim(dim: int | None, size: int) -> None:
     """Refuse a `dim` the model cannot give: valid when 1 <= dim <= the embedding size `size`.
 
-    Once models list their trained Matryoshka sizes (`model.heads.matryoshka_dims`), this is the one place to refuse
-    the others.
+    Any prefix is served (as sentence-transformers' `truncate_dim`); a model retrieves best at the sizes it trained
+    (`model.heads.matryoshka_dims`, listed by `GET /health`).
     """
     if dim is not None and not 1 <= dim <= size:
         raise ApiError(422, f"dim: must be between 1 and the embedding size {size}, got {dim}")
@@ -106,7 +107,4 @@ def check_dim(dim: int | None, size: int) -> None:
 def truncate_dim(vectors: np.ndarray, dim: int | None) -> np.ndarray:
     """Matryoshka read-out: the first `dim` coordinates of each row, L2-renormalised; all of them for None."""
     check_dim(dim, vectors.shape[1])
-    if dim is None or dim == vectors.shape[1]:
-        return vectors
-    head = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
-    return head / np.maximum(np.linalg.norm(head, axis=1, keepdims=True), 1e-12)
+    return truncate(np.ascontiguousarray(vectors, dtype=np.float32), dim)

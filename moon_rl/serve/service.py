@@ -93,18 +93,24 @@ class SearchService:
         index = EmbeddingIndex.load(index_dir)
         cat = index.load_catalogue(catalogue)
         embedder = embedder or index.load_embedder(model_dir)
-        if embedder.heads.config.embed_dim != index.dim:
-            raise MoonError(f"the model's embedding size {embedder.heads.config.embed_dim} is not the index's "
-                             f"{index.dim}; serve the index with the model that built it")
+        if embedder.heads.config.embed_dim < index.dim:
+            raise MoonError(f"the model's embedding size {embedder.heads.config.embed_dim} is smaller than the index's "
+                            f"{index.dim}; serve the index with the model that built it")
         return cls(index, cat, embedder, options)
+
+    @property
+    def dim(self) -> int | None:
+        """The size queries are cut to: the index's, when it holds Matryoshka prefixes (`embed --dim`); else None."""
+        return self.index.dim if self.index.dim < self.embedder.heads.config.embed_dim else None
 
     # ------------------------------------------------------------------ model
     def _encode(self, records: list[Any], mode: str) -> tuple[np.ndarray, list[str] | None]:
         """The batcher's worker: one `encode` call for every record it collected."""
         size = max(len(records), 1)
         if mode != "reason":
-            return self.embedder.encode(records, mode="direct", batch_size=size), None
-        vectors, ids = self.embedder.encode(records, mode="reason", batch_size=size, return_completions="ids")
+            return self.embedder.encode(records, mode="direct", batch_size=size, dim=self.dim), None
+        vectors, ids = self.embedder.encode(records, mode="reason", batch_size=size, return_completions="ids",
+                                            dim=self.dim)
         tokenizer = self.embedder.processor.tokenizer
         return vectors, [extract_trace(text) for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
