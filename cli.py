@@ -264,12 +264,14 @@ def annotate(
         help="Teacher: traces written per product until one does not contradict its known attributes.", min=1)] = 3,
     batch_size: Annotated[int, typer.Option(help="Teacher: products per generation batch.", min=1)] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Teacher: longest trace, in tokens.", min=1)] = 96,
+    teacher_backend: Annotated[str, typer.Option(
+        help="Teacher: auto (vLLM when installed and a GPU is there, else transformers), hf or vllm.")] = "auto",
     set_: SetOption = None,
 ) -> None:
     """Write a copy of the recipe's catalogue whose products carry reasoning traces (the source is never modified)."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.errors import MoonError
-    from moon_rl.inference.annotate import Teacher, annotate_with_teacher, annotate_with_template
+    from moon_rl.inference.annotate import annotate_with_teacher, annotate_with_template, make_teacher
 
     if template == (teacher is not None):
         raise MoonError("annotate: give exactly one of --template (traces from the products' attributes) or "
@@ -282,7 +284,8 @@ def annotate(
         report = annotate_with_template(catalogue, target, retrace=retrace, order=order, overwrite=overwrite)
     else:
         report = annotate_with_teacher(
-            catalogue, target, Teacher(teacher, resolved.model), retrace=retrace, order=order,
+            catalogue, target, make_teacher(teacher, resolved.model, teacher_backend, seed=resolved.seed),
+            retrace=retrace, order=order,
             max_attempts=max_attempts, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
             overwrite=overwrite, seed=resolved.seed)
     _result(report.summary() + _copy_hint(resolved))

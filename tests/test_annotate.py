@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import pytest
 from PIL import Image
@@ -22,7 +23,7 @@ from moon_rl.data.annotate import (
 from moon_rl.data.catalogue import load_catalogue
 from moon_rl.data.chains import named_values
 from moon_rl.data.records import Product
-from moon_rl.errors import DataError
+from moon_rl.errors import DataError, MoonError
 from moon_rl.inference.annotate import annotate_with_teacher, annotate_with_template, extract_trace
 
 #: the slow acceptance run: catalogue size and SFT steps (measured: see its docstring)
@@ -245,6 +246,64 @@ def test_builtin_tiny_teacher_runs_end_to_end_and_resumes(raw_catalogue, tmp_pat
     for pid, trace in accepted.items():
         assert copy.products[pid].reasoning == trace
         assert contradicted(trace, known_values(catalogue.products[pid]), vocabulary) == []
+
+
+class FakeVLLM:
+    """A stand-in `vllm` module: records what the teacher hands vLLM, answers with a scripted trace per prompt."""
+
+    def __init__(self, answer):
+        self.answer, self.calls, self.init = answer, [], {}
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.init = kwargs
+
+            def generate(self, requests, params, use_tqdm=True):
+                fake.calls.append((requests, params))
+                return [NS(outputs=[NS(text=fake.answer(r))]) for r in requests]
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        self.LLM, self.SamplingParams = LLM, SamplingParams
+
+
+def test_the_vllm_teacher_sends_the_transformers_prompts_and_images(raw_catalogue, tmp_path, monkeypatch):
+    """No GPU here: a fake `vllm` checks what the vLLM teacher sends (the prompts `Teacher` builds, each product's
+    images, the recipe's pixel limits, greedy then sampled) and that its answers go through the same filter."""
+    import sys
+
+    from moon_rl.inference import annotate as annotate_module
+    from moon_rl.modeling import generation
+    from moon_rl.recipe.schema import ModelSpec
+
+    fake = FakeVLLM(lambda request: "<think>category shirt.</think>" if "red cotton shirt" in request["prompt"]
+                    else "")
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    spec = ModelSpec(lora=None)
+    assert isinstance(annotate_module.make_teacher("builtin:tiny-vl", spec), annotate_module.Teacher)  # no GPU: hf
+    teacher = annotate_module.make_teacher("builtin:tiny-vl", spec, "vllm", seed=3)
+    assert fake.init["limit_mm_per_prompt"] == {"image": 4} and fake.init["seed"] == 3
+    assert fake.init["mm_processor_kwargs"] == {"min_pixels": spec.image_min_pixels, "max_pixels": spec.image_max_pixels}
+    catalogue = load_catalogue(raw_catalogue)
+    products = list(catalogue.products.values())
+    images = [[catalogue.image(p, i) for i in range(len(p.images))] for p in products]
+    assert teacher.write(products, images, "Describe it.", max_new_tokens=5, do_sample=False)[0] == \
+        "<think>category shirt.</think>"
+    requests, params = fake.calls[-1]
+    assert [r["prompt"] for r in requests] == annotate_module.chat_prompts(teacher.processor, products, images,
+                                                                          "Describe it.", 4)
+    assert [len(r.get("multi_modal_data", {}).get("image", [])) for r in requests] == [min(len(i), 4) for i in images]
+    assert (params.max_tokens, params.temperature) == (5, 0.0)
+    teacher.write(products, images, "Describe it.", max_new_tokens=5, do_sample=True, temperature=0.7)
+    assert fake.calls[-1][1].temperature == 0.7
+    report = annotate_with_teacher(catalogue, tmp_path / "out", teacher, max_attempts=1, show_progress=False)
+    assert report.annotated == 1 and report.dropped >= 1  # product a's answer passes; empty answers are dropped
+    with pytest.raises(MoonError, match="must be auto, hf or vllm"):
+        annotate_module.make_teacher("builtin:tiny-vl", spec, "tgi")
 
 
 def test_cli_annotate_needs_one_source_and_writes_the_copy(raw_catalogue, tmp_path):

@@ -140,12 +140,7 @@ class Teacher:
     def write(self, products: Sequence[Product], images: Sequence[list[Image.Image]], instruction: str, *,
               max_new_tokens: int, do_sample: bool, temperature: float = 0.8) -> list[str]:
         """One answer per product (decoded, special tokens removed)."""
-        texts = []
-        for product, product_images in zip(products, images, strict=True):
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in product_images[:self.max_images]]
-            content.append({"type": "text", "text": f"{product_text(product)}\n{instruction}"})
-            messages = [{"role": "user", "content": content}]
-            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts = chat_prompts(self.processor, products, images, instruction, self.max_images)
         shown = [image for product_images in images for image in product_images[:self.max_images]]
         enc = self.processor(text=texts, images=shown or None, padding=True, return_tensors="pt")
         enc = {key: value.to(self.model.device) for key, value in enc.items()}
@@ -155,6 +150,74 @@ class Teacher:
         with torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
         return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def chat_prompts(processor: Any, products: Sequence[Product], images: Sequence[list[Image.Image]], instruction: str,
+                 max_images: int) -> list[str]:
+    """Each product's chat prompt for the teacher: its first `max_images` images, its text, the instruction."""
+    texts = []
+    for product, product_images in zip(products, images, strict=True):
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in product_images[:max_images]]
+        content.append({"type": "text", "text": f"{product_text(product)}\n{instruction}"})
+        messages = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return texts
+
+
+class VLLMTeacher:
+    """The teacher on vLLM (GPU; `pip install 'moon-rl[vllm]'`): the same prompts and images as `Teacher`, vLLM's
+    batching and paged attention for a catalogue of many thousand products.
+
+    Args:
+        name_or_path (`str`), model_spec (`ModelSpec`), max_images (`int`): as `Teacher`; the recipe's pixel limits
+            reach vLLM's image processor, so it sees the images as transformers would.
+        gpu_memory_utilization (`float`, *optional*, defaults to `0.85`): vLLM's share of the GPU.
+        seed (`int`, *optional*, defaults to `0`): vLLM's sampling seed (regenerated traces are sampled).
+    """
+
+    def __init__(self, name_or_path: str, model_spec: ModelSpec, *, max_images: int = 4,
+                 gpu_memory_utilization: float = 0.85, seed: int = 0):
+        from moon_rl.modeling.generation import vllm_available
+        from moon_rl.modeling.loading import load_processor, resolve_model_path
+
+        if not vllm_available():
+            raise MoonError("annotate: --teacher-backend vllm needs vllm, which is not installed; on a GPU machine: "
+                            "pip install 'moon-rl[vllm]' (or use --teacher-backend hf)")
+        from vllm import LLM  # noqa: PLC0415 - optional GPU dependency, imported only here
+
+        spec = ModelSpec.model_validate({**model_spec.model_dump(), "name_or_path": name_or_path, "lora": None})
+        path = resolve_model_path(spec)
+        self.name = name_or_path
+        self.max_images = max_images
+        self.processor = load_processor(path, trust_remote_code=spec.trust_remote_code,
+                                        min_pixels=spec.image_min_pixels, max_pixels=spec.image_max_pixels)
+        self.llm = LLM(model=path, trust_remote_code=spec.trust_remote_code, seed=seed,
+                       dtype="auto" if spec.dtype == "auto" else spec.dtype,
+                       gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": max_images},
+                       mm_processor_kwargs={"min_pixels": spec.image_min_pixels, "max_pixels": spec.image_max_pixels})
+
+    def write(self, products: Sequence[Product], images: Sequence[list[Image.Image]], instruction: str, *,
+              max_new_tokens: int, do_sample: bool, temperature: float = 0.8) -> list[str]:
+        """One answer per product, as `Teacher.write` (greedy at temperature 0 unless `do_sample`)."""
+        from vllm import SamplingParams  # noqa: PLC0415
+
+        texts = chat_prompts(self.processor, products, images, instruction, self.max_images)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0)
+        requests = [{"prompt": text, **({"multi_modal_data": {"image": list(shown[:self.max_images])}} if shown else {})}
+                    for text, shown in zip(texts, images, strict=True)]
+        return [output.outputs[0].text for output in self.llm.generate(requests, params, use_tqdm=False)]
+
+
+def make_teacher(name_or_path: str, model_spec: ModelSpec, backend: str = "auto", **kwargs: Any) -> Any:
+    """`VLLMTeacher` or `Teacher`: `auto` takes vLLM when it is installed and a GPU is there, transformers otherwise."""
+    from moon_rl.modeling.generation import vllm_available
+
+    if backend not in ("auto", "hf", "vllm"):
+        raise MoonError(f"annotate: --teacher-backend must be auto, hf or vllm, got {backend!r}")
+    if backend == "vllm" or (backend == "auto" and vllm_available() and torch.cuda.is_available()):
+        logger.info("annotate: the teacher generates with vLLM")
+        return VLLMTeacher(name_or_path, model_spec, **kwargs)
+    return Teacher(name_or_path, model_spec, **{k: v for k, v in kwargs.items() if k == "max_images"})
 
 
 @dataclass
