@@ -26,9 +26,10 @@ def test_presets_follow_the_catalogue_size_and_dimension():
     hnsw = resolve_index("hnsw", 10**6, 256, {"efSearch": 64})
     assert (hnsw.factory, hnsw.params) == ("HNSW32,Flat", {"efSearch": 64})  # the user's value over the default
     big = resolve_index("ivfpq", 10**6, 256)
-    assert big.factory == "IVF4000,PQ64" and big.params == {"nprobe": 500} and big.trains
+    assert big.factory == "IVF4000,PQ64" and big.params == {"nprobe": 125} and big.trains
+    assert resolve_index("ivf", 10**6, 256).params == {"nprobe": 62}
     small = resolve_index("ivf", 2000, 96)
-    assert small.factory == "IVF51,Flat"  # 2000 / 39 cells at most: every cell trains on >= 39 vectors
+    assert small.factory == "IVF51,Flat" and small.params == {"nprobe": 8}  # 2000 / 39 cells: >= 39 vectors each
     assert resolve_index("ivfpq", 5000, 100).factory.endswith("PQ25")  # 25 divides 100
     assert resolve_index("IVF16,SQ8", 5000, 64).name == "custom"
     with pytest.raises(MoonError, match="unknown \\['ef'\\]"):
