@@ -84,10 +84,7 @@ def positive_ranks(
     Returns:
         `np.ndarray` of shape `(Q,)`, int64.
     """
-    queries = np.asarray(query_vecs, dtype=np.float64)
-    gallery = np.asarray(gallery_vecs, dtype=np.float64)
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"expected (Q, D) queries and (G, D) gallery, got {queries.shape} and {gallery.shape}")
+    queries, gallery = _unit_rows(query_vecs, gallery_vecs)
     pos = np.asarray(positives, dtype=np.int64)
     if pos.shape != (len(queries),):
         raise ValueError(f"expected {len(queries)} positives (one per query), got shape {pos.shape}")
@@ -96,17 +93,35 @@ def positive_ranks(
     skip = np.full(len(pos), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
     if skip.shape != pos.shape or np.any(skip == pos):
         raise ValueError("`exclude` needs one gallery index (or -1) per query, never the query's positive")
-    # Float64 cosine: rounding cannot create or break ties between distinct float32 vectors.
-    queries, gallery = _l2_normalise(queries), _l2_normalise(gallery)
+    return _item_ranks(queries, gallery, np.arange(len(pos)), pos, skip)
+
+
+def _unit_rows(query_vecs: np.ndarray, gallery_vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and gallery as L2-normalised float64 rows, after checking their shapes agree.
+
+    Float64 cosine: rounding cannot create or break ties between distinct float32 vectors.
+    """
+    queries = np.asarray(query_vecs, dtype=np.float64)
+    gallery = np.asarray(gallery_vecs, dtype=np.float64)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"expected (Q, D) queries and (G, D) gallery, got {queries.shape} and {gallery.shape}")
+    return _l2_normalise(queries), _l2_normalise(gallery)
+
+
+def _item_ranks(queries: np.ndarray, gallery: np.ndarray, owner: np.ndarray, items: np.ndarray,
+                skip: np.ndarray) -> np.ndarray:
+    """0-based rank of gallery item `items[j]` for query `owner[j]` (ties: lower gallery index first), leaving out
+    gallery index `skip[owner[j]]` where it is >= 0; in chunks, so no full (queries x gallery) matrix is needed."""
     index = np.arange(len(gallery))
-    ranks = np.empty(len(pos), dtype=np.int64)
-    for start in range(0, len(pos), _QUERY_CHUNK):
+    ranks = np.empty(len(owner), dtype=np.int64)
+    for start in range(0, len(owner), _QUERY_CHUNK):
         rows = slice(start, start + _QUERY_CHUNK)
-        scores = queries[rows] @ gallery.T
-        target = np.take_along_axis(scores, pos[rows, None], axis=1)
-        ahead = (scores > target) | ((scores == target) & (index[None, :] < pos[rows, None]))
-        excluded = np.nonzero(skip[rows] >= 0)[0]
-        ahead[excluded, skip[rows][excluded]] = False
+        scores = queries[owner[rows]] @ gallery.T
+        target = np.take_along_axis(scores, items[rows, None], axis=1)
+        ahead = (scores > target) | ((scores == target) & (index[None, :] < items[rows, None]))
+        skipped = skip[owner[rows]]
+        excluded = np.nonzero(skipped >= 0)[0]
+        ahead[excluded, skipped[excluded]] = False
         ranks[rows] = ahead.sum(axis=1)
     return ranks
 
@@ -154,25 +169,14 @@ def relevant_ranks(
     Returns one int64 array per query, its items in `relevant[q]`'s order. Each item is ranked among the whole
     gallery (another relevant item ahead of it counts), which is what DCG needs.
     """
-    queries = _l2_normalise(np.asarray(query_vecs, dtype=np.float64))
-    gallery = _l2_normalise(np.asarray(gallery_vecs, dtype=np.float64))
+    queries, gallery = _unit_rows(query_vecs, gallery_vecs)
     skip = np.full(len(relevant), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
     if skip.shape != (len(relevant),) or any(int(s) in rel for s, rel in zip(skip, relevant, strict=True)):
         raise ValueError("`exclude` needs one gallery index (or -1) per query, never one of the query's positives")
     # One row per (query, relevant item), ranked like `positive_ranks` ranks single positives.
     owner = np.repeat(np.arange(len(relevant)), [len(rel) for rel in relevant])
     items = np.fromiter((i for rel in relevant for i in rel), dtype=np.int64, count=len(owner))
-    index = np.arange(len(gallery))
-    ranks = np.empty(len(owner), dtype=np.int64)
-    for start in range(0, len(owner), _QUERY_CHUNK):
-        rows = slice(start, start + _QUERY_CHUNK)
-        scores = queries[owner[rows]] @ gallery.T
-        target = np.take_along_axis(scores, items[rows, None], axis=1)
-        ahead = (scores > target) | ((scores == target) & (index[None, :] < items[rows, None]))
-        skipped = skip[owner[rows]]
-        excluded = np.nonzero(skipped >= 0)[0]
-        ahead[excluded, skipped[excluded]] = False
-        ranks[rows] = ahead.sum(axis=1)
+    ranks = _item_ranks(queries, gallery, owner, items, skip)
     return np.split(ranks, np.cumsum([len(rel) for rel in relevant])[:-1])
 
 
