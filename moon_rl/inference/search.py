@@ -41,6 +41,11 @@ class EmbeddingIndex:
     def mode(self) -> str:
         return str(self.manifest.get("mode", "direct"))
 
+    def query_dim(self, embedder: MoonEmbedder) -> int | None:
+        """The size `embedder`'s query vectors are cut to for this index: its own, when it holds Matryoshka prefixes
+        (`embed --dim`) shorter than the model's vectors; else None (the full vectors)."""
+        return self.dim if self.dim < embedder.heads.config.embed_dim else None
+
     @classmethod
     def load(cls, folder: Path, params: dict[str, int] | None = None) -> EmbeddingIndex:
         """Read the index, ids and manifest of `folder`, checking they agree; set the search parameters the manifest
@@ -184,9 +189,7 @@ def search(
     if image is not None:
         query["image"] = load_image(str(image), Path.cwd())
     embedder = embedder or index.load_embedder(model_dir)
-    # An index embedded at a Matryoshka size (`embed --dim`) is searched with the query cut to the same size.
-    dim = index.dim if index.dim < embedder.heads.config.embed_dim else None
-    vector = embedder.encode([query], mode=index.mode, batch_size=1, dim=dim)
+    vector = embedder.encode([query], mode=index.mode, batch_size=1, dim=index.query_dim(embedder))
     return index.search_vectors(vector, k)[0]
 
 

@@ -101,7 +101,7 @@ class SearchService:
     @property
     def dim(self) -> int | None:
         """The size queries are cut to: the index's, when it holds Matryoshka prefixes (`embed --dim`); else None."""
-        return self.index.dim if self.index.dim < self.embedder.heads.config.embed_dim else None
+        return self.index.query_dim(self.embedder)
 
     # ------------------------------------------------------------------ model
     def _encode(self, records: list[Any], mode: str) -> tuple[np.ndarray, list[str] | None]:
