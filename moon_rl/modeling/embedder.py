@@ -41,7 +41,7 @@ from moon_rl.modeling.inputs import (
     to_item,
     tokenize_prompts,
 )
-from moon_rl.modeling.matryoshka import truncate
+from moon_rl.modeling.matryoshka import check_range, truncate
 from moon_rl.modeling.taps import (
     BackboneTaps,
     ForwardRecord,
@@ -250,8 +250,7 @@ class MoonEmbedder(nn.Module):
         """
         if mode not in MODES:
             raise MoonError(f"mode must be one of {MODES}, got {mode!r}")
-        if dim is not None and not 1 <= dim <= self.heads.config.embed_dim:
-            raise MoonError(f"dim={dim}: must be between 1 and the model's embedding size {self.heads.config.embed_dim}")
+        check_range(dim, self.heads.config.embed_dim)
         order = sorted(range(len(records)), key=lambda i: batch_order_key(records[i], self.max_images))
         out = np.zeros((len(records), self.heads.config.embed_dim), dtype=np.float32)
         if completions is not None and len(completions) != len(records):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moon_rl.errors import MoonError
 
-__all__ = ["check_dim", "loss_dims", "truncate"]
+__all__ = ["check_dim", "check_range", "loss_dims", "truncate"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,17 @@ def truncate(vectors: ArrayT, dim: int | None) -> ArrayT:
     return head / np.maximum(np.linalg.norm(head, axis=-1, keepdims=True), 1e-12)
 
 
+def check_range(dim: int | None, embed_dim: int, *, what: str = "dim") -> None:
+    """Refuse a size the model cannot give (None: the full size, always fine)."""
+    if dim is not None and not 1 <= dim <= embed_dim:
+        raise MoonError(f"{what}={dim}: must be between 1 and the model's embedding size {embed_dim}")
+
+
 def check_dim(dim: int | None, embed_dim: int, matryoshka_dims: Sequence[int] | None, *, what: str = "dim") -> None:
     """Refuse a size the model cannot give; warn when the model was not trained for it (it still works, worse)."""
+    check_range(dim, embed_dim, what=what)
     if dim is None:
         return
-    if not 1 <= dim <= embed_dim:
-        raise MoonError(f"{what}={dim}: must be between 1 and the model's embedding size {embed_dim}")
     trained = loss_dims(embed_dim, matryoshka_dims)
     if dim not in trained:
         logger.warning("%s=%d: the model was trained for %s (model.heads.matryoshka_dims); a prefix it was not trained "
