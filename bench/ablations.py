@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Its sibling bench module (bench/ is on sys.path when this runs as a script; tests add it before importing).
-from results_md import machine_description, write_section  # noqa: E402
+from results_md import machine_description, seeds_and_results, write_section  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -74,11 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="markdown file to write (default bench/RESULTS.md; quick: <out>/RESULTS.md)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    seeds_and_results(args)
     args.n_products = args.n_products or (120 if quick else 600)
     args.sft_steps = args.sft_steps or (20 if quick else 150)
     args.grpo_steps = args.grpo_steps or (8 if quick else 80)
-    args.results = args.results or (args.out / "RESULTS.md" if quick else ROOT / "bench" / "RESULTS.md")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {''.join(VARIANTS)}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_md import machine_description, write_section
+from results_md import machine_description, seeds_and_results, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="results default to <out>/RESULTS.md")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ann")
     parser.add_argument("--results", type=Path, default=None)
-    args = parser.parse_args(argv)
-    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "bench" / "RESULTS.md")
-    return args
+    return seeds_and_results(parser.parse_args(argv))
 
 
 def real_embeddings(model: Path | None, dim: int | None) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 # Sibling bench modules: bench/ is on sys.path when this runs as a script (tests add it before importing).
 from ablations import spread
-from results_md import machine_description, write_section
+from results_md import machine_description, seeds_and_results, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -70,10 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"the results file's section to (re)write (default {SECTION}; e.g. one per catalogue)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as `moon-rl --set` (repeatable)")
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "bench" / "RESULTS.md")
-    return args
+    return seeds_and_results(parser.parse_args(argv))
 
 
 def load_seed_recipe(args: argparse.Namespace, seed: int) -> Recipe:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from ablations import spread
-from results_md import machine_description, write_section
+from results_md import machine_description, run_seeds, seeds_and_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -45,10 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rewrite the section from <out>/matryoshka.json without training")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "matryoshka")
     parser.add_argument("--results", type=Path, default=None)
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "bench" / "RESULTS.md")
-    return args
+    return seeds_and_results(parser.parse_args(argv))
 
 
 def train(out: Path, seed: int, steps: int, matryoshka: bool) -> Path:
@@ -115,21 +111,7 @@ def section(args: argparse.Namespace, runs: list[dict[str, Any]], minutes: float
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if args.report_only:
-        runs = json.loads((args.out / "matryoshka.json").read_text())
-        write_section(args.results, SECTION, section(args, runs, float("nan")))
-        print(f"rewrote section {SECTION!r} of {args.results}")
-        return
-    runs = []
-    for seed in args.seeds:
-        runs.append(run_seed(args, seed))
-        (args.out / "matryoshka.json").write_text(json.dumps(runs, indent=2))
-        print(json.dumps(runs[-1]), flush=True)
-    write_section(args.results, SECTION, section(args, runs, (time.perf_counter() - started) / 60))
-    print(f"wrote section {SECTION!r} of {args.results}")
-
+    run_seeds(args, "matryoshka.json", SECTION, run_seed, section)
 
 if __name__ == "__main__":
     main()

@@ -12,10 +12,15 @@ duplicates its text nor erases another bench's.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _ANY_SECTION = re.compile(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", re.S)
 
@@ -74,3 +79,37 @@ def machine_description() -> str:
 
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+#: The results file benches write their sections into (a quick smoke run writes beside its outputs instead).
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def seeds_and_results(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults every seeded bench shares: seeds 0 1 2 (seed 0 with `--quick`), and the results file:
+    `--results`, else `<out>/RESULTS.md` for a quick run, else bench/RESULTS.md."""
+    if hasattr(args, "seeds"):
+        args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.results = args.results or (args.out / "RESULTS.md" if args.quick else RESULTS)
+    return args
+
+
+def run_seeds(args: argparse.Namespace, json_name: str, section_name: str,
+              run_seed: Callable[[argparse.Namespace, int], dict[str, Any]],
+              section: Callable[[argparse.Namespace, list[dict[str, Any]], float], str]) -> None:
+    """Run `run_seed` for each of `args.seeds`, keeping every finished seed in `<out>/<json_name>` (a crash loses one
+    seed), then write the results file's section; with `args.report_only`, rewrite the section from that file."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / json_name
+    if args.report_only:
+        write_section(args.results, section_name, section(args, json.loads(saved.read_text()), float("nan")))
+        print(f"rewrote section {section_name!r} of {args.results}")
+        return
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        runs.append(run_seed(args, seed))
+        saved.write_text(json.dumps(runs, indent=2))
+        print(json.dumps(runs[-1]), flush=True)
+    write_section(args.results, section_name, section(args, runs, (time.perf_counter() - started) / 60))
+    print(f"wrote section {section_name!r} of {args.results}")
