@@ -86,7 +86,7 @@ def timed_search(index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, f
 def main(argv: list[str] | None = None) -> None:
     import faiss
 
-    from moon_rl.inference.ann import apply_params, build_index, resolve_index
+    from moon_rl.inference.ann import apply_params, build_index, recall_at_k, resolve_index
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for params in knob_settings(spec.params):
             apply_params(index, params)
             found, qps = timed_search(index, queries)
-            recall = np.mean([len(set(t) & set(f)) / len(t)
-                              for t, f in zip(truth.tolist(), found.tolist(), strict=True)])
+            recall = recall_at_k(truth, found)
             rows.append((preset, spec.factory, params, built, recall, qps))
             print(f"{preset} ({spec.factory}, {params}): built in {built:.0f} s, recall@10 {recall:.3f}, "
                   f"{qps:.0f} queries/s ({qps / exact_qps:.1f}x exact)", flush=True)

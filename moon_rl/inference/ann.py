@@ -29,7 +29,7 @@ import numpy as np
 
 from moon_rl.errors import MoonError
 
-__all__ = ["PRESETS", "IndexSpec", "apply_params", "build_index", "measure_recall", "resolve_index"]
+__all__ = ["PRESETS", "IndexSpec", "apply_params", "build_index", "measure_recall", "recall_at_k", "resolve_index"]
 
 PRESETS = ("flat", "hnsw", "ivf", "ivfpq")
 #: Vectors per k-means cell the training sample should hold at least (FAISS warns below 39).
@@ -114,6 +114,12 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, seed: int = 0, max_trai
     return index
 
 
+def recall_at_k(truth: np.ndarray, found: np.ndarray) -> float:
+    """Share of the exact top-k rows (`truth`, (Q, k)) that the index also returned (`found`, (Q, k))."""
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
+    return hits / truth.size if truth.size else 1.0
+
+
 def measure_recall(index: Any, vectors: np.ndarray, *, k: int = 10, n_queries: int = 1000, seed: int = 0
                    ) -> dict[str, Any]:
     """Recall@k of `index` against exact search, with a seeded sample of the indexed vectors as queries, and the
@@ -132,6 +138,5 @@ def measure_recall(index: Any, vectors: np.ndarray, *, k: int = 10, n_queries: i
     start = time.perf_counter()
     _, found = index.search(queries, k)
     index_s = time.perf_counter() - start
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
-    return {f"recall@{k}": hits / (k * len(queries)), "queries": len(queries),
+    return {f"recall@{k}": recall_at_k(truth, found), "queries": len(queries),
             "qps": round(len(queries) / max(index_s, 1e-9), 1), "exact_qps": round(len(queries) / max(exact_s, 1e-9), 1)}
