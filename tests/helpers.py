@@ -13,6 +13,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: The `grpo` section of a small end-to-end recipe: 2 CPU steps of 8 prompts (2 completions each) from any model,
+#: after `tiny_sft_recipe`.
+TINY_GRPO_SECTION = (
+    "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8,"
+    " num_generations: 2,\n"
+    "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
+    "       gradient_checkpointing: false, disable_tqdm: true}\n"
+)
+
+
 def tiny_sft_recipe(run_dir: Path, *, max_steps: int, save_steps: int, batch_size: int = 8) -> str:
     """The head of a small end-to-end recipe: output folder, tiny model, 48-product catalogue, a short CPU SFT stage.
 

@@ -13,7 +13,7 @@ from moon_rl.evaluation.faithfulness import derangement, faithfulness
 from moon_rl.evaluation.plots import training_curves, training_panels
 from moon_rl.evaluation.report import faithfulness_table, main_table, write_report, zero_shot_table
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
-from tests.helpers import tiny_sft_recipe
+from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
 
 
 def _unit(*rows):
@@ -203,9 +203,7 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=2) +
-        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
-        "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
-        "       gradient_checkpointing: false, disable_tqdm: true}\n"
+        TINY_GRPO_SECTION +
         "embed: {max_new_tokens: 8}\n"
         "eval: {baselines: [untrained]}\n"
     )

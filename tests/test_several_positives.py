@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_sft_recipe
+from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
 
 
 def _several_positives_catalogue(folder: Path) -> list[dict]:
@@ -45,9 +45,7 @@ def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=4) +
-        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
-        "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
-        "       gradient_checkpointing: false, disable_tqdm: true}\n"
+        TINY_GRPO_SECTION +
         "eval: {modes: [direct], baselines: []}\n"
     )
     result = CliRunner().invoke(app, ["run", str(recipe), "--set", f"data.catalogue={tmp_path / 'cat'}",
