@@ -431,3 +431,81 @@ def test_trainer_builders_wire_every_recipe_setting_the_cli_uses(tmp_path):
     assert grpo.reward_weights.tolist() == pytest.approx([0.7, 0.3])
     assert grpo.heads_optimizer.learning_rate == 0.004
     assert grpo.contrastive_dims == [32, 16, 8]
+
+
+def _step_gradients(trainer, batch, num_items_in_batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """One `training_step` from zero gradients: its loss and every trained parameter's gradient (model and heads)."""
+    params = {f"model.{n}": p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    params.update({f"heads.{n}": p for n, p in trainer.embedder.heads.named_parameters() if p.requires_grad})
+    for p in params.values():
+        p.grad = None
+    loss = trainer.training_step(trainer.model, batch, num_items_in_batch)
+    return float(loss), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("count_tokens", [True, False], ids=["num_items_in_batch", "mean_loss"])
+def test_grad_cache_gives_the_gradients_of_the_whole_batch(tmp_path, count_tokens):
+    """GradCache (`contrastive_chunk_size`): chunks of 3, 3 and 2 pairs back-propagate the same gradients as the
+    8-pair batch in one forward, with every loss term on (LM, value tokens, photo rows, hard and chain negatives,
+    a Matryoshka prefix), and whether TRL normalises the LM loss by the counted tokens or per forward.
+    A chunk's LM loss weighted wrongly, a gradient cached for the wrong chunk or block, or a term left out fails it."""
+    from moon_rl.training.sft import build_sft_trainer
+
+    recipe = small_recipe(tmp_path, "sft.contrastive_chunk_size=3", "sft.value_token_weight=2.0",
+                          "sft.photo_traces=true", "sft.hard_negatives=1", "sft.contrastive_weight=0.5",
+                          "model.heads.matryoshka_dims=[16]")
+    trainer = build_sft_trainer(recipe)
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop; 2 checks the accumulation scaling
+    collator = trainer.data_collator
+    rows = [{"pair": i} for i in range(8)]
+    chunked = collator(rows)
+    assert chunked == {"moon_chunks": [[0, 1, 2], [3, 4, 5], [6, 7]]}  # row ids: collated when each chunk runs
+    collator.chunk_size = None
+    whole = collator(rows)
+    items_whole = items_chunked = None
+    if count_tokens:  # as the Trainer counts a whole batch's tokens for a model that takes `num_items_in_batch`
+        trainer.model_accepts_loss_kwargs = True
+        items_whole = trainer._get_num_items_in_batch([whole], trainer.args.device)
+        items_chunked = items_whole
+        assert int(items_whole) > 0
+    loss_whole, grads_whole = _step_gradients(trainer, whole, items_whole)
+    loss_chunked, grads_chunked = _step_gradients(trainer, chunked, items_chunked)
+    assert loss_chunked == pytest.approx(loss_whole, rel=1e-5)
+    assert grads_chunked.keys() == grads_whole.keys() and any(n.startswith("heads.") for n in grads_whole)
+    for name, grad in grads_whole.items():
+        torch.testing.assert_close(grads_chunked[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grad_cache_replays_the_random_state_of_each_chunk(tmp_path):
+    """With dropout on, a chunk's second forward (with gradient) must draw the masks its first one drew: the cached
+    gradients belong to the first forward's embeddings. Without the replay they differ."""
+    from moon_rl.training.sft import build_sft_trainer
+
+    recipe = small_recipe(tmp_path, "sft.contrastive_chunk_size=2")
+    trainer = build_sft_trainer(recipe)
+    trainer.current_gradient_accumulation_steps = 1
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    first, second = [], []
+    embed_first, forward_second = trainer._chunk_embeddings, trainer._forward_with_readouts
+
+    def spy_first(model, chunk):
+        first.append(embed_first(model, chunk))
+        return first[-1]
+
+    def spy_second(model, inputs, num_items):
+        out = forward_second(model, inputs, num_items)
+        second.append(out[1].detach())
+        return out
+
+    trainer._chunk_embeddings, trainer._forward_with_readouts = spy_first, spy_second
+    trainer.training_step(trainer.model, trainer.data_collator([{"pair": i} for i in range(4)]), None)
+    assert len(first) == len(second) == 2
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # The dropout is real: the same chunk embedded again without the replay differs.
+    chunk = trainer._prepare_inputs(trainer.data_collator([{"pair": 0}, {"pair": 1}]))
+    with torch.no_grad():
+        again = embed_first(trainer.model, chunk)
+    assert (again - first[0]).abs().max() > 1e-3

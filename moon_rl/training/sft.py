@@ -15,6 +15,7 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -34,8 +35,10 @@ from moon_rl.modeling.folder import FINAL_DIR
 from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
-from moon_rl.training.configs import MoonSFTConfig
+from moon_rl.training.configs import ConfigValueError, MoonSFTConfig
+from moon_rl.training.grad_cache import RngState, embedding_gradients
 from moon_rl.training.losses import matryoshka_info_nce
+from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, merge_chunk_embeddings, sft_examples
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +57,15 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         self._init_moon(embedder, heads_learning_rate, kwargs)
         super().__init__(model=embedder.model, args=args, processing_class=embedder.processor, **kwargs)
         self._finish_moon_init()
+        if args.contrastive_chunk_size and self.is_deepspeed_enabled:
+            # DeepSpeed's engine steps inside `backward`: several backward passes per step would step it several times.
+            raise ConfigValueError("contrastive_chunk_size", "`contrastive_chunk_size` (GradCache) runs one backward "
+                                   "pass per chunk, which DeepSpeed does not allow; use DDP or FSDP, or unset it.")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        layout = inputs.pop("moon")
-        with self.embedder.taps.capture() as records:
-            lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], **layout}
-        embeddings = self.embedder.embed_record(records[-1], batch)
+        if "moon_chunks" in inputs:  # a GradCache batch outside training (training runs it in `training_step`)
+            return self._chunked_loss(model, inputs["moon_chunks"], num_items_in_batch, backward=False)
+        lm_loss, embeddings, hidden, layout = self._forward_with_readouts(model, inputs, num_items_in_batch)
         contrastive, metrics = self._contrastive_loss(embeddings, layout)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["lm_loss"].append(float(lm_loss.detach()))
@@ -68,12 +73,111 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
         loss = lm_loss + self.args.contrastive_weight * contrastive / steps
         if self.args.value_token_weight:
-            value_loss = self._value_token_loss(records[-1].last_hidden, inputs["input_ids"], layout["value_mask"])
+            value_loss = self._value_token_loss(hidden, inputs["input_ids"], layout["value_mask"])
             metrics["lm_loss/values"] = float(value_loss.detach())
             loss = loss + self.args.value_token_weight * value_loss / steps
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         return loss
+
+    def _forward_with_readouts(self, model, inputs: dict[str, Any], num_items_in_batch: Any
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """TRL's LM loss of one batch, every row's embedding and last hidden states (one forward), and the layout."""
+        inputs = dict(inputs)
+        layout = inputs.pop("moon")
+        with self.embedder.taps.capture() as records:
+            lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], **layout}
+        return lm_loss, self.embedder.embed_record(records[-1], batch), records[-1].last_hidden, layout
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "moon_chunks" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # What `Trainer.training_step` does around the loss; the backward passes are the chunks' own.
+        with self.maybe_activation_offload_context:
+            model.train()
+            if callable(getattr(self.optimizer, "train", None)):
+                self.optimizer.train()
+            return self._chunked_loss(model, inputs["moon_chunks"], num_items_in_batch, backward=True)
+
+    def _chunk_batch(self, rows: list[int]) -> dict[str, Any]:
+        """A GradCache chunk's batch, on the device: collated when it runs, so memory holds one chunk's images."""
+        return self._prepare_inputs(self.data_collator.collate(rows))
+
+    def _chunk_embeddings(self, model, chunk: dict[str, Any]) -> torch.Tensor:
+        """A chunk's embeddings from a forward without LM loss (the caller turns gradients off)."""
+        model_inputs = {k: v for k, v in chunk.items() if k not in ("moon", "labels")}
+        with self.embedder.taps.capture() as records:
+            # Through the wrapped model (DDP/FSDP gather their parameters there); one logit row, not the full logits.
+            model(**model_inputs, use_cache=False, logits_to_keep=1)
+        batch = {"input_ids": chunk["input_ids"], "attention_mask": chunk["attention_mask"], **chunk["moon"]}
+        return self.embedder.embed_record(records[-1], batch)
+
+    def _chunked_loss(self, model, chunks: list[list[int]], num_items_in_batch: Any, *, backward: bool
+                      ) -> torch.Tensor:
+        """`compute_loss` of the batch the chunks' rows make up, run GradCache's way (training/grad_cache.py).
+
+        Each chunk is collated and run twice (without, then with gradient); only one chunk's inputs and activations
+        are held at a time. With `backward`, back-propagates each chunk's share as it goes and returns the detached
+        loss, scaled for gradient accumulation as `Trainer.training_step` would have scaled `compute_loss`'s. A
+        GradCache batch holds no `labels` for the Trainer to count, so `num_items_in_batch` is None in training and
+        the LM loss is the batch's mean over its trace tokens (TRL's loss without `num_items_in_batch`).
+        """
+        mode = "train" if self.model.training else "eval"
+        scaled = num_items_in_batch is not None and mode == "train"  # the Trainer leaves accumulation to the loss
+        steps = self.current_gradient_accumulation_steps if scaled else 1
+        accumulation = self.current_gradient_accumulation_steps if (backward and not scaled) else 1
+        cfg = self.args
+        # 1. Every chunk's embeddings without an autograd graph, from a random state the second forward replays.
+        states, cached, layouts, label_counts, value_counts = [], [], [], [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for rows in chunks:
+                chunk = self._chunk_batch(rows)
+                states.append(RngState.capture(chunk["input_ids"].device))
+                cached.append(self._chunk_embeddings(model, chunk))
+                layouts.append(chunk["moon"])
+                label_counts.append(int(chunk["labels"][..., 1:].ne(-100).sum()))
+                value_counts.append(int(chunk["moon"]["value_mask"].sum()))
+                del chunk
+        # 2. The contrastive loss over the whole batch, and its gradient with respect to each chunk's embeddings.
+        metrics: dict[str, float] = {}
+
+        def contrastive_of(leaves: list[torch.Tensor]) -> torch.Tensor:
+            embeddings, layout = merge_chunk_embeddings(leaves, layouts)
+            with self.compute_loss_context_manager():
+                loss, found = self._contrastive_loss(embeddings, layout)
+            metrics.update(found)
+            return cfg.contrastive_weight * loss / steps
+
+        contrastive, grads = embedding_gradients(contrastive_of, cached)
+        # 3. Each chunk again, with gradient: its LM loss plus the cached gradients through its embeddings.
+        lm_total = value_total = contrastive.new_zeros(())
+        for index, (rows, state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
+            last = index == len(chunks) - 1
+            sync = self.accelerator.no_sync(model) if backward and not last else contextlib.nullcontext()
+            chunk = self._chunk_batch(rows)
+            with state.replay(), sync, torch.set_grad_enabled(backward), self.compute_loss_context_manager():
+                lm_loss, embeddings, hidden, layout = self._forward_with_readouts(model, chunk, num_items_in_batch)
+                if num_items_in_batch is None:  # TRL's loss is then the chunk's mean: weigh it by its tokens
+                    lm_loss = lm_loss * label_counts[index] / max(sum(label_counts), 1)
+                piece = lm_loss + (embeddings * grad.to(embeddings.dtype)).sum()
+                if cfg.value_token_weight:
+                    value_loss = self._value_token_loss(hidden, chunk["input_ids"], layout["value_mask"])
+                    value_loss = value_loss * value_counts[index] / max(sum(value_counts), 1)
+                    value_total = value_total + value_loss.detach()
+                    piece = piece + cfg.value_token_weight * value_loss / steps
+                if backward:
+                    self.accelerator.backward(piece / accumulation)
+            lm_total = lm_total + lm_loss.detach()
+            del chunk, piece, embeddings, hidden
+        self._metrics[mode]["lm_loss"].append(float(lm_total))
+        if cfg.value_token_weight:
+            metrics["lm_loss/values"] = float(value_total)
+        metrics["grad_cache/chunks"] = float(len(chunks))
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        loss = lm_total + contrastive + cfg.value_token_weight * value_total / steps
+        return loss / accumulation
 
     def _value_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of the trace tokens that name an attribute value (zero when there are none).
@@ -144,7 +248,6 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
         `MoonSFTTrainer`: the embedder it trains is `.embedder`.
     """
     from moon_rl.data.catalogue import load_recipe_catalogue
-    from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, sft_examples
 
     args = args if args is not None else recipe.sft_config()
     # The collator hands TRL ready tensors and the extra "moon" layout; TRL must neither tokenise nor drop columns.
@@ -166,7 +269,8 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
                                seed=args.seed, chain_negatives=args.chain_negatives,
                                value_token_weight=args.value_token_weight, photo_traces=args.photo_traces,
-                               prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20)
+                               prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,
+                               chunk_size=args.contrastive_chunk_size)
     return MoonSFTTrainer(
         embedder, args, heads_learning_rate=args.heads_learning_rate or recipe.model.heads.learning_rate,
         train_dataset=Dataset.from_dict({"pair": collator.dataset_rows()}), data_collator=collator,

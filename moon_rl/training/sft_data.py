@@ -19,6 +19,7 @@ prompt, trained by the contrastive term only.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,12 +83,19 @@ class MoonSFTCollator:
             trace (see the module docstring).
         prompt_cache_bytes (`int`, *optional*): the most bytes of tokenised prompts kept between batches (the
             recipe's `data.prompt_cache_mb`); None keeps all.
+        chunk_size (`int`, *optional*): GradCache (`sft.contrastive_chunk_size`): a batch of more pairs than this
+            becomes `{"moon_chunks": [[row, ...], ...]}`, the dataset rows of each chunk of at most `chunk_size`
+            pairs, uncollated: the trainer collates a chunk (`collate`, laid out as above) when it runs it, so that
+            memory holds one chunk's images, not the batch's. `merge_chunk_embeddings` puts the chunks' embeddings
+            back in the layout of one batch.
     """
 
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
                  trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False,
-                 value_token_weight: float = 0.0, photo_traces: bool = False, prompt_cache_bytes: int | None = None):
+                 value_token_weight: float = 0.0, photo_traces: bool = False, prompt_cache_bytes: int | None = None,
+                 chunk_size: int | None = None):
         self.embedder = embedder
+        self.chunk_size = chunk_size
         self.catalogue = catalogue
         self.examples = examples
         self.hard_negatives = hard_negatives
@@ -221,6 +229,14 @@ class MoonSFTCollator:
         return list(range(len(self.examples) * self.rotations))
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.chunk_size and len(rows) > self.chunk_size:
+            ids = [int(row["pair"]) for row in rows]
+            return {"moon_chunks": [ids[start:start + self.chunk_size] for start in range(0, len(ids), self.chunk_size)]}
+        return self.collate(rows)
+
+    def collate(self, rows: list[dict[str, Any]] | list[int]) -> dict[str, Any]:
+        """One batch of these dataset rows (`{"pair": index}` or the index): the same rows give the same batch."""
+        rows = [row if isinstance(row, dict) else {"pair": row} for row in rows]
         # Row r is pair r % n with its hard negatives rotated by r // n: deterministic (resumable) yet varied.
         n_pairs = len(self.examples)
         picks = [(self.examples[int(row["pair"]) % n_pairs], int(row["pair"]) // n_pairs) for row in rows]
@@ -292,6 +308,34 @@ class MoonSFTCollator:
             "value_mask": value_mask,
         }
         return model_inputs
+
+
+def merge_chunk_embeddings(embeddings: list[torch.Tensor], layouts: list[dict[str, Any]]
+                           ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The embeddings and layout one batch of all the chunks' pairs would have had (for the contrastive loss).
+
+    Each chunk's rows are `[reason n | anchor n | direct n | negatives k*n | chain negatives n or 0 | photo rows]`;
+    the merged tensor stacks each block over the chunks, in chunk order, and leaves out the photo rows (no contrastive
+    term reads them). Differentiable in `embeddings`.
+    """
+    k = int(layouts[0]["hard_negatives"])
+    blocks: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    for emb, layout in zip(embeddings, layouts, strict=True):
+        n, chains = int(layout["n_pairs"]), len(layout["chain_negative_mask"])
+        bounds = [0, n, 2 * n, 3 * n, (3 + k) * n, (3 + k) * n + chains]
+        for block, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            blocks[block].append(emb[start:stop])
+    relevant = [layout["relevant_ids"] for layout in layouts]
+    merged = {
+        "n_pairs": sum(int(layout["n_pairs"]) for layout in layouts),
+        "hard_negatives": k,
+        "negative_mask": torch.cat([layout["negative_mask"] for layout in layouts]),
+        "image_only": torch.cat([layout["image_only"] for layout in layouts]),
+        "chain_negative_mask": torch.cat([layout["chain_negative_mask"] for layout in layouts]),
+        "positive_ids": [pid for layout in layouts for pid in layout["positive_ids"]],
+        "relevant_ids": None if relevant[0] is None else [ids for chunk in relevant for ids in chunk],
+    }
+    return torch.cat([torch.cat(block) for block in blocks]), merged
 
 
 class NoiseEpoch(TrainerCallback):
