@@ -17,6 +17,10 @@ batches (encode's length-sorted order and batch size):
 
 The sides alternate (A/B, then B/A) `--repeats` times; each repetition is printed and the median end-to-end ratio
 `moonrl_items_per_s / bare_items_per_s` comes last. `--breakdown` also times encode's stages separately.
+
+`--workers 0 1 2` then times `moon-rl embed`'s own loop (`embed_catalogue` on the same catalogue, images decoded
+inside the timed region, files written) with that many DataLoader preprocessing workers, the settings in turn within
+each repetition: the gain of overlapping preprocessing with the forward, as the median ratio to 0 workers.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from moon_rl.data.catalogue import load_catalogue  # noqa: E402
+from moon_rl.data.catalogue import Catalogue, load_catalogue  # noqa: E402
 from moon_rl.data.synthetic import SynthOptions, synthesize  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for  # noqa: E402
 from moon_rl.modeling.heads import MoonHeads  # noqa: E402
@@ -64,13 +68,33 @@ def build(size: str, embed_dim: int) -> tuple[MoonEmbedder, torch.nn.Module]:
     return embedder, backbone_of(bare_model).eval()
 
 
-def synthetic_items(n: int, max_images: int) -> list[EmbedItem]:
-    """`n` synthetic products as items with their images already decoded (decoding is not what is measured)."""
+def synthetic_catalogue(n: int) -> Catalogue:
     folder = Path(tempfile.mkdtemp(prefix="moon-bench-")) / "catalogue"
     synthesize(folder, SynthOptions(n_products=n, seed=0, image_size=112))
-    catalogue = load_catalogue(folder)
+    return load_catalogue(folder)
+
+
+def synthetic_items(catalogue: Catalogue, n: int, max_images: int) -> list[EmbedItem]:
+    """`n` synthetic products as items with their images already decoded (decoding is not what is measured)."""
     products = list(catalogue.products.values())[:n]
     return [to_item(p, catalogue.image, max_images) for p in products]
+
+
+def pipeline_rates(embedder: MoonEmbedder, catalogue: Catalogue, workers: list[int], batch_size: int,
+                   repeats: int) -> dict[int, list[float]]:
+    """Products/s of `embed_catalogue` with each number of preprocessing workers, interleaved per repetition."""
+    from moon_rl.inference.pipeline import embed_catalogue
+
+    out = Path(tempfile.mkdtemp(prefix="moon-bench-embed-"))
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    for rep in range(repeats + 1):  # the first round warms up (worker start-up code paths, allocator)
+        for w in (workers if rep % 2 == 0 else workers[::-1]):
+            started = time.perf_counter()
+            embed_catalogue(embedder, catalogue, out / f"w{w}", batch_size=batch_size, show_progress=False,
+                            num_workers=w)
+            if rep:
+                rates[w].append(len(catalogue.products) / (time.perf_counter() - started))
+    return rates
 
 
 def encode_batches(items: list[EmbedItem], batch_size: int) -> list[list[EmbedItem]]:
@@ -157,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--breakdown", action="store_true", help="also time encode's stages separately")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="also time `moon-rl embed`'s loop with these numbers of preprocessing workers (e.g. 0 1)")
     return parser.parse_args(argv)
 
 
@@ -165,7 +191,8 @@ def main(argv: list[str] | None = None) -> float:
     if args.threads:
         torch.set_num_threads(args.threads)
     embedder, bare = build(args.size, args.embed_dim)
-    items = synthetic_items(args.n, embedder.max_images)
+    catalogue = synthetic_catalogue(args.n)
+    items = synthetic_items(catalogue, args.n, embedder.max_images)
     batches = encode_batches(items, args.batch_size)
     inputs = bare_inputs(embedder, batches)  # outside every timed region
     n = len(items)
@@ -206,6 +233,14 @@ def main(argv: list[str] | None = None) -> float:
     print(f"median forward-only ratio = {statistics.median(forward_ratios):.3f} (reference, see the docstring)")
     median = statistics.median(ratios)
     print(f"median ratio (moonrl_items_per_s / bare_items_per_s) = {median:.3f}")
+    if args.workers:
+        rates = pipeline_rates(embedder, catalogue, args.workers, args.batch_size, args.repeats)
+        base = statistics.median(rates[args.workers[0]])
+        print(f"moon-rl embed loop ({len(catalogue.products)} products, images decoded in the loop, files written):")
+        for w, found in rates.items():
+            print(f"  num_workers={w}: median {statistics.median(found):8.1f} products/s "
+                  f"({' '.join(f'{r:.1f}' for r in found)}), ratio to num_workers={args.workers[0]}: "
+                  f"{statistics.median(found) / base:.3f}")
     return median
 
 

@@ -70,8 +70,11 @@ def test_embed_writes_the_preset_and_its_recall_and_search_uses_the_stored_param
         meta: dict = {}
         max_images = 1
 
-        def encode(self, items, mode="direct", batch_size=32, dim=None):
-            return np.stack([table[item.id] for item in items])
+        def preprocess(self, items):
+            return [item.id for item in items]
+
+        def embed_prompts(self, ids, mode="direct", items=None, dim=None):
+            return np.stack([table[pid] for pid in ids])
 
     embed_catalogue(Planted(), catalogue, tmp_path / "hnsw", index="hnsw", index_params={"efSearch": 40},
                     show_progress=False)

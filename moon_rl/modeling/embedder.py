@@ -232,6 +232,24 @@ class MoonEmbedder(nn.Module):
             self._vllm = VLLMGenerator(source)
         return self._vllm
 
+    def preprocess(self, items: Sequence[EmbedItem]) -> PromptBatch:
+        """The CPU half of embedding a batch (chat template, tokenizer, image processor), for `embed_prompts`.
+
+        `moon-rl embed` runs it in DataLoader workers, where it overlaps the model's forward on the previous batch.
+        """
+        return tokenize_prompts(self.processor, items)
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: PromptBatch, mode: Mode = "direct", *, items: Sequence[EmbedItem] | None = None,
+                      dim: int | None = None) -> np.ndarray:
+        """Float32 vectors (rows in `prompts` order) of a batch `preprocess` prepared: in reason mode the model first
+        writes its reasoning (greedy). `items`: the batch's items, needed by the vLLM backend only (it takes images,
+        not pixel values). `dim`: as in `encode`."""
+        with eval_mode(self):
+            completions = self.generate_reasoning(items or [], prompts=prompts) if mode == "reason" else None
+            vectors = self(self.prepare(None, completions, prompts=prompts)).float().cpu().numpy()
+        return truncate(vectors, dim)
+
     @torch.inference_mode()
     def encode(
         self, records: Sequence[Any], mode: Mode = "direct", batch_size: int = 32, *,

@@ -250,6 +250,11 @@ class EmbedSpec(_Section):
     index: str = Field(default="flat", min_length=1)
     #: Search-time parameters stored with the index (`nprobe` for IVF, `efSearch` for HNSW); presets have defaults.
     index_params: dict[Literal["nprobe", "efSearch"], PositiveInt] = Field(default_factory=dict)
+    #: DataLoader workers that decode images and tokenise prompts while the model embeds (None: 2 beside a GPU, 0 on
+    #: a CPU-only machine, where they would take the cores the forward runs on).
+    num_workers: NonNegativeInt | None = None
+    #: Products per shard: each is written to `<out>.shards/` when done; processes share shards, reruns reuse them.
+    shard_size: PositiveInt = 4096
 
 
 class EvalSpec(_Section):
