@@ -154,16 +154,18 @@ class _Progress:
         self.last_scan = time.monotonic()
         self.bar = tqdm(total=total, initial=done, desc=desc, unit="product", disable=not show)
 
-    def update(self, rows: int) -> None:
+    def update(self, rows: int, *, scan: bool = False) -> None:
         self.rows += rows
-        if self.world_size > 1 and time.monotonic() - self.last_scan > 2.0:
+        if self.world_size > 1 and (scan or time.monotonic() - self.last_scan > 2.0):
             for shard in finished_shards(self.folder) - self.counted - self.mine:
                 self.rows += shard_rows(self.folder, shard)
                 self.counted.add(shard)
             self.last_scan = time.monotonic()
         self.bar.update(self.rows - self.bar.n)
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = False) -> None:
+        if finished:  # every process's shards are written: the bar ends at the whole job
+            self.update(0, scan=True)
         self.bar.close()
 
 
@@ -220,7 +222,9 @@ def _processes() -> tuple[int, int, Callable[[], None]]:
         return 0, 1, lambda: None
     from accelerate import PartialState
 
-    state = PartialState()  # joins the process group the launcher described (gloo on CPUs, NCCL on GPUs)
+    # Joins the process group the launcher described: NCCL on GPUs; on a CPU-only machine accelerate must be told
+    # (`cpu=True`, gloo), or every process believes it is the only one and embeds the whole catalogue.
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 
@@ -366,12 +370,13 @@ def embed_catalogue(
     start = time.perf_counter()
     try:
         _embed_shards(embedder, catalogue, plan, [s for s in mine if s not in done], folder, mode=mode,
-                                 batch_size=batch_size, skip_bad=skip_bad, dim=dim,
-                                 num_workers=default_num_workers() if num_workers is None else num_workers,
-                                 progress=progress)
-    finally:
+                      batch_size=batch_size, skip_bad=skip_bad, dim=dim,
+                      num_workers=default_num_workers() if num_workers is None else num_workers, progress=progress)
+    except BaseException:
         progress.close()
+        raise
     barrier()  # every shard is written
+    progress.close(finished=True)
     seconds = time.perf_counter() - start
     if rank == 0:
         ids, vectors, skipped = _merge_shards(folder, plan, dim or heads.embed_dim)
