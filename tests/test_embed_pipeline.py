@@ -72,6 +72,26 @@ def test_parquet_matches_encode(embedded, embedder, catalogue):
     assert manifest["skipped"] == [] and manifest["items_per_s"] > 0
 
 
+def test_reason_mode_in_shards_with_a_worker_matches_encode(embedder, catalogue, tmp_path):
+    """Reason mode through the sharded loop (6 shards of 8, images and prompts prepared by a DataLoader worker):
+    each product's vector is `encode`'s, generation included; a batch or shard paired with the wrong ids fails."""
+    embedder.max_new_tokens, saved = 6, embedder.max_new_tokens  # the untrained model never closes its chain
+    try:
+        summary = embed_catalogue(embedder, catalogue, tmp_path / "reason", mode="reason", batch_size=8, shard_size=8,
+                                  num_workers=1, show_progress=False)
+        table = pq.read_table(tmp_path / "reason" / "embeddings.parquet")
+        ids = table.column("id").to_pylist()
+        vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+        products = [catalogue.products[pid] for pid in ids]
+        expected = embedder.encode(products, mode="reason", batch_size=8, load_image=catalogue.image)
+    finally:
+        embedder.max_new_tokens = saved
+    assert summary.shards == 6 and summary.mode == "reason" and sorted(ids) == sorted(catalogue.products)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    direct = embedder.encode(products[:4], mode="direct", batch_size=8, load_image=catalogue.image)
+    assert np.abs(vectors[:4] - direct).max() > 1e-3  # the chains were written and read
+
+
 def test_index_search_ranks_own_vector_first(embedded):
     index = EmbeddingIndex.load(embedded)
     table = pq.read_table(embedded / "embeddings.parquet")
