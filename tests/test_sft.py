@@ -443,17 +443,20 @@ def _step_gradients(trainer, batch, num_items_in_batch) -> tuple[float, dict[str
     return float(loss), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
 
-@pytest.mark.parametrize("count_tokens", [True, False], ids=["num_items_in_batch", "mean_loss"])
-def test_grad_cache_gives_the_gradients_of_the_whole_batch(tmp_path, count_tokens):
+@pytest.mark.parametrize(("count_tokens", "lora"), [(True, False), (False, False), (False, True)],
+                         ids=["num_items_in_batch", "mean_loss", "lora"])
+def test_grad_cache_gives_the_gradients_of_the_whole_batch(tmp_path, count_tokens, lora):
     """GradCache (`contrastive_chunk_size`): chunks of 3, 3 and 2 pairs back-propagate the same gradients as the
     8-pair batch in one forward, with every loss term on (LM, value tokens, photo rows, hard and chain negatives,
-    a Matryoshka prefix), and whether TRL normalises the LM loss by the counted tokens or per forward.
+    a Matryoshka prefix), whether TRL normalises the LM loss by the counted tokens or per forward, and with LoRA
+    adapters (their dropout off: the unchunked batch draws its masks in another shape).
     A chunk's LM loss weighted wrongly, a gradient cached for the wrong chunk or block, or a term left out fails it."""
     from moon_rl.training.sft import build_sft_trainer
 
     recipe = small_recipe(tmp_path, "sft.contrastive_chunk_size=3", "sft.value_token_weight=2.0",
                           "sft.photo_traces=true", "sft.hard_negatives=1", "sft.contrastive_weight=0.5",
-                          "model.heads.matryoshka_dims=[16]")
+                          "model.heads.matryoshka_dims=[16]",
+                          *(["model.lora={r: 4, alpha: 8, dropout: 0.0}"] if lora else []))
     trainer = build_sft_trainer(recipe)
     trainer.current_gradient_accumulation_steps = 2  # set by the training loop; 2 checks the accumulation scaling
     collator = trainer.data_collator
@@ -472,6 +475,7 @@ def test_grad_cache_gives_the_gradients_of_the_whole_batch(tmp_path, count_token
     loss_chunked, grads_chunked = _step_gradients(trainer, chunked, items_chunked)
     assert loss_chunked == pytest.approx(loss_whole, rel=1e-5)
     assert grads_chunked.keys() == grads_whole.keys() and any(n.startswith("heads.") for n in grads_whole)
+    assert any("lora_" in n for n in grads_whole) == lora
     for name, grad in grads_whole.items():
         torch.testing.assert_close(grads_chunked[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
