@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 import re
 import time
@@ -27,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from moon_rl.cache import atomic_dir, cache_root
+from moon_rl.data import synthetic_text as words
+from moon_rl.data.synthetic_images import draw_view
 from moon_rl.errors import DataError
 
 __all__ = [
@@ -66,41 +66,6 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
 _WORD_TO_ATTRIBUTE = {value: attr for attr, values in VOCABULARY.items() for value in values}
 assert len(_WORD_TO_ATTRIBUTE) == sum(map(len, VOCABULARY.values())), "an attribute word belongs to two attributes"
 
-# Filler words; none may be an attribute value (the text-only analysis reads attribute values off the words).
-ADJECTIVES = ("classic", "modern", "everyday", "lightweight", "durable", "elegant", "simple", "versatile", "sturdy")
-USES = ("work", "weekends", "travel", "evenings", "home", "the office", "outdoor days")
-SEASONS = ("spring", "summer", "autumn", "winter")
-
-# Templates. Attribute values always appear lowercase and as whole words, so each can be a single token.
-TITLES = (
-    "{brand} {material} {category}",
-    "{material} {category} by {brand}",
-    "{brand} {category} in {material}",
-    "{category} from {brand}, {material}",
-    "{brand} | {material} {category}",
-)
-DESC_OPEN = (
-    "A {adj} {category} made of {material}.",
-    "This {adj} {category} is crafted from {material}.",
-    "Our {adj} {category}: {material} through and through.",
-    "Made from {material}, this {category} is {adj} and {adj2}.",
-)
-DESC_BRAND = (
-    "Designed by {brand}.",
-    "From the {brand} {season} collection.",
-    "Quality by {brand}, built for {use}.",
-    "Sold exclusively by {brand}.",
-)
-DESC_EXTRA = ("Ideal for {use}.", "A {adj} choice for {use}.", "Easy to care for.", "")
-DESC_COLOUR = ("Shown here in {colour}.", "The colour is {colour}.", "Finished in {colour}.")
-QUERIES = (
-    "{colour} {pattern} {material} {category} by {brand}",
-    "{brand} {category}, {colour} {pattern}, {material}",
-    "looking for a {pattern} {colour} {category} in {material} from {brand}",
-    "{material} {category} from {brand} with a {pattern} {colour} look",
-    "{colour} {category}, {pattern}, made of {material}, brand {brand}",
-    "need a {brand} {material} {category} that is {colour} and {pattern}",
-)
 #: The reasoning traces' fixed form: the text-visible attributes first (copied from the title and description), then
 #: the image-visible ones (read from the pixels), one `name value.` clause each. A 2-layer model learns this form in
 #: a few hundred steps; the earlier traces (shuffled order, three phrasings per attribute, openers and summaries) it
@@ -235,29 +200,6 @@ def named_attributes(text: str) -> dict[str, str]:
     return named
 
 
-def _fill(rng: random.Random, attrs: dict[str, str]) -> dict[str, str]:
-    adj, adj2 = rng.sample(ADJECTIVES, 2)
-    return {**attrs, "adj": adj, "adj2": adj2, "use": rng.choice(USES), "season": rng.choice(SEASONS)}
-
-
-def _title(rng: random.Random, attrs: dict[str, str], with_colour: bool) -> str:
-    values = dict(attrs)
-    if with_colour:
-        values["category"] = f"{attrs['colour']} {attrs['category']}"
-    return rng.choice(TITLES).format(**values)
-
-
-def _description(rng: random.Random, attrs: dict[str, str], with_colour: bool) -> str:
-    values = _fill(rng, attrs)
-    rest = [rng.choice(DESC_BRAND), rng.choice(DESC_EXTRA)] + ([rng.choice(DESC_COLOUR)] if with_colour else [])
-    rng.shuffle(rest)  # the opener stays first; the other sentences come in varied order
-    return " ".join(p.format(**values) for p in [rng.choice(DESC_OPEN), *rest] if p)
-
-
-def _query(rng: random.Random, attrs: dict[str, str]) -> str:
-    return rng.choice(QUERIES).format(**attrs)
-
-
 def reasoning_trace(attrs: dict[str, str]) -> str:
     """The product's reasoning trace: `category shirt. material wool. brand zorvik. colour red. pattern striped.`"""
     return " ".join(f"{name} {attrs[name]}." for name in TRACE_ORDER)
@@ -289,9 +231,9 @@ def _duplicate_listings(items: list[_Item], seed: int) -> list[_Item]:
 
 def _write_texts(item: _Item, rng: random.Random) -> None:
     where = rng.choice(("title", "description")) if rng.random() < COLOUR_NAMED_RATE else None
-    item.title = _title(rng, item.attrs, where == "title")
-    item.description = _description(rng, item.attrs, where == "description")
-    item.query = _query(rng, item.attrs)
+    item.title = words.title(rng, item.attrs, where == "title")
+    item.description = words.description(rng, item.attrs, where == "description")
+    item.query = words.query(rng, item.attrs)
     _skip_legacy_trace_draws(rng)
     item.reasoning = reasoning_trace(item.attrs)
     item.named = named_attributes(f"{item.title} {item.description}")
@@ -308,22 +250,22 @@ def vocabulary_corpus(seed: int = 0, n: int = 2000) -> list[str]:
     sampled titles, descriptions, queries and reasoning traces. Deterministic for a given `seed`; no images.
     """
     sweep = [f"{attr}: {' '.join(values)}" for attr, values in VOCABULARY.items()]
-    sweep += [" ".join(ADJECTIVES), " ".join(USES), " ".join(SEASONS)]
-    templates = [*TITLES, *DESC_OPEN, *DESC_BRAND, *DESC_EXTRA, *DESC_COLOUR, *QUERIES]
+    sweep += [" ".join(words.ADJECTIVES), " ".join(words.USES), " ".join(words.SEASONS)]
+    templates = list(words.TEMPLATES)
     rng = random.Random(f"vocabulary:{seed}")
     for index, template in enumerate(t for t in templates if t):
         attrs = {attr: values[index % len(values)] for attr, values in VOCABULARY.items()}
-        sweep.append(template.format(**_fill(rng, attrs)))
+        sweep.append(template.format(**words.fill(rng, attrs)))
     sampled: list[str] = []
     for index in range(n):
         attrs = {attr: rng.choice(values) for attr, values in VOCABULARY.items()}
         kind = index % 4
         if kind == 0:
-            sampled.append(_title(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
+            sampled.append(words.title(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
         elif kind == 1:
-            sampled.append(_description(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
+            sampled.append(words.description(rng, attrs, rng.random() < COLOUR_NAMED_RATE))
         elif kind == 2:
-            sampled.append(_query(rng, attrs))
+            sampled.append(words.query(rng, attrs))
         else:
             sampled.append(reasoning_trace(attrs))
     return sweep + sampled
@@ -438,121 +380,12 @@ def _text_analysis(test_items: list[_Item]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------- images
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, a0: float = 0, a1: float = 360, n: int = 28) -> list:
-    return [(cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a)))
-            for a in np.linspace(a0, a1, n).tolist()]  # fmt: skip
-
-
-def _rect(x0: float, y0: float, x1: float, y1: float) -> list:
-    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-
-
-# Silhouettes in unit coordinates (y down): ("+", polygon) adds to the mask, ("-", polygon) cuts a hole.
-SILHOUETTES: dict[str, list[tuple[str, list]]] = {
-    "shirt": [("+", [(0.35, 0.15), (0.43, 0.15), (0.5, 0.23), (0.57, 0.15), (0.65, 0.15), (0.88, 0.32), (0.8, 0.44),
-                     (0.7, 0.38), (0.7, 0.88), (0.3, 0.88), (0.3, 0.38), (0.2, 0.44), (0.12, 0.32)])],
-    "dress": [("+", [(0.4, 0.1), (0.45, 0.1), (0.47, 0.2), (0.53, 0.2), (0.55, 0.1), (0.6, 0.1), (0.62, 0.3),
-                     (0.57, 0.45), (0.85, 0.9), (0.15, 0.9), (0.43, 0.45), (0.38, 0.3)])],
-    "trousers": [("+", [(0.3, 0.1), (0.7, 0.1), (0.77, 0.9), (0.56, 0.9), (0.5, 0.38), (0.44, 0.9), (0.23, 0.9)])],
-    "shoe": [("+", [(0.1, 0.62), (0.12, 0.45), (0.22, 0.42), (0.3, 0.3), (0.45, 0.3), (0.5, 0.42), (0.72, 0.5),
-                    (0.88, 0.58), (0.9, 0.7), (0.1, 0.7)])],
-    "handbag": [("+", _ellipse(0.5, 0.44, 0.22, 0.26, 180, 360)), ("-", _ellipse(0.5, 0.44, 0.15, 0.19, 180, 360)),
-                ("+", [(0.2, 0.42), (0.8, 0.42), (0.88, 0.85), (0.12, 0.85)])],
-    "hat": [("+", _ellipse(0.5, 0.68, 0.42, 0.08)), ("+", _ellipse(0.5, 0.67, 0.22, 0.36, 180, 360))],
-    "watch": [("+", _rect(0.4, 0.08, 0.6, 0.92)), ("+", _ellipse(0.5, 0.5, 0.2, 0.2)),
-              ("+", _rect(0.69, 0.46, 0.75, 0.54))],
-    "lamp": [("+", [(0.35, 0.12), (0.65, 0.12), (0.79, 0.42), (0.21, 0.42)]), ("+", _rect(0.47, 0.42, 0.53, 0.8)),
-             ("+", _ellipse(0.5, 0.84, 0.2, 0.06))],
-    "mug": [("+", _ellipse(0.68, 0.55, 0.17, 0.18)), ("-", _ellipse(0.68, 0.55, 0.09, 0.1)),
-            ("+", _rect(0.2, 0.25, 0.68, 0.85))],
-    "umbrella": [("+", _ellipse(0.5, 0.47, 0.42, 0.32, 180, 360)), ("+", _rect(0.485, 0.47, 0.515, 0.82)),
-                 ("+", _ellipse(0.44, 0.82, 0.075, 0.075, 0, 180)), ("-", _ellipse(0.44, 0.82, 0.04, 0.04, 0, 180))],
-}  # fmt: skip
-BACKGROUNDS = ((236, 232, 222), (218, 228, 240), (224, 240, 224), (242, 226, 230), (228, 228, 228),
-               (245, 240, 212), (214, 214, 226), (206, 222, 222))  # fmt: skip
-
-
-def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
-    return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
-
-
-def pale_background(size: int, top: tuple[int, int, int], bottom: tuple[int, int, int],
-                    np_rng: np.random.Generator) -> Image.Image:
-    """A vertical gradient from `top` to `bottom` with light pixel noise (a product photo's backdrop)."""
-    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
-    gradient = np.asarray(top, np.float32) * (1 - t) + np.asarray(bottom, np.float32) * t
-    noise = np_rng.normal(0.0, 4.0, (size, size, 3)).astype(np.float32)
-    return Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
-
-
-def pattern_fill(size: int, colour: tuple[int, int, int], pattern: str, period: int, phase: int) -> Image.Image:
-    """The product's surface: the colour, with the pattern in a shade of the same colour (so colour stays legible)."""
-    light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 150
-    second = _mix(colour, (0, 0, 0), 0.45) if light else _mix(colour, (255, 255, 255), 0.55)
-    image = Image.new("RGB", (size, size), colour)
-    draw = ImageDraw.Draw(image)
-    half = max(2, period // 2)
-    if pattern == "striped":
-        for y in range(phase - period, size, period):
-            draw.rectangle((0, y, size, y + half - 1), fill=second)
-    elif pattern == "diagonal":
-        for x in range(phase - size, 2 * size, period):
-            draw.line((x, 0, x - size, size), fill=second, width=max(2, period // 3))
-    elif pattern == "dotted":
-        r = max(1.5, period * 0.24)
-        for row, y in enumerate(range(phase - period, size + period, period)):
-            for x in range(phase - period + (half if row % 2 else 0), size + period, period):
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=second)
-    elif pattern == "checked":
-        for i, y in enumerate(range(phase - period, size, half)):
-            for j, x in enumerate(range(phase - period, size, half)):
-                if (i + j) % 2:
-                    draw.rectangle((x, y, x + half - 1, y + half - 1), fill=second)
-    elif pattern == "zigzag":
-        for y in range(phase - period, size + period, period):
-            points = [(x, y + (half if k % 2 else 0)) for k, x in enumerate(range(-half, size + period, half))]
-            draw.line(points, fill=second, width=max(2, period // 4), joint="curve")
-    return image
-
-
-def _draw_view(attrs: dict[str, str], size: int, rng: random.Random, np_rng: np.random.Generator) -> Image.Image:
-    """One view: silhouette mask (2x supersampled), pattern fill, outline, on a noisy pale gradient background."""
-    scale = rng.uniform(0.72, 1.0)
-    angle = math.radians(rng.uniform(-14, 14))
-    flip = rng.random() < 0.5
-    dx, dy = rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)
-    bg0, bg1 = rng.sample(BACKGROUNDS, 2)
-    big = 2 * size
-    cos, sin = math.cos(angle), math.sin(angle)
-
-    def place(x: float, y: float) -> tuple[float, float]:
-        u, v = (x - 0.5) * (-1 if flip else 1), y - 0.5
-        return (((u * cos - v * sin) * scale + 0.5 + dx) * big, ((u * sin + v * cos) * scale + 0.5 + dy) * big)
-
-    mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    for op, polygon in SILHOUETTES[attrs["category"]]:
-        draw.polygon([place(x, y) for x, y in polygon], fill=255 if op == "+" else 0)
-    mask = mask.reduce(2)
-
-    background = pale_background(size, bg0, bg1, np_rng)
-
-    colour = COLOURS[attrs["colour"]]
-    period = max(6, round(size * scale / 7))
-    fill = pattern_fill(size, colour, attrs["pattern"], period, rng.randrange(period))
-    image = Image.composite(fill, background, mask)
-    # A one-pixel outline just inside the silhouette keeps white and pale products visible on pale backgrounds.
-    inside = mask.point(lambda p: 255 if p > 160 else 0)
-    edges = ImageChops.subtract(inside, inside.filter(ImageFilter.MinFilter(3)))
-    image.paste(_mix(colour, (0, 0, 0), 0.55), mask=edges)
-    return image
-
-
 def _draw_item(item: _Item, options: SynthOptions, index: int, images: Path) -> None:
     rng = random.Random(f"image:{options.seed}:{item.id}")
     np_rng = np.random.default_rng([options.seed, index])
     for view in range(N_VIEWS):
-        image = _draw_view(item.attrs, options.image_size, rng, np_rng)
+        image = draw_view(item.attrs["category"], COLOURS[item.attrs["colour"]], item.attrs["pattern"],
+                          options.image_size, rng, np_rng)
         image.save(images / f"{item.id}_v{view}.png", format="PNG", compress_level=6)
 
 

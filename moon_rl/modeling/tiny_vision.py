@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from moon_rl.data.synthetic import BACKGROUNDS, COLOURS, PATTERNS, pale_background, pattern_fill
+from moon_rl.data.synthetic import COLOURS, PATTERNS
+from moon_rl.data.synthetic_images import BACKGROUNDS, pale_background, pattern_fill
 
 __all__ = ["PRETRAIN_STEPS", "draw_swatch", "pretrain_vision"]
 
