@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from moon_rl.plan import plan_recipe
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.configs import config_value
+    from moon_rl.training.config_checks import config_value
     from moon_rl.training.grpo import run_grpo
     from moon_rl.training.sft import run_sft
 

@@ -187,7 +187,7 @@ class StagePlan:
 def plan_recipe(recipe: Recipe, gpus: int = 1, strategy: str = "ddp", gpu_memory_gib: float = 80.0,
                 prompt_tokens: int = 128) -> tuple[Architecture, list[StagePlan]]:
     """GiB per device of each training stage in `recipe.stages` (module doc); MoonError: bad model, strategy, stages."""
-    from moon_rl.training.configs import config_fields, config_value
+    from moon_rl.training.config_checks import config_fields, config_value
 
     if strategy not in STRATEGIES:
         raise MoonError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")

@@ -324,7 +324,7 @@ class TestRoundTrip:
 
 def test_generation_batch_is_global_as_trl_counts_it():
     """TRL's generation batch spans every process; the anchors check and TRL's divisibility rule must count it so."""
-    from moon_rl.training.configs import generation_batch_problems
+    from moon_rl.training.config_checks import generation_batch_problems
 
     per_device = {"per_device_train_batch_size": 4, "num_generations": 4, "min_distinct_anchors": 2}
     assert "1 distinct anchor(s)" in generation_batch_problems(per_device, num_processes=1)[0]
@@ -340,7 +340,7 @@ def test_generation_batch_is_global_as_trl_counts_it():
 
 def test_single_process_generation_batch_matches_trl(tmp_path):
     """One process: our generation batch is TRL's `generation_batch_size` after its own resolution."""
-    from moon_rl.training.configs import generation_batch_problems
+    from moon_rl.training.config_checks import generation_batch_problems
 
     values = {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 2, "num_generations": 3,
               "min_distinct_anchors": 4, "bf16": False, "use_cpu": True, "report_to": "none"}

@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from moon_rl.recipe.schema import Recipe
-from moon_rl.training.configs import config_value
+from moon_rl.training.config_checks import config_value
 
 __all__ = ["catalogue_problems", "package_problems"]
 

@@ -19,17 +19,15 @@ from moon_rl.errors import RecipeError
 from moon_rl.recipe.error_messages import invalid_config_line
 from moon_rl.recipe.provenance import Origins, lookup_origin
 from moon_rl.recipe.schema import TRAINER_SECTIONS, Recipe
-from moon_rl.training.configs import (
+from moon_rl.training.config_checks import (
     CONFIG_CLASSES,
     GENERATION_BATCH_FIELDS,
-    ConfigValueError,
-    MoonGRPOConfig,
-    MoonSFTConfig,
     config_fields,
     generation_batch_problems,
     section_problems,
     vllm_fire_problems,
 )
+from moon_rl.training.configs import ConfigValueError, MoonGRPOConfig, MoonSFTConfig
 
 __all__ = ["build_trainer_config", "section_key_problems", "trainer_fields", "trainer_problems"]
 

@@ -53,7 +53,8 @@ from moon_rl.recipe import Recipe
 from moon_rl.training.candidates import CandidatePool, Candidates, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
-from moon_rl.training.configs import MoonGRPOConfig, generation_batch_problems, vllm_fire_problems
+from moon_rl.training.config_checks import generation_batch_problems, vllm_fire_problems
+from moon_rl.training.configs import MoonGRPOConfig
 from moon_rl.training.losses import gather_ids, matryoshka_info_nce
 from moon_rl.training.reward_context import ContextReward
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
