@@ -147,19 +147,6 @@ def data_synth(
     typer.echo(report.summary())
 
 
-def _pairs_option(values: list[str] | None, option: str) -> dict[str, str]:
-    """`--column id=sku --column title=name` as `{"id": "sku", "title": "name"}`."""
-    from moon_rl.errors import MoonError
-
-    out = {}
-    for value in values or []:
-        ours, sep, theirs = value.partition("=")
-        if not sep or not ours.strip() or not theirs.strip():
-            raise MoonError(f"{option} {value!r}: expected NAME=VALUE, e.g. {option} id=sku")
-        out[ours.strip()] = theirs.strip()
-    return out
-
-
 @data_app.command("validate")
 @_user_errors
 def data_validate(
@@ -174,11 +161,11 @@ def data_validate(
         "--split test=validation")] = None,
 ) -> None:
     """Check every row of a catalogue and its pairs; print each problem with file, line, field and reason."""
-    from moon_rl.data.columns import column_map_problems
+    from moon_rl.data.columns import column_map_problems, parse_name_pairs
     from moon_rl.data.validate import validate_catalogue
     from moon_rl.errors import MoonError
 
-    columns, splits = _pairs_option(column, "--column"), _pairs_option(split, "--split")
+    columns, splits = parse_name_pairs(column, "--column"), parse_name_pairs(split, "--split")
     if problems := column_map_problems(columns):
         raise MoonError(f"--column: {'; '.join(problems)}")
     report = validate_catalogue(path, columns=columns, splits=splits)
@@ -337,10 +324,11 @@ def sft(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
 ) -> None:
     """Stage 1: reasoning SFT + InfoNCE. Writes <output_dir>/sft/final and metrics.json."""
+    from moon_rl.evaluation.report import stage_table
     from moon_rl.training.sft import run_sft
 
     final = run_sft(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    _result(f"{_metrics_table(final.parent)}SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+    _result(f"{stage_table(final.parent)}SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 @app.command("grpo")
@@ -352,19 +340,11 @@ def grpo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
 ) -> None:
     """Stage 2: GRPO with retrieval-rank rewards + InfoNCE, from the SFT model. Writes <output_dir>/grpo/final."""
+    from moon_rl.evaluation.report import stage_table
     from moon_rl.training.grpo import run_grpo
 
     final = run_grpo(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    _result(f"{_metrics_table(final.parent)}GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
-
-
-def _metrics_table(stage_dir: Path) -> str:
-    """The stage's test-split table (its metrics.json), printed once by the command, or nothing."""
-    import json
-
-    metrics = stage_dir / "metrics.json"
-    table = json.loads(metrics.read_text()).get("table") if metrics.is_file() else None
-    return f"{table}\n\n" if table else ""
+    _result(f"{stage_table(final.parent)}GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------------- eval / run
@@ -380,19 +360,14 @@ def eval_(
     """Evaluate models and baselines on the test split: report.md, metrics.json and PNG plots."""
     import json
 
-    from moon_rl.evaluation.report import finished_models, main_table, run_eval
+    from moon_rl.evaluation.report import finished_models, main_table, model_label, run_eval
 
     loaded = _load(recipe, set_)
     run_dir = Path(loaded.output_dir)
-    models = finished_models(run_dir) if not model else {_model_label(m): m for m in model}
+    models = finished_models(run_dir) if not model else {model_label(m): m for m in model}
     folder = run_eval(loaded, models, out, run_dir=run_dir)
     results = json.loads((folder / "metrics.json").read_text())["results"]
     _result(f"{main_table(results)}\n\nreport: {folder / 'report.md'}")
-
-
-def _model_label(folder: Path) -> str:
-    """`runs/x/grpo/final` -> "grpo"; any other folder -> its name."""
-    return folder.parent.name if folder.name == "final" else folder.name
 
 
 @app.command("run")

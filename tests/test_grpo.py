@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
-    from moon_rl.training.grpo import MoonGRPOTrainer, catalogue_images, grpo_dataset
+    from moon_rl.training.grpo import MoonGRPOTrainer
+    from moon_rl.training.grpo_data import catalogue_images, grpo_dataset
     from moon_rl.training.sft_data import sft_examples
     from rewards import RewardEntry
 
@@ -307,7 +308,9 @@ def test_generation_ends_at_the_readout_token_only(tmp_path):
     out at a token SFT never trained as the read-out, unlike `embed` and `eval`, which stop at the end of turn."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
-    from moon_rl.training.grpo import MoonGRPOTrainer, _end_generation_at_readout, grpo_dataset
+    from moon_rl.training.grpo import MoonGRPOTrainer
+    from moon_rl.training.grpo_data import grpo_dataset
+    from moon_rl.training.sampling import end_generation_at_readout
     from moon_rl.training.sft_data import sft_examples
     from rewards import RewardEntry
 
@@ -323,7 +326,7 @@ def test_generation_ends_at_the_readout_token_only(tmp_path):
     assert trainer.generation_config.eos_token_id == [embedder.readout_id]
     assert trainer.eos_token_ids == [embedder.readout_id]
     vllm_args = SimpleNamespace(use_vllm=True, generation_kwargs={"top_k": 5})
-    _end_generation_at_readout(vllm_args, 7)
+    end_generation_at_readout(vllm_args, 7)
     assert vllm_args.generation_kwargs == {"top_k": 5, "stop_token_ids": [7], "ignore_eos": True}
 
 
@@ -341,7 +344,7 @@ def test_an_init_from_that_holds_no_model_is_an_error(tmp_path):
 
 
 def test_importance_sampling_share_counts_what_trls_correction_dropped_or_clipped():
-    from moon_rl.training.grpo import importance_sampling_share
+    from moon_rl.training.sampling import importance_sampling_share
 
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     token_masked = torch.tensor([[1.2, 0.0, 0.9, 0.0], [0.0, 1.0, 5.0, 0.0]])  # zeros at padding do not count
@@ -376,9 +379,9 @@ def test_right_answers_are_every_query_that_lists_the_product():
     pair 3 another product's. A's completions must not count pairs 1 (lists A) and 2 (A's) as wrong answers, in the
     reward's mask and the InfoNCE's, and B's completions must not count pair 0; neither answers pair 3's product."""
     from moon_rl.training.candidates import answer_mask
-    from moon_rl.training.grpo import _answers_by_product
+    from moon_rl.training.grpo_data import answers_by_product
 
-    answers = _answers_by_product(["A", "B", "A", "C"], [("A", "B"), ("A", "B"), ("A",), ("C",)])
+    answers = answers_by_product(["A", "B", "A", "C"], [("A", "B"), ("A", "B"), ("A",), ("C",)])
     assert answers == {"A": (0, 1, 2), "B": (0, 1), "C": (3,)}
     trainer = SimpleNamespace(_answers=answers, pair_products=["A", "B", "A", "C"])
     from moon_rl.training.grpo import MoonGRPOTrainer

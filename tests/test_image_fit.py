@@ -76,7 +76,7 @@ def test_grpo_images_and_vllm_requests_are_fitted(tmp_path):
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.grpo import catalogue_images
+    from moon_rl.training.grpo_data import catalogue_images
 
     path = tmp_path / "r.yaml"
     path.write_text("model: {lora: null, heads: {embed_dim: 32}, image_min_pixels: 12544, image_max_pixels: 50176}\n"

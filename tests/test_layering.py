@@ -74,3 +74,12 @@ def test_no_two_packages_import_each_other():
     cycles = {tuple(sorted(p)) for p in combinations(LEVEL, 2) if p in pairs and p[::-1] in pairs}
     assert cycles - KNOWN_CYCLES == set(), "packages that import each other"
     assert KNOWN_CYCLES - cycles == set(), "fixed: remove these from KNOWN_CYCLES"
+
+
+def test_no_source_file_is_over_500_lines():
+    """Small modules with one job: a file past 500 lines (issue 15's bar) is doing several; split it by job."""
+    root = PACKAGE.parent
+    sources = [*PACKAGE.rglob("*.py"), *(root / "rewards").rglob("*.py"), root / "cli.py"]
+    long = {str(path.relative_to(root)): n for path in sources
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, long

@@ -48,7 +48,7 @@ def test_grpo_rows_hold_no_images_and_the_preflight_decodes_only_its_samples(tmp
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
     from moon_rl.recipe import load_recipe
-    from moon_rl.training.grpo import grpo_dataset
+    from moon_rl.training.grpo_data import grpo_dataset
     from moon_rl.training.preflight import reasoning_preflight
     from moon_rl.training.sft_data import sft_examples
 

@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["COLUMN_FIELDS", "PAIR_FIELDS", "PRODUCT_FIELDS", "ColumnMap", "column_map_problems"]
+from moon_rl.errors import MoonError
+
+__all__ = ["COLUMN_FIELDS", "PAIR_FIELDS", "PRODUCT_FIELDS", "ColumnMap", "column_map_problems", "parse_name_pairs"]
 
 PRODUCT_FIELDS: tuple[str, ...] = ("id", "title", "description", "category", "attributes", "images", "image",
                                    "reasoning")
@@ -130,3 +132,14 @@ class ColumnMap:
             return " / ".join(self.columns[q] for q in _QUERY if q in self.columns)
         column = self.column(head)
         return f"{column}{rest}" if column is not None else name
+
+
+def parse_name_pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """`--column id=sku --column title=name` as `{"id": "sku", "title": "name"}` (`option` names the flag in errors)."""
+    out = {}
+    for value in values or []:
+        ours, sep, theirs = value.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise MoonError(f"{option} {value!r}: expected NAME=VALUE, e.g. {option} id=sku")
+        out[ours.strip()] = theirs.strip()
+    return out

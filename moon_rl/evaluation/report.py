@@ -232,6 +232,18 @@ def run_eval(recipe: Recipe, models: Mapping[str, Path], out: Path | None = None
     return out
 
 
+def stage_table(stage_dir: Path) -> str:
+    """The stage's test-split table (its metrics.json), printed once by the command, or nothing."""
+    metrics = stage_dir / "metrics.json"
+    table = json.loads(metrics.read_text()).get("table") if metrics.is_file() else None
+    return f"{table}\n\n" if table else ""
+
+
+def model_label(folder: Path) -> str:
+    """`runs/x/grpo/final` -> "grpo"; any other folder -> its name."""
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
 def finished_models(run_dir: Path) -> dict[str, Path]:
     """The finished stage models of a run folder, pipeline order: `{"sft": <run>/sft/final, "grpo": ...}`."""
     found = {}

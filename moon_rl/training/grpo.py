@@ -24,14 +24,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
@@ -50,52 +48,18 @@ from moon_rl.modeling.shared_images import ImageFeatureCache, shared_image_featu
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
 from moon_rl.recipe import Recipe
-from moon_rl.training.candidates import CandidatePool, Candidates, answer_mask
+from moon_rl.training.candidates import CandidatePool, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
 from moon_rl.training.config_checks import generation_batch_problems, vllm_fire_problems
 from moon_rl.training.configs import MoonGRPOConfig
+from moon_rl.training.grpo_data import answers_by_product, catalogue_images, grpo_dataset, lookalike_pairs
 from moon_rl.training.losses import gather_ids, matryoshka_info_nce
-from moon_rl.training.reward_context import ContextReward
+from moon_rl.training.reward_context import ContextReward, RewardBatch
+from moon_rl.training.sampling import end_generation_at_readout, importance_sampling_share
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardBatch:
-    """The state of one generation batch: what its reward functions get beside TRL's keywords, and what its loss steps
-    need (the candidate pool; each row's pair and product). One object per generation batch, replaced by the next.
-
-    Attributes:
-        embeddings (`torch.Tensor` of shape `(N, D)`): read-outs of this process's completions (no gradient, dropout
-            off), L2-normalised.
-        candidates (`torch.Tensor` of shape `(M, D)`): direct-mode query embeddings of the candidate pool
-            (training/candidates.py): every process's queries, the look-alikes' queries, the queue.
-        positive_index (`torch.Tensor` of shape `(N,)`): each completion's own query in `candidates`.
-        candidate_mask (`torch.Tensor` of shape `(N, M)`, bool): False where a candidate is another right answer for
-            the completion's product (another query of it, or a query listing it among its `positives`): not a wrong
-            answer. The positive is always True.
-        truncated (`list[bool]`): the completion ran out of tokens before closing its turn.
-        attributes (`list[dict[str, str]]`): the product's attributes, per completion.
-        pool (`Candidates`): the candidates with their pairs (the loss's InfoNCE negatives).
-        pairs (`torch.Tensor` of shape `(N,)`): each completion's pair (its query); rides along as `moon_pair`.
-    """
-
-    embeddings: torch.Tensor
-    candidates: torch.Tensor
-    positive_index: torch.Tensor
-    candidate_mask: torch.Tensor
-    truncated: list[bool]
-    attributes: list[dict[str, str]]
-    pool: Candidates
-    pairs: torch.Tensor
-
-    #: The fields reward functions receive as keyword arguments (rewards/ documents them).
-    REWARD_KWARGS = ("embeddings", "candidates", "positive_index", "candidate_mask", "truncated", "attributes")
-
-    def reward_kwargs(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.REWARD_KWARGS}
 
 
 class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
@@ -137,7 +101,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         self.query_item = query_item
         self.related_pairs = related_pairs
         self.pair_products = pair_products
-        self._answers = _answers_by_product(pair_products, pair_relevant)
+        self._answers = answers_by_product(pair_products, pair_relevant)
         self.candidate_pool = CandidatePool(args.candidate_queue_size)
         self._batch: RewardBatch | None = None  # the current generation batch (rewards, then its loss steps)
         dataset = kwargs.get("train_dataset")
@@ -146,7 +110,7 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         ) if dataset is not None and "attributes_json" in dataset.column_names else {}
         self.product_images = product_images
         self._query_prompts = PromptCache(embedder.processor, prompt_cache_bytes)  # every step re-ranks the same queries
-        _end_generation_at_readout(args, embedder.readout_id)
+        end_generation_at_readout(args, embedder.readout_id)
         wrapped = [ContextReward(entry.fn, lambda: self._batch.reward_kwargs(), entry.name, args.max_reward_failure_steps)
                    for entry in reward_funcs]
         # The weights travel with their rewards: TRL's `reward_weights` is set here, never by the user (rejected).
@@ -414,111 +378,6 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             rows.append(self.embedder.embed_record(record, batch))
             start += n
         return torch.cat(rows)
-
-
-def _answers_by_product(pair_products: Sequence[str] | None, pair_relevant: Sequence[Sequence[str]] | None
-                        ) -> dict[str, tuple[int, ...]]:
-    """Product -> the pairs whose query is a right answer for it (every pair that lists it as a positive); {} when
-    each pair is its own product."""
-    if pair_products is None:
-        return {}
-    relevant = pair_relevant if pair_relevant is not None else [(p,) for p in pair_products]
-    if len(relevant) != len(pair_products):
-        raise ValueError(f"pair_relevant has {len(relevant)} entries for {len(pair_products)} pairs")
-    answers: dict[str, list[int]] = {}
-    for pair, (own, products) in enumerate(zip(pair_products, relevant, strict=True)):
-        for product in dict.fromkeys((own, *products)):
-            answers.setdefault(product, []).append(pair)
-    return {product: tuple(pairs) for product, pairs in answers.items()}
-
-
-def importance_sampling_share(ratio: torch.Tensor, completion_mask: torch.Tensor, mode: str,
-                              clip_min: float | None, clip_max: float | None) -> tuple[str, float]:
-    """What TRL's vLLM importance-sampling correction did to a generation batch: ("masked" | "clipped", share).
-
-    `*_mask` modes set out-of-bounds ratios to 0 (that sequence or token is dropped from the loss); `*_truncate` modes
-    clamp them to the bounds. The share is over sequences (`sequence_*`, ratio of shape (B, 1)) or over completion
-    tokens (`token_*`, (B, T)). A ratio is exp(log-prob difference), never exactly 0 or a bound by chance.
-    """
-    ratio = ratio.detach().float()
-    if mode.startswith("token"):
-        valid = completion_mask.bool()
-    else:
-        ratio, valid = ratio.reshape(-1, 1), torch.ones(ratio.shape[0], 1, dtype=torch.bool, device=ratio.device)
-    if mode.endswith("mask"):
-        name, hit = "masked", ratio == 0
-    else:
-        hit = torch.zeros_like(ratio, dtype=torch.bool)
-        for bound in (clip_min, clip_max):
-            if bound is not None:
-                hit |= ratio == bound
-        name = "clipped"
-    count = int(valid.sum())
-    return name, float((hit & valid).sum()) / count if count else 0.0
-
-
-def _end_generation_at_readout(args: MoonGRPOConfig, readout_id: int) -> None:
-    """Completions end at the read-out token (the end of turn) only, as `embed` and `eval` generate them.
-
-    The read-out rule: a completion is read at its end-of-turn token, and one without it (truncated) at its last token.
-    Models list other end tokens too (Qwen2.5-VL: `<|endoftext|>`); a chain stopped there would be read at a token SFT
-    never trained as the read-out, and differently in training than in evaluation. Set before TRL builds its
-    generation config (transformers) or sampling parameters (vLLM: stop on the read-out token, ignore the model's EOS).
-    """
-    kwargs = dict(args.generation_kwargs or {})
-    if args.use_vllm:
-        kwargs.update(stop_token_ids=[readout_id], ignore_eos=True)
-    else:
-        kwargs.update(eos_token_id=[readout_id])
-    args.generation_kwargs = kwargs
-
-
-def lookalike_pairs(examples: list) -> Callable[[int], list[int]]:
-    """For a pair, the pairs with the same kind of query (text / image / product) for its hard-negative products."""
-
-    def kind(ex: Any) -> str:
-        if isinstance(ex.anchor, str):
-            return "product"
-        return "image" if ex.image_only else ("text" if ex.anchor.image is None else "multimodal")
-
-    by_product: dict[tuple[str, str], int] = {}
-    for i, ex in enumerate(examples):
-        by_product.setdefault((ex.positive, kind(ex)), i)
-
-    def related(pair: int) -> list[int]:
-        ex = examples[pair]
-        return [by_product[(neg, kind(ex))] for neg in ex.negatives if (neg, kind(ex)) in by_product]
-
-    return related
-
-
-def grpo_dataset(embedder: MoonEmbedder, catalogue: Any, examples: list) -> Dataset:
-    """One row per training pair: the product prompt (TRL inserts the images), pair id, product id, attributes.
-
-    No images: a catalogue's photos would all sit in memory (datasets stores them encoded in its table). The trainer
-    decodes each generation batch's from `product_images` (`catalogue_images`).
-    """
-    from moon_rl.modeling.inputs import product_text
-
-    rows = []
-    for i, ex in enumerate(examples):
-        product = catalogue.products[ex.positive]
-        item = EmbedItem(text=product_text(product), kind="product", id=product.id)  # the user text, no image decoded
-        rows.append({"prompt": [{"role": "user", "content": item.user_text()}], "pair": i, "product_id": product.id,
-                     "attributes_json": json.dumps(product.attributes, sort_keys=True)})
-    return Dataset.from_list(rows)
-
-
-def catalogue_images(embedder: MoonEmbedder, catalogue: Any) -> Callable[[str], list[Any]]:
-    """A product's images by id, decoded from the catalogue and fitted to the processor (the trainer's
-    `product_images`). Fitted here, not only in the trainer's processor call: TRL hands them to vLLM as they are."""
-    from moon_rl.modeling.inputs import fit_images, to_item
-
-    def images(product_id: str) -> list[Any]:
-        item = to_item(catalogue.products[product_id], catalogue.image, embedder.max_images)
-        return fit_images(embedder.processor, item.images)
-
-    return images
 
 
 def build_grpo_trainer(recipe: Recipe, embedder: MoonEmbedder, *, args: MoonGRPOConfig | None = None,

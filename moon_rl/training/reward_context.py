@@ -1,4 +1,5 @@
-"""`ContextReward`: how `MoonGRPOTrainer` calls a reward, with its per-batch context and its failures contained.
+"""`ContextReward`: how `MoonGRPOTrainer` calls a reward, with its per-batch context (`RewardBatch`) and its failures
+contained.
 
 The trainer wraps each `RewardEntry` of `build_rewards` as `ContextReward(entry.fn, context, entry.name)` and hands
 the wrappers to TRL, which logs each under the wrapper's `__name__`.
@@ -9,11 +10,52 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from moon_rl.training.candidates import Candidates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContextReward"]
+__all__ = ["ContextReward", "RewardBatch"]
+
+
+@dataclass
+class RewardBatch:
+    """The state of one generation batch: what its reward functions get beside TRL's keywords, and what its loss steps
+    need (the candidate pool; each row's pair and product). One object per generation batch, replaced by the next.
+
+    Attributes:
+        embeddings (`torch.Tensor` of shape `(N, D)`): read-outs of this process's completions (no gradient, dropout
+            off), L2-normalised.
+        candidates (`torch.Tensor` of shape `(M, D)`): direct-mode query embeddings of the candidate pool
+            (training/candidates.py): every process's queries, the look-alikes' queries, the queue.
+        positive_index (`torch.Tensor` of shape `(N,)`): each completion's own query in `candidates`.
+        candidate_mask (`torch.Tensor` of shape `(N, M)`, bool): False where a candidate is another right answer for
+            the completion's product (another query of it, or a query listing it among its `positives`): not a wrong
+            answer. The positive is always True.
+        truncated (`list[bool]`): the completion ran out of tokens before closing its turn.
+        attributes (`list[dict[str, str]]`): the product's attributes, per completion.
+        pool (`Candidates`): the candidates with their pairs (the loss's InfoNCE negatives).
+        pairs (`torch.Tensor` of shape `(N,)`): each completion's pair (its query); rides along as `moon_pair`.
+    """
+
+    embeddings: torch.Tensor
+    candidates: torch.Tensor
+    positive_index: torch.Tensor
+    candidate_mask: torch.Tensor
+    truncated: list[bool]
+    attributes: list[dict[str, str]]
+    pool: Candidates
+    pairs: torch.Tensor
+
+    #: The fields reward functions receive as keyword arguments (rewards/ documents them).
+    REWARD_KWARGS = ("embeddings", "candidates", "positive_index", "candidate_mask", "truncated", "attributes")
+
+    def reward_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.REWARD_KWARGS}
 
 
 class ContextReward:
