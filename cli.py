@@ -60,6 +60,8 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a recipe key, typed: --set sft.learning_rate=1e-4 --set stages=[data,sft]"),
 ]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", exists=True, dir_okay=False)]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
+RetrainOption = Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")]
 
 
 @app.callback()
@@ -318,33 +320,32 @@ def mine(
 @app.command("sft")
 @_user_errors
 def sft(
-    recipe: RecipeArg,
-    set_: SetOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
+    recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = False, overwrite: RetrainOption = False,
 ) -> None:
     """Stage 1: reasoning SFT + InfoNCE. Writes <output_dir>/sft/final and metrics.json."""
-    from moon_rl.evaluation.report import stage_table
-    from moon_rl.training.sft import run_sft
-
-    final = run_sft(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    _result(f"{stage_table(final.parent)}SFT model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+    _train_stage("sft", _load(recipe, set_), resume, overwrite)
 
 
 @app.command("grpo")
 @_user_errors
 def grpo(
-    recipe: RecipeArg,
-    set_: SetOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train again into a finished run's folder.")] = False,
+    recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = False, overwrite: RetrainOption = False,
 ) -> None:
     """Stage 2: GRPO with retrieval-rank rewards + InfoNCE, from the SFT model. Writes <output_dir>/grpo/final."""
-    from moon_rl.evaluation.report import stage_table
-    from moon_rl.training.grpo import run_grpo
+    _train_stage("grpo", _load(recipe, set_), resume, overwrite)
 
-    final = run_grpo(_load(recipe, set_), resume=resume, overwrite=overwrite)
-    _result(f"{stage_table(final.parent)}GRPO model: {final}\nmetrics: {final.parent / 'metrics.json'}")
+
+def _train_stage(stage: str, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Train a stage, then evaluate its model on the test split (metrics.json) and print the table once."""
+    from moon_rl.evaluation.report import evaluate_stage, stage_table
+
+    if stage == "sft":
+        from moon_rl.training.sft import run_sft as train
+    else:
+        from moon_rl.training.grpo import run_grpo as train
+    final = train(recipe, resume=resume, overwrite=overwrite)
+    evaluate_stage(recipe, stage)
+    _result(f"{stage_table(final.parent)}{stage.upper()} model: {final}\nmetrics: {final.parent / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------------- eval / run

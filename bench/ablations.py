@@ -141,10 +141,10 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any
         recipe = recipe_for(args, seed, folder, [*(grpo_extra or []), f"grpo.init_from={init}"])
     else:
         recipe = recipe_for(args, seed, folder, [*sft_extra, *(grpo_extra or [])])
-        run_sft(recipe, overwrite=True, evaluate=False)
+        run_sft(recipe, overwrite=True)
     final = folder / "sft" / "final"
     if grpo_extra is not None:
-        final = run_grpo(recipe, overwrite=True, evaluate=False)
+        final = run_grpo(recipe, overwrite=True)
     seconds += time.perf_counter() - started
     metrics = {**evaluate(recipe, final), "seconds": round(seconds, 1), "variant": label, "seed": seed}
     (folder / "result.json").write_text(json.dumps(metrics, indent=2))

@@ -82,11 +82,13 @@ def sft_steps(out: Path) -> list[int]:
 def check_sft(args) -> None:
     from safetensors.torch import load_file
 
+    from moon_rl.evaluation.report import evaluate_stage
     from moon_rl.modeling.folder import HEADS_WEIGHTS
     from moon_rl.training.sft import run_sft
 
     out = args.out / "run" / "sft"
     run_sft(recipe_for(args.out / "run", args.size, []))
+    evaluate_stage(recipe_for(args.out / "run", args.size, []), "sft")  # as `moon-rl sft` does
     if MAIN:
         for step in (2, 4):
             check_checkpoint(out / f"checkpoint-{step}")
@@ -100,7 +102,7 @@ def check_sft(args) -> None:
         shutil.rmtree(out / "checkpoint-4")
         (out / "log_history.json").unlink()
     barrier()
-    run_sft(recipe_for(args.out / "run", args.size, []), resume=True, evaluate=False)
+    run_sft(recipe_for(args.out / "run", args.size, []), resume=True)
     if MAIN:
         assert sft_steps(out) == [1, 2, 3, 4], sft_steps(out)
         resumed = load_file(str(out / "final" / "heads.safetensors"))
@@ -114,10 +116,12 @@ def check_sft(args) -> None:
 
 
 def check_grpo(args) -> None:
+    from moon_rl.evaluation.report import evaluate_stage
     from moon_rl.training.grpo import run_grpo
 
     out = args.out / "run" / "grpo"
     run_grpo(recipe_for(args.out / "run", args.size, []))
+    evaluate_stage(recipe_for(args.out / "run", args.size, []), "grpo")
     if MAIN:
         check_checkpoint(out / "checkpoint-2")
         metrics = json.loads((out / "metrics.json").read_text())["results"]

@@ -126,7 +126,7 @@ def train_and_evaluate(out: Path, batch: int, chunk: int | None, steps: int, see
     from moon_rl.training.sft import run_sft
 
     started = time.perf_counter()
-    final = run_sft(recipe_for(out, batch, chunk, steps, seed), evaluate=False, overwrite=True)
+    final = run_sft(recipe_for(out, batch, chunk, steps, seed), overwrite=True)
     seconds = time.perf_counter() - started
     catalogue = load_catalogue(resolve_catalogue_path("builtin:synthetic"))
     result = evaluate_embedder(MoonEmbedder.load(final), catalogue, "test", list(MODES), [1], zero_shot=False)

@@ -182,11 +182,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     recipe = load_seed_recipe(args, seed)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    sft_final = run_sft(recipe, evaluate=False, overwrite=True)
+    sft_final = run_sft(recipe, overwrite=True)
     seconds["sft"] = time.perf_counter() - started
     logger.info("seed %d: SFT %.0f s", seed, seconds["sft"])
     started = time.perf_counter()
-    grpo_final = run_grpo(recipe, evaluate=False, overwrite=True)
+    grpo_final = run_grpo(recipe, overwrite=True)
     seconds["grpo"] = time.perf_counter() - started
     logger.info("seed %d: GRPO %.0f s", seed, seconds["grpo"])
     catalogue = load_recipe_catalogue(recipe.data)

@@ -55,7 +55,7 @@ def train(out: Path, seed: int, steps: int, matryoshka: bool) -> Path:
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
         f"output_dir={out}", f"sft.max_steps={steps}", f"sft.seed={seed}", "sft.disable_tqdm=true",
         "sft.save_steps=100000", f"model.heads.matryoshka_dims={json.dumps(dims)}"])
-    return run_sft(recipe, evaluate=False, overwrite=True)
+    return run_sft(recipe, overwrite=True)
 
 
 def recall_by_dim(model: Path) -> dict[str, dict[str, float]]:

@@ -74,7 +74,7 @@ def train(out: Path, catalogue: Path, seed: int, steps: int) -> Path:
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
         f"output_dir={out}", f"data.catalogue={catalogue}", f"sft.max_steps={steps}", f"sft.seed={seed}",
         "sft.disable_tqdm=true", "sft.save_steps=100000"])
-    return run_sft(recipe, evaluate=False, overwrite=True)
+    return run_sft(recipe, overwrite=True)
 
 
 def recall(model: Path, catalogue: Path) -> dict[str, float]:

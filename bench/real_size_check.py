@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
         try:
-            run(recipe, evaluate=False, overwrite=True)
+            run(recipe, overwrite=True)
             status = "ok"
         except Exception as exc:  # report and go on: the next stage starts from the base model
             status = f"FAILED: {type(exc).__name__}: {exc}"

@@ -42,7 +42,7 @@ def _train(stage: str) -> Callable[[Recipe, bool], str]:
         resume = checkpoint is not None
         if resume:
             _say(f"{stage}: resuming the interrupted run from {checkpoint}")
-        final = train(recipe, resume=resume, overwrite=overwrite, evaluate=False)
+        final = train(recipe, resume=resume, overwrite=overwrite)
         return f"model in {final}"
 
     return run

@@ -387,7 +387,7 @@ def test_template_traces_teach_an_untraced_catalogue_to_reason(tmp_path):
         recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml", [
             f"output_dir={tmp_path / name}", f"data.catalogue={folder}", f"sft.max_steps={SLOW_STEPS}",
             "sft.disable_tqdm=true", "sft.save_steps=100000", "sft.logging_steps=50"])
-        final = run_sft(recipe, evaluate=False)
+        final = run_sft(recipe)
         results[name] = evaluate_embedder(MoonEmbedder.load(final), load_catalogue(folder), "test",
                                           ["direct", "reason"], [1], zero_shot=False)
     chains = results["traced"]["chain_attributes"]

@@ -434,7 +434,7 @@ def test_a_renamed_parquet_folder_trains_and_evaluates_through_data_columns(tmp_
         "      dataloader_num_workers: 0, disable_tqdm: true}\n"
         "eval: {modes: [direct], baselines: [], faithfulness: false}\n")
     recipe = load_recipe(recipe_file)
-    final = run_sft(recipe, evaluate=False)
+    final = run_sft(recipe)
     report = run_eval(recipe, {"sft": final})
     result = json.loads((report / "metrics.json").read_text())["results"]["sft"]
     n_text = sum(1 for row in queries["test"] if row["query"] is not None)

@@ -174,6 +174,27 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.encode(RECORDS), expected)
 
 
+def test_a_saved_model_carries_its_model_spec(tmp_path):
+    """Loading needs no recipe: `moon_rl.json` keeps the `model` section (here a bf16 backbone) and `load` builds the
+    base from it; a folder saved before that came from the recipe saved beside it; with neither, the defaults."""
+    import json
+
+    embedder = MoonEmbedder.from_recipe(tiny_recipe(dtype="bfloat16"))
+    folder = embedder.save(tmp_path / "m")
+    manifest = json.loads((folder / "moon_rl.json").read_text())
+    assert manifest["model_spec"]["dtype"] == "bfloat16" and manifest["model_spec"]["heads"]["embed_dim"] == 64
+    (folder / "recipe.yaml").unlink()
+    loaded = MoonEmbedder.load(folder)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.meta["model_spec"] == manifest["model_spec"]  # and a re-save keeps it
+    older = dict(manifest, model_spec=None)  # as written before the spec was kept: the recipe beside it decides
+    (folder / "moon_rl.json").write_text(json.dumps(older))
+    (folder / "recipe.yaml").write_text(embedder.meta["recipe"])
+    assert next(MoonEmbedder.load(folder).model.parameters()).dtype == torch.bfloat16
+    (folder / "recipe.yaml").unlink()
+    assert next(MoonEmbedder.load(folder).model.parameters()).dtype == torch.float32  # the default spec
+
+
 def test_reason_mode_generates_then_embeds(full_embedder):
     vectors, traces = full_embedder.encode(RECORDS[:2], mode="reason", return_completions=True)
     assert vectors.shape == (2, 64)

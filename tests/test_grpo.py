@@ -233,7 +233,7 @@ def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
     def recipe(*overrides):
         return load_recipe(tmp_path / "with_file_reward.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
 
-    final = run_grpo(recipe(), evaluate=False)  # no SFT model: starts from the base (the recipe allows it)
+    final = run_grpo(recipe())  # no SFT model: starts from the base (the recipe allows it)
     out = final.parent
     history = json.loads((out / "log_history.json").read_text())
     logged = {k for entry in history for k in entry}
@@ -241,7 +241,7 @@ def test_run_grpo_with_a_reward_file_next_to_the_recipe_and_resume(tmp_path):
     assert (out / "checkpoint-2" / HEADS_WEIGHTS).is_file() and (out / "checkpoint-2" / MARKER_FILE).is_file()
     # Interrupted after step 2: resume with a longer budget continues at step 3.
     (final / "moon_rl.json").unlink()
-    run_grpo(recipe("grpo.max_steps=3"), resume=True, evaluate=False)
+    run_grpo(recipe("grpo.max_steps=3"), resume=True)
     steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
     assert steps == [1, 2, 3]
 
@@ -339,7 +339,7 @@ def test_an_init_from_that_holds_no_model_is_an_error(tmp_path):
     (tmp_path / "sft-typo").mkdir()
     recipe = grpo_recipe(tmp_path, f"grpo.init_from={tmp_path / 'sft-typo'}")
     with pytest.raises(MoonError, match=r"grpo.init_from: .*sft-typo is not a moon-rl model folder"):
-        run_grpo(recipe, evaluate=False)
+        run_grpo(recipe)
     assert not (tmp_path / "run" / "grpo" / "final").exists()
 
 
@@ -371,7 +371,7 @@ def test_vllm_with_fire_needs_a_token_level_truncated_correction(tmp_path, mode,
     if refused:
         assert "token_truncate" in problems[0] and "grpo.use_vllm: false" in problems[0]
         with pytest.raises(MoonError, match="vLLM samples without FIRE"):
-            run_grpo(recipe, evaluate=False)
+            run_grpo(recipe)
 
 
 def test_right_answers_are_every_query_that_lists_the_product():

@@ -17,12 +17,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "moon_rl"
 LEVEL = {"errors": 0, "cache": 0, "logs": 0, "data": 1, "modeling": 2, "recipe": 3, "training": 3,
          "inference": 4, "evaluation": 4, "plan": 5, "run": 5, "serve": 5}
-#: (importing module, imported package): imports that run up the layers today.
-KNOWN_UPWARD = {
-    ("moon_rl.modeling.embedder", "recipe"),  # model_spec_for re-reads the saved recipe (a manifest should carry it)
-    ("moon_rl.training.sft", "evaluation"),  # post-training metrics inside run_sft (the CLI should evaluate)
-    ("moon_rl.training.grpo", "evaluation"),  # the same inside run_grpo
-}
+#: (importing module, imported package): imports that run up the layers today. None since the trainers stopped
+#: evaluating (the CLI and `run` do) and a saved model carries its `ModelSpec` in `moon_rl.json`; keep it so.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 #: Pairs of packages that import each other today.
 KNOWN_CYCLES = {("recipe", "training")}  # trainers take a Recipe; the recipe builds the trainers' configs
 

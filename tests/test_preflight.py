@@ -165,5 +165,5 @@ def test_sft_records_whether_it_trained_the_reasoning(tmp_path, override, expect
     # Catches: run_sft not recording the flag, or recording True when `sft.reasoning: false` ignored the traces.
     from moon_rl.training.sft import run_sft
 
-    final = run_sft(recipe_at(tmp_path, override), evaluate=False)
+    final = run_sft(recipe_at(tmp_path, override))
     assert json.loads((final / "moon_rl.json").read_text())["reasoning_trained"] is expected

@@ -33,11 +33,13 @@ def small_recipe(tmp_path, *overrides: str) -> Recipe:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    from moon_rl.evaluation.report import evaluate_stage
     from moon_rl.training.sft import run_sft
 
     tmp = tmp_path_factory.mktemp("sft")
     recipe = small_recipe(tmp)
     final = run_sft(recipe)
+    assert evaluate_stage(recipe, "sft") == final.parent / "metrics.json"  # what `moon-rl sft` does after training
     return recipe, final
 
 
@@ -110,7 +112,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_pat
 
     recipe, straight = trained
     interrupted = small_recipe(tmp_path, "sft.max_steps=2")
-    run_sft(interrupted, evaluate=False)
+    run_sft(interrupted)
     out = tmp_path / "run" / "sft"
     (out / "final" / "moon_rl.json").unlink()  # as if killed after the checkpoint, before the final model
     (out / "checkpoint-2" / MARKER_FILE).unlink()  # and a half-written checkpoint is never resumed
@@ -124,9 +126,9 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(tmp_pat
     saved = heads_optimizer.read_bytes()
     heads_optimizer.unlink()
     with pytest.raises(MoonError, match=f"checkpoint-2: checkpoint has no {HEADS_OPTIMIZER_FILE}"):
-        run_sft(small_recipe(tmp_path), resume=True, evaluate=False)
+        run_sft(small_recipe(tmp_path), resume=True)
     heads_optimizer.write_bytes(saved)
-    final = run_sft(small_recipe(tmp_path), resume=True, evaluate=False)
+    final = run_sft(small_recipe(tmp_path), resume=True)
     history = json.loads((out / "log_history.json").read_text())
     steps = [e["step"] for e in history if "loss" in e]
     assert steps == [1, 2, 3, 4]  # restored history, then steps 3 and 4 only
@@ -386,7 +388,7 @@ def test_sft_learns_to_retrieve_the_paired_product(tmp_path):
 
     recipe = small_recipe(tmp_path, "sft.max_steps=150", "sft.save_steps=1000", "sft.trace_noise=0.0",
                           "sft.lr_scheduler_type=cosine")
-    final = run_sft(recipe, evaluate=False)
+    final = run_sft(recipe)
     history = json.loads((final.parent / "log_history.json").read_text())
     infonce = [entry["infonce"] for entry in history if "infonce" in entry]
     assert len(infonce) == 150

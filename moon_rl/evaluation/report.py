@@ -232,6 +232,43 @@ def run_eval(recipe: Recipe, models: Mapping[str, Path], out: Path | None = None
     return out
 
 
+def evaluate_stage(recipe: Recipe, stage: str) -> Path | None:
+    """`moon-rl sft` / `moon-rl grpo`'s test metrics: the stage's final model (read from disk) beside the recipe's
+    baselines, and after GRPO the model it started from, written to `<output_dir>/<stage>/metrics.json` (with the
+    training seconds from `log_history.json`) by the main process. Every process returns once it is written (they
+    share a process group under torchrun). Returns the file, None on the other processes or without a final model.
+    """
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.logs import is_main_process
+
+    out = Path(recipe.output_dir) / stage
+    written = None
+    if is_main_process() and is_model_folder(out / "final"):
+        catalogue = load_recipe_catalogue(recipe.data)
+        embedder = MoonEmbedder.load(out / "final")
+        if stage == "grpo":
+            init = recipe.grpo_init_path(recipe.grpo_config())
+            before = {"before GRPO": MoonEmbedder.load(init)} if is_model_folder(init) else {}
+            summary = evaluation_summary(recipe, embedder, catalogue, label="after GRPO", others=before)
+        else:
+            summary = evaluation_summary(recipe, embedder, catalogue)
+        history = json.loads((out / "log_history.json").read_text()) if (out / "log_history.json").is_file() else []
+        runtimes = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
+        summary["train_seconds"] = round(float(runtimes[-1]), 1) if runtimes else None
+        written = out / "metrics.json"
+        atomic_write_text(written, json.dumps(summary, indent=2))
+        logger.info("%s metrics written to %s", stage.upper(), written)
+    _wait_for_other_processes()
+    return written
+
+
+def _wait_for_other_processes() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def stage_table(stage_dir: Path) -> str:
     """The stage's test-split table (its metrics.json), printed once by the command, or nothing."""
     metrics = stage_dir / "metrics.json"

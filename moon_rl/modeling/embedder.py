@@ -52,7 +52,8 @@ from moon_rl.modeling.taps import (
 )
 
 if TYPE_CHECKING:
-    from moon_rl.recipe import HeadsSpec, ModelSpec, Recipe  # types only: modeling must not need it at import time
+    from moon_rl.modeling.spec import HeadsSpec, ModelSpec
+    from moon_rl.recipe import Recipe  # types only: modeling must not need the recipe package at import time
 
 Mode = Literal["direct", "reason"]
 FORMAT_VERSION = 1
@@ -140,7 +141,7 @@ class MoonEmbedder(nn.Module):
             model, processor = load_backbone(recipe.model)
         heads = MoonHeads(heads_config_for(model, recipe.model.heads))
         meta = {"base_model": recipe.model.name_or_path, "builtin_size": recipe.model.builtin_size,
-                "recipe": recipe.to_yaml()}
+                "recipe": recipe.to_yaml(), "model_spec": recipe.model.model_dump(mode="json")}
         return cls(model, processor, heads, readout_token=recipe.model.readout_token,
                    max_images=recipe.data.max_images_per_product, max_new_tokens=recipe.embed.max_new_tokens, meta=meta)
 
@@ -337,6 +338,8 @@ class MoonEmbedder(nn.Module):
             "max_images": self.max_images, "max_new_tokens": self.max_new_tokens,
             # Whether SFT trained the reasoning (null: unknown); GRPO's preflight refuses a model that never saw traces.
             "reasoning_trained": self.meta.get("reasoning_trained"),
+            # The `model` section it was built with: loading needs no recipe (null: built by hand, defaults).
+            "model_spec": self.meta.get("model_spec"),
             "versions": {"moon_rl": moon_rl.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
         }
@@ -368,7 +371,8 @@ class MoonEmbedder(nn.Module):
         heads = MoonHeads(HeadsConfig(**json.loads((path / HEADS_CONFIG).read_text())))
         heads.load_state_dict(load_file(str(path / HEADS_WEIGHTS)))
         meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"],
-                "reasoning_trained": manifest.get("reasoning_trained")}  # absent before the preflight existed
+                "reasoning_trained": manifest.get("reasoning_trained"),  # absent before the preflight existed
+                "model_spec": model_spec.model_dump(mode="json")}
         if (path / "recipe.yaml").is_file():
             meta["recipe"] = (path / "recipe.yaml").read_text()
         embedder = cls(model, processor, heads, readout_token=manifest["readout_token"],
@@ -377,12 +381,18 @@ class MoonEmbedder(nn.Module):
 
 
 def model_spec_for(path: Path, manifest: dict[str, Any]) -> ModelSpec:
-    """The `model` section of the recipe saved with a model (defaults when none was saved)."""
-    from moon_rl.recipe import Recipe, load_recipe
+    """The model spec a saved model was built with: its `moon_rl.json`'s `model_spec`; for folders saved before it was
+    kept there, the `model` section of the resolved recipe saved beside it; defaults when neither exists."""
+    import yaml
 
-    recipe_file = path / "recipe.yaml"
-    recipe = load_recipe(recipe_file) if recipe_file.is_file() else Recipe()
-    spec = recipe.model
+    from moon_rl.modeling.spec import ModelSpec
+
+    if manifest.get("model_spec") is not None:
+        spec = ModelSpec.model_validate(manifest["model_spec"])
+    else:
+        recipe_file = path / "recipe.yaml"
+        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
+        spec = ModelSpec.model_validate((saved or {}).get("model") or {})
     if manifest.get("base_model"):
         spec = spec.model_copy(update={"name_or_path": manifest["base_model"],
                                        "builtin_size": manifest.get("builtin_size") or spec.builtin_size})

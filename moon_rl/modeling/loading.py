@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, ProcessorMixin
 
-    from moon_rl.recipe import ModelSpec  # types only: modeling must not need the recipe package at import time
+    from moon_rl.modeling.spec import ModelSpec
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}

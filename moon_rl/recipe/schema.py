@@ -12,14 +12,27 @@ This module imports neither trl nor transformers, so that any layer (modeling in
 from __future__ import annotations
 
 import os
-import re
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 from pydantic import field_validator as _field_validator
 
+from moon_rl.modeling.spec import (
+    BUILTIN_MODELS,
+    DEFAULT_LORA_TARGETS,
+    FireSpec,
+    FusionSpec,
+    HeadsSpec,
+    LoraSpec,
+    ModelSpec,
+    NonNegativeInt,
+    PositiveInt,
+    QuantSpec,
+    Section,
+    unique,
+)
 from moon_rl.recipe.provenance import Provenance
 from moon_rl.recipe.serialise import recipe_to_yaml, save_recipe
 
@@ -49,133 +62,8 @@ __all__ = [
 Stage = Literal["data", "sft", "grpo", "embed", "eval"]
 #: Pipeline stages, in the order `moon-rl run` executes them.
 STAGES: tuple[str, ...] = typing.get_args(Stage)
-BUILTIN_MODELS: tuple[str, ...] = ("builtin:tiny-vl",)
 BUILTIN_CATALOGUES: tuple[str, ...] = ("builtin:synthetic",)
-#: LoRA on the language model's attention and MLP projections only: never the vision tower or lm_head.
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-class _Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, and values are not coerced ("32" is not an int)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _unique(values: list[Any]) -> list[Any]:
-    if len(set(values)) != len(values):
-        raise ValueError("values must not repeat")
-    return values
-
-
-class LoraSpec(_Section):
-    """LoRA adapters (peft). `null` in a recipe trains every weight instead (the tiny random-init model does)."""
-
-    r: PositiveInt = 16
-    alpha: PositiveInt = 32
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: str = DEFAULT_LORA_TARGETS
-
-    @_field_validator("target_modules")
-    @classmethod
-    def _regex_compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(
-                f"target_modules is a regular expression on module names and does not compile: {exc}"
-            ) from exc
-        return value
-
-
-class QuantSpec(_Section):
-    """bitsandbytes quantisation of the frozen base weights (QLoRA); needs `model.lora`."""
-
-    bits: Literal[4, 8]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    double_quant: bool = True
-
-
-class FusionSpec(_Section):
-    """Multi-head modality fusion: read-out state attends to the raw image and text signals (and the chain's words)."""
-
-    enabled: bool = True
-    num_heads: PositiveInt = 4
-    chain: bool = True
-
-
-class FireSpec(_Section):
-    """FIRE: low-rank residual re-injection of raw visual tokens at chosen decoder layers."""
-
-    enabled: bool = True
-    layers: list[NonNegativeInt] | None = None
-    rank: PositiveInt = 8
-
-    @_field_validator("layers")
-    @classmethod
-    def _layers_unique(cls, value: list[int] | None) -> list[int] | None:
-        return None if value is None else _unique(value)
-
-
-class HeadsSpec(_Section):
-    """`MoonHeads`: fusion, FIRE and the projection to the embedding."""
-
-    embed_dim: PositiveInt = 256
-    learning_rate: PositiveFloat = 1e-3
-    fusion: FusionSpec = Field(default_factory=FusionSpec)
-    fire: FireSpec = Field(default_factory=FireSpec)
-    #: Matryoshka: the contrastive losses also train these prefixes of the embedding (e.g. [128, 64, 32]), so that
-    #: `embed --dim 64` keeps most of the quality at a quarter of the size. The full `embed_dim` always trains.
-    matryoshka_dims: list[PositiveInt] | None = None
-
-    @_field_validator("matryoshka_dims")
-    @classmethod
-    def _dims_unique(cls, value: list[int] | None) -> list[int] | None:
-        return None if value is None else sorted(_unique(value), reverse=True)
-
-    @model_validator(mode="after")
-    def _dims_fit(self) -> HeadsSpec:
-        if self.matryoshka_dims and max(self.matryoshka_dims) > self.embed_dim:
-            raise ValueError(f"matryoshka_dims {self.matryoshka_dims} must not exceed embed_dim {self.embed_dim}")
-        return self
-
-
-class ModelSpec(_Section):
-    """The backbone VLM, its adapters and the embedding heads."""
-
-    name_or_path: str = Field(default="builtin:tiny-vl", min_length=1)
-    builtin_size: Literal["tiny", "small"] = "tiny"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str | None = "sdpa"
-    trust_remote_code: bool = False
-    lora: LoraSpec | None = Field(default_factory=LoraSpec)
-    quantization: QuantSpec | None = None
-    heads: HeadsSpec = Field(default_factory=HeadsSpec)
-    readout_token: str = Field(default="<|im_end|>", min_length=1)
-    image_max_pixels: PositiveInt = 112 * 112
-    image_min_pixels: PositiveInt = 56 * 56
-
-    @property
-    def is_builtin(self) -> bool:
-        """Whether `name_or_path` names a built-in model (`builtin:...`)."""
-        return self.name_or_path.startswith("builtin:")
-
-    @model_validator(mode="after")
-    def _cross_fields(self) -> ModelSpec:
-        if self.is_builtin and self.name_or_path not in BUILTIN_MODELS:
-            raise ValueError(f"name_or_path {self.name_or_path!r} is not a built-in model; built-ins: {BUILTIN_MODELS}")
-        if self.image_min_pixels > self.image_max_pixels:
-            raise ValueError(
-                f"image_min_pixels ({self.image_min_pixels}) is larger than image_max_pixels ({self.image_max_pixels})"
-            )
-        return self
-
-
-class SyntheticSpec(_Section):
+class SyntheticSpec(Section):
     """The procedural `builtin:synthetic` catalogue (ignored for other catalogues)."""
 
     n_products: PositiveInt = 600
@@ -187,7 +75,7 @@ class SyntheticSpec(_Section):
     trace_error_attributes: list[Literal["colour", "pattern"]] = Field(default_factory=lambda: ["colour"], min_length=1)
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     """Catalogue and pairs.
 
     `catalogue` is a folder or file, `builtin:synthetic`, or a Hub dataset `hf:owner/name[:config][@revision]`.
@@ -235,7 +123,7 @@ class DataSpec(_Section):
         return value
 
 
-class EmbedSpec(_Section):
+class EmbedSpec(Section):
     """`moon-rl embed`: catalogue -> vectors."""
 
     mode: Literal["direct", "reason"] = "direct"
@@ -257,7 +145,7 @@ class EmbedSpec(_Section):
     shard_size: PositiveInt = 4096
 
 
-class EvalSpec(_Section):
+class EvalSpec(Section):
     """`moon-rl eval`: retrieval, zero-shot classification / attributes, faithfulness, baselines."""
 
     modes: list[Literal["direct", "reason"]] = Field(default_factory=lambda: ["direct", "reason"], min_length=1)
@@ -271,7 +159,7 @@ class EvalSpec(_Section):
     @_field_validator("modes", "baselines", "k")
     @classmethod
     def _no_repeats(cls, value: list[Any]) -> list[Any]:
-        return _unique(value)
+        return unique(value)
 
 
 # ---- The recipe
@@ -282,7 +170,7 @@ SECTIONS = ("model", "data", "sft", "grpo", "embed", "eval")
 TRAINER_SECTIONS = ("sft", "grpo")
 
 
-class Recipe(_Section):
+class Recipe(Section):
     """A resolved recipe. Build it with `load_recipe`; `Recipe()` is the all-defaults recipe.
 
     `sft` / `grpo` hold only the keys the recipe set (TRL field names plus moon-rl's); the rest take the defaults of
@@ -306,7 +194,7 @@ class Recipe(_Section):
     @_field_validator("stages")
     @classmethod
     def _stages_in_order(cls, value: list[str]) -> list[str]:
-        _unique(value)
+        unique(value)
         if value != sorted(value, key=STAGES.index):
             raise ValueError(f"stages run in pipeline order {list(STAGES)}; list them in that order")
         return value

@@ -167,10 +167,3 @@ def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: b
     embedder.save(out / FINAL_DIR, state_dict=state_dict)
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
     return seconds
-
-
-def trained_embedder(trainer: Any, embedder: MoonEmbedder, out: Path) -> MoonEmbedder:
-    """The trained model to evaluate on the saving process. After sharded training (FSDP, DeepSpeed) each process's
-    parameters hold only its shard, and evaluation runs on one process: reload the final model written by
-    `train_and_save` instead."""
-    return MoonEmbedder.load(out / FINAL_DIR) if trainer.is_sharded else embedder

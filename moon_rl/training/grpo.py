@@ -33,7 +33,6 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from moon_rl.cache import atomic_write_text
 from moon_rl.data.chains import (
     AttributeVocabulary,
     attribute_vocabulary,
@@ -50,7 +49,7 @@ from moon_rl.modeling.taps import backbone_of
 from moon_rl.recipe import Recipe
 from moon_rl.training.candidates import CandidatePool, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
-from moon_rl.training.common import MoonTrainerMixin, train_and_save, trained_embedder
+from moon_rl.training.common import MoonTrainerMixin, train_and_save
 from moon_rl.training.config_checks import generation_batch_problems, vllm_fire_problems
 from moon_rl.training.configs import MoonGRPOConfig
 from moon_rl.training.grpo_data import answers_by_product, catalogue_images, grpo_dataset, lookalike_pairs
@@ -425,8 +424,9 @@ def build_grpo_trainer(recipe: Recipe, embedder: MoonEmbedder, *, args: MoonGRPO
                            train_dataset=grpo_dataset(embedder, catalogue, examples), callbacks=list(callbacks))
 
 
-def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
-    """Stage 2 of a recipe: GRPO from the SFT model; final model and `metrics.json` in `<output_dir>/grpo`."""
+def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Stage 2 of a recipe: GRPO from the SFT model; the final model, checkpoints and `log_history.json` in
+    `<output_dir>/grpo`. Returns the final model's folder; `moon_rl.evaluation.report.evaluate_stage` evaluates it."""
     from moon_rl.data.catalogue import load_recipe_catalogue
 
     # The same rule `moon-rl recipe validate` checks, enforced before any model is loaded.
@@ -451,20 +451,8 @@ def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, e
     torch.manual_seed(args.seed)
     catalogue = load_recipe_catalogue(recipe.data)
     trainer = build_grpo_trainer(recipe, embedder, args=args, catalogue=catalogue)
-    seconds = train_and_save(trainer, embedder, out, resume=resume)
-    if seconds is not None and evaluate:
-        _write_metrics(recipe, trained_embedder(trainer, embedder, out), init, catalogue, out, seconds)
-    # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
-    # open process group aborted a process under torchrun ("terminate called without an active exception").
+    train_and_save(trainer, embedder, out, resume=resume)
+    # The other processes wait for the saving one's model: leaving early while it still works on the open process
+    # group aborted a process under torchrun ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
     return out / FINAL_DIR
-
-
-def _write_metrics(recipe: Recipe, embedder: MoonEmbedder, init: Path, catalogue: Any, out: Path, seconds: float) -> None:
-    """Test metrics after GRPO beside the model GRPO started from (and the recipe's baselines)."""
-    from moon_rl.evaluation.report import evaluation_summary
-
-    before = {"before GRPO": MoonEmbedder.load(init)} if is_model_folder(init) else {}
-    summary = evaluation_summary(recipe, embedder, catalogue, label="after GRPO", others=before)
-    summary["train_seconds"] = round(seconds, 1)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))

@@ -16,7 +16,6 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,14 +26,13 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from moon_rl.cache import atomic_write_text
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.prompts import THINK_CLOSE
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import FINAL_DIR
 from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import check_output_dir
-from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save, trained_embedder
+from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save
 from moon_rl.training.configs import ConfigValueError, MoonSFTConfig
 from moon_rl.training.grad_cache import RngState, embedding_gradients
 from moon_rl.training.losses import matryoshka_info_nce
@@ -290,10 +288,11 @@ def untraced_catalogue_advice(catalogue: Catalogue) -> str:
             "--set data.catalogue=<the annotated folder>")
 
 
-def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True) -> Path:
-    """Stage 1 of a recipe: SFT + InfoNCE, then the final model and `metrics.json` in `<output_dir>/sft`.
+def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Stage 1 of a recipe: SFT + InfoNCE; the final model, checkpoints and `log_history.json` in `<output_dir>/sft`.
 
-    Returns the folder of the trained model (`<output_dir>/sft/final`).
+    Returns the folder of the trained model (`<output_dir>/sft/final`). Its test metrics are the evaluation layer's
+    (`moon_rl.evaluation.report.evaluate_stage`, which `moon-rl sft` calls).
     """
     from moon_rl.data.catalogue import load_recipe_catalogue
 
@@ -303,21 +302,8 @@ def run_sft(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, ev
     torch.manual_seed(args.seed)
     catalogue = load_recipe_catalogue(recipe.data)
     trainer = build_sft_trainer(recipe, args=args, catalogue=catalogue)
-    embedder = trainer.embedder
-    seconds = train_and_save(trainer, embedder, out, resume=resume)
-    if seconds is not None and evaluate:
-        _write_metrics(recipe, trained_embedder(trainer, embedder, out), catalogue, out, seconds)
-    # The other processes wait for the saving one's model and evaluation: leaving early while it still works on the
-    # open process group aborted a process under torchrun ("terminate called without an active exception").
+    train_and_save(trainer, trainer.embedder, out, resume=resume)
+    # The other processes wait for the saving one's model: leaving early while it still works on the open process
+    # group aborted a process under torchrun ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
     return out / FINAL_DIR
-
-
-def _write_metrics(recipe: Recipe, embedder: MoonEmbedder, catalogue: Any, out: Path, train_seconds: float) -> None:
-    """Test-split retrieval of the trained model next to the untrained one and MiniLM, plus the trace format rate."""
-    from moon_rl.evaluation.report import evaluation_summary
-
-    summary = evaluation_summary(recipe, embedder, catalogue)
-    summary["train_seconds"] = round(train_seconds, 1)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    logger.info("SFT metrics written to %s", out / "metrics.json")
