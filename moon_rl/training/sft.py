@@ -10,6 +10,11 @@ Differences from TRL's `SFTTrainer` (everything else is inherited unchanged):
   `image_contrastive_weight`, divided by the gradient-accumulation steps as TRL does for its auxiliary loss.
   With `value_token_weight`, plus that weight x the mean negative log-likelihood of the trace tokens that name an
   attribute value, scored from the same forward's last hidden states.
+* `training_step`, with `contrastive_chunk_size` only: GradCache (training/grad_cache.py). The collator hands over
+  the rows of each chunk; every chunk is collated and embedded without a graph, the contrastive loss and its gradient
+  with respect to each embedding are taken over the whole batch, then each chunk runs again with gradient (same
+  random state) and back-propagates its LM loss plus the cached embedding gradients. Same gradients, one chunk's
+  memory.
 * heads, their optimizer, checkpoints and resume: `MoonTrainerMixin` (training/common.py).
 """
 
