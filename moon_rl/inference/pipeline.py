@@ -374,6 +374,8 @@ def embed_catalogue(
                       num_workers=default_num_workers() if num_workers is None else num_workers, progress=progress)
     except BaseException:
         progress.close()
+        if rank == 0 and not finished_shards(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # nothing to resume from: leave no trace of the failed run
         raise
     barrier()  # every shard is written
     progress.close(finished=True)

@@ -372,7 +372,9 @@ class MoonEmbedder(nn.Module):
         heads.load_state_dict(load_file(str(path / HEADS_WEIGHTS)))
         meta = {"base_model": manifest["base_model"], "builtin_size": manifest["builtin_size"],
                 "reasoning_trained": manifest.get("reasoning_trained"),  # absent before the preflight existed
-                "model_spec": model_spec.model_dump(mode="json")}
+                # A spec passed by hand may be any object with the fields; it is kept only when it can be saved.
+                "model_spec": (model_spec.model_dump(mode="json") if hasattr(model_spec, "model_dump")
+                               else manifest.get("model_spec"))}
         if (path / "recipe.yaml").is_file():
             meta["recipe"] = (path / "recipe.yaml").read_text()
         embedder = cls(model, processor, heads, readout_token=manifest["readout_token"],
