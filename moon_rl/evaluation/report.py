@@ -242,10 +242,10 @@ def evaluate_stage(recipe: Recipe, stage: str) -> Path | None:
     from moon_rl.logs import is_main_process
 
     out = Path(recipe.output_dir) / stage
-    written = None
-    if is_main_process() and is_model_folder(out / "final"):
+    written, final = None, finished_model(out)
+    if is_main_process() and final is not None:
         catalogue = load_recipe_catalogue(recipe.data)
-        embedder = MoonEmbedder.load(out / "final")
+        embedder = MoonEmbedder.load(final)
         if stage == "grpo":
             init = recipe.grpo_init_path(recipe.grpo_config())
             before = {"before GRPO": MoonEmbedder.load(init)} if is_model_folder(init) else {}
