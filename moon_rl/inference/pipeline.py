@@ -365,8 +365,9 @@ def embed_catalogue(
     if done and rank == 0:
         logger.info("resuming the embedding in %s: %d of %d shards were finished", folder, len(done), plan.count)
     mine = plan.owned_by(rank, world_size)
-    progress = _Progress(len(plan.ids), sum(shard_rows(folder, shard) for shard in done), folder, mine, world_size,
-                         show_progress and rank == 0, f"embed ({mode})")
+    resumed_rows = sum(shard_rows(folder, shard) for shard in done)
+    progress = _Progress(len(plan.ids), resumed_rows, folder, mine, world_size, show_progress and rank == 0,
+                         f"embed ({mode})")
     start = time.perf_counter()
     try:
         _embed_shards(embedder, catalogue, plan, [s for s in mine if s not in done], folder, mode=mode,
@@ -386,7 +387,7 @@ def embed_catalogue(
             raise DataError(f"catalogue {str(catalogue.base_dir)!r}: all {len(skipped)} products were skipped as bad; "
                             f"first: {skipped[0][0]!r}: {skipped[0][1]}")
         width = int(vectors.shape[1])
-        fresh = len(ids) + len(skipped) - sum(shard_rows(folder, shard) for shard in done)
+        fresh = len(ids) + len(skipped) - resumed_rows
         with atomic_dir(out) as tmp:
             _write_parquet(tmp / EMBEDDINGS_FILE, ids, vectors)
             index_info = _write_index(tmp / INDEX_FILE, vectors, resolve_index(index, len(ids), width, index_params))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -150,20 +149,17 @@ class MoonTrainerMixin:
             mark_complete(folder, self.state.global_step)
 
 
-def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: bool) -> float | None:
+def train_and_save(trainer: Any, embedder: MoonEmbedder, out: Path, *, resume: bool) -> None:
     """Train (from the newest complete checkpoint with `resume`), then, on the saving process, write the final model
-    (`out/final`) and `out/log_history.json`. Returns the training seconds there, None on the other processes."""
+    (`out/final`) and `out/log_history.json` (whose last entry holds the Trainer's `train_runtime`)."""
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         load_heads(embedder.heads, checkpoint)
         logger.info("resuming from %s", checkpoint)
-    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
     # Sharded weights are gathered into one state dict on the saving process; every process must take part.
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_sharded else None
     if not trainer.args.should_save:
-        return None
+        return
     embedder.save(out / FINAL_DIR, state_dict=state_dict)
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-    return seconds
