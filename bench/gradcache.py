@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from ablations import spread
-from results_md import machine_description, run_seeds, seeds_and_results
+from results_md import RUNS, machine_description, run_seeds, seeded_parser, seeds_and_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 SECTION = "gradcache"
 TASKS = ("text->product", "image->product")
 MODES = ("reason", "direct")
@@ -43,17 +43,11 @@ BAR = 1.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="quality seeds (default: 0)")
+    parser = seeded_parser(__doc__, "gradcache", seeds=[0], seeds_help="quality seeds (default: 0)")
     parser.add_argument("--steps32", type=int, default=380,
                         help="steps of the 32-pair run (default 380, the recipe's); the 256-pair run takes 1/8")
     parser.add_argument("--probe-steps", type=int, default=3, help="SFT steps of each memory probe (default 3)")
-    parser.add_argument("--quick", action="store_true", help="results default to <out>/RESULTS.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the section from <out>/gradcache.json without training")
     parser.add_argument("--probe", type=str, default=None, help=argparse.SUPPRESS)  # internal: "BATCH,CHUNK,OUT"
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gradcache")
-    parser.add_argument("--results", type=Path, default=None)
     return seeds_and_results(parser.parse_args(argv))
 
 
@@ -151,7 +145,7 @@ def section(args: argparse.Namespace, runs: list[dict[str, Any]], minutes: float
     probes = runs[0]["probes"]
     options = "".join(f" {flag} {value}" for flag, value, default in (
         ("--seeds", " ".join(map(str, args.seeds)), "0"), ("--steps32", args.steps32, 380),
-        ("--probe-steps", args.probe_steps, 3), ("--out", args.out, ROOT / "runs" / "gradcache")) if value != default)
+        ("--probe-steps", args.probe_steps, 3), ("--out", args.out, RUNS / "gradcache")) if value != default)
     lines = ["## GradCache: 256 pairs per step in the memory of 32 (bench/gradcache.py)", "",
              f"Command: `python bench/gradcache.py{options}`  ",
              f"Machine: {machine_description()}  ",

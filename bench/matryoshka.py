@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ablations import spread
-from results_md import machine_description, run_seeds, seeds_and_results
+from results_md import RUNS, machine_description, run_seeds, seeded_parser, seeds_and_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -36,14 +36,8 @@ BAR = 0.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    parser = seeded_parser(__doc__, "matryoshka")
     parser.add_argument("--steps", type=int, default=150, help="SFT steps per arm (default 150, as the ablations)")
-    parser.add_argument("--quick", action="store_true", help="seed 0 only; results default to <out>/RESULTS.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the section from <out>/matryoshka.json without training")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "matryoshka")
-    parser.add_argument("--results", type=Path, default=None)
     return seeds_and_results(parser.parse_args(argv))
 
 
@@ -91,7 +85,7 @@ def section(args: argparse.Namespace, runs: list[dict[str, Any]], minutes: float
         return f"{mean:.3f} ± {std:.3f}"
 
     options = "".join(f" {flag} {value}" for flag, value, default in (
-        ("--steps", args.steps, 150), ("--out", args.out, ROOT / "runs" / "matryoshka")) if value != default)
+        ("--steps", args.steps, 150), ("--out", args.out, RUNS / "matryoshka")) if value != default)
     lines = ["## Matryoshka dimensions (bench/matryoshka.py)", "",
              f"Command: `python bench/matryoshka.py{options}`  ",
              f"Machine: {machine_description()}  ",

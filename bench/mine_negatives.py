@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ablations import spread
-from results_md import machine_description, run_seeds, seeds_and_results
+from results_md import RUNS, machine_description, run_seeds, seeded_parser, seeds_and_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
@@ -36,17 +36,11 @@ BAR = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    parser = seeded_parser(__doc__, "mine_negatives")
     parser.add_argument("--steps", type=int, default=150, help="SFT steps per arm (default 150, as the ablations)")
     parser.add_argument("--margin", type=float, default=0.95,
                         help="mining's near-twin filter (default 0.95, as `moon-rl mine`); 0 turns it off")
     parser.add_argument("--section", default=SECTION, help=f"the results file's section (default {SECTION})")
-    parser.add_argument("--quick", action="store_true", help="seed 0 only; results default to <out>/RESULTS.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the section from <out>/mine_negatives.json without training")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mine_negatives")
-    parser.add_argument("--results", type=Path, default=None)
     return seeds_and_results(parser.parse_args(argv))
 
 
@@ -136,7 +130,7 @@ def section(args: argparse.Namespace, runs: list[dict[str, Any]], minutes: float
 
     options = "".join(f" {flag} {value}" for flag, value, default in (
         ("--steps", args.steps, 150), ("--margin", args.margin, 0.95), ("--section", args.section, SECTION),
-        ("--out", args.out, ROOT / "runs" / "mine_negatives")) if value != default)
+        ("--out", args.out, RUNS / "mine_negatives")) if value != default)
     lines = ["## Mined hard negatives against the given ones (bench/mine_negatives.py)"
              + ("" if args.section == SECTION else f": {args.section}"), "",
              f"Command: `python bench/mine_negatives.py{options}`  ",

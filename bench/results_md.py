@@ -85,6 +85,26 @@ def machine_description() -> str:
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+#: Where the benches keep their runs (`<RUNS>/<bench name>` unless `--out` says otherwise).
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+
+
+def seeded_parser(doc: str, name: str, *, seeds: list[int] | None = None,
+                  seeds_help: str = "default: 0 1 2 (quick: 0)") -> argparse.ArgumentParser:
+    """The arguments every `run_seeds` bench takes: `--seeds`, `--quick`, `--report-only` (from
+    `<out>/<name>.json`), `--out` (default `runs/<name>`) and `--results`. The bench adds its own, then returns
+    `seeds_and_results(parser.parse_args(argv))`. `doc`: the bench's module docstring (its first paragraph is the
+    description)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help=seeds_help)
+    parser.add_argument("--quick", action="store_true", help="seed 0 only; results default to <out>/RESULTS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help=f"rewrite the section from <out>/{name}.json without training")
+    parser.add_argument("--out", type=Path, default=RUNS / name)
+    parser.add_argument("--results", type=Path, default=None)
+    return parser
+
+
 def seeds_and_results(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the defaults every seeded bench shares: seeds 0 1 2 (seed 0 with `--quick`), and the results file:
     `--results`, else `<out>/RESULTS.md` for a quick run, else bench/RESULTS.md."""
