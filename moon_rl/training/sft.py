@@ -41,7 +41,13 @@ from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_sa
 from moon_rl.training.configs import ConfigValueError, MoonSFTConfig
 from moon_rl.training.grad_cache import RngState, embedding_gradients
 from moon_rl.training.losses import matryoshka_info_nce
-from moon_rl.training.sft_data import MoonSFTCollator, NoiseEpoch, merge_chunk_embeddings, sft_examples
+from moon_rl.training.sft_data import (
+    MoonSFTCollator,
+    NoiseEpoch,
+    layout_blocks,
+    merge_chunk_embeddings,
+    sft_examples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,11 +203,11 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
 
     def _contrastive_loss(self, embeddings: torch.Tensor, layout: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         n, k = int(layout["n_pairs"]), int(layout["hard_negatives"])
-        reason, anchor, direct = embeddings[:n], embeddings[n:2 * n], embeddings[2 * n:3 * n]
-        negatives = embeddings[3 * n:(3 + k) * n].view(n, k, -1) if k else None
+        reason, anchor, direct, negatives, chains = layout_blocks(embeddings, layout)
+        negatives = negatives.view(n, k, -1) if k else None
         # The product with a chain altered in one attribute value: a hard negative of the reason-mode term.
         chain_mask = layout["chain_negative_mask"].to(embeddings.device)
-        chain_negatives = embeddings[(3 + k) * n:(4 + k) * n].view(n, 1, -1) if len(chain_mask) else None
+        chain_negatives = chains.view(n, 1, -1) if len(chain_mask) else None
         image_only = layout["image_only"].to(embeddings.device)
         ids, relevant = layout["positive_ids"], layout.get("relevant_ids")
         dims = self.contrastive_dims  # the full size alone unless Matryoshka is on

@@ -310,32 +310,31 @@ class MoonSFTCollator:
         return model_inputs
 
 
+def layout_blocks(embeddings: torch.Tensor, layout: dict[str, Any]) -> list[torch.Tensor]:
+    """The rows of a batch's blocks, in layout order: reason-mode products, anchors, direct-mode products, hard
+    negatives (`k` per pair, pair by pair), chain negatives (empty when off); the photo rows after them are left out
+    (no contrastive term reads them)."""
+    n, k, chains = int(layout["n_pairs"]), int(layout["hard_negatives"]), len(layout["chain_negative_mask"])
+    bounds = [0, n, 2 * n, 3 * n, (3 + k) * n, (3 + k) * n + chains]
+    return [embeddings[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
 def merge_chunk_embeddings(embeddings: list[torch.Tensor], layouts: list[dict[str, Any]]
                            ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The embeddings and layout one batch of all the chunks' pairs would have had (for the contrastive loss).
-
-    Each chunk's rows are `[reason n | anchor n | direct n | negatives k*n | chain negatives n or 0 | photo rows]`;
-    the merged tensor stacks each block over the chunks, in chunk order, and leaves out the photo rows (no contrastive
-    term reads them). Differentiable in `embeddings`.
-    """
-    k = int(layouts[0]["hard_negatives"])
-    blocks: list[list[torch.Tensor]] = [[] for _ in range(5)]
-    for emb, layout in zip(embeddings, layouts, strict=True):
-        n, chains = int(layout["n_pairs"]), len(layout["chain_negative_mask"])
-        bounds = [0, n, 2 * n, 3 * n, (3 + k) * n, (3 + k) * n + chains]
-        for block, (start, stop) in enumerate(itertools.pairwise(bounds)):
-            blocks[block].append(emb[start:stop])
+    """The embeddings and layout one batch of all the chunks' pairs would have had (for the contrastive loss): each
+    of `layout_blocks` stacked over the chunks, in chunk order. Differentiable in `embeddings`."""
+    per_chunk = [layout_blocks(emb, layout) for emb, layout in zip(embeddings, layouts, strict=True)]
     relevant = [layout["relevant_ids"] for layout in layouts]
     merged = {
         "n_pairs": sum(int(layout["n_pairs"]) for layout in layouts),
-        "hard_negatives": k,
+        "hard_negatives": int(layouts[0]["hard_negatives"]),
         "negative_mask": torch.cat([layout["negative_mask"] for layout in layouts]),
         "image_only": torch.cat([layout["image_only"] for layout in layouts]),
         "chain_negative_mask": torch.cat([layout["chain_negative_mask"] for layout in layouts]),
         "positive_ids": [pid for layout in layouts for pid in layout["positive_ids"]],
         "relevant_ids": None if relevant[0] is None else [ids for chunk in relevant for ids in chunk],
     }
-    return torch.cat([torch.cat(block) for block in blocks]), merged
+    return torch.cat([torch.cat(block) for block in zip(*per_chunk, strict=True)]), merged
 
 
 class NoiseEpoch(TrainerCallback):
