@@ -20,8 +20,9 @@ LEVEL = {"errors": 0, "cache": 0, "logs": 0, "data": 1, "modeling": 2, "recipe":
 #: (importing module, imported package): imports that run up the layers today. None since the trainers stopped
 #: evaluating (the CLI and `run` do) and a saved model carries its `ModelSpec` in `moon_rl.json`; keep it so.
 KNOWN_UPWARD: set[tuple[str, str]] = set()
-#: Pairs of packages that import each other today.
-KNOWN_CYCLES = {("recipe", "training")}  # trainers take a Recipe; the recipe builds the trainers' configs
+#: Pairs of packages that import each other today. None since the trainers name `Recipe` for types only (the recipe
+#: builds their TRL configs, so it is the one that imports `training`).
+KNOWN_CYCLES: set[tuple[str, str]] = set()
 
 
 def _runtime_imports(path: Path) -> list[str]:

@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_
 from moon_rl.modeling.shared_images import ImageFeatureCache, shared_image_features
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
-from moon_rl.recipe import Recipe
 from moon_rl.training.candidates import CandidatePool, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save
@@ -57,6 +56,9 @@ from moon_rl.training.losses import gather_ids, matryoshka_info_nce
 from moon_rl.training.reward_context import ContextReward, RewardBatch
 from moon_rl.training.sampling import end_generation_at_readout, importance_sampling_share
 from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
+
+if TYPE_CHECKING:  # types only: the trainers read a Recipe's attributes; the recipe builds their configs
+    from moon_rl.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -35,7 +35,6 @@ from moon_rl.data.catalogue import Catalogue
 from moon_rl.data.prompts import THINK_CLOSE
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import FINAL_DIR
-from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, global_count, train_and_save
 from moon_rl.training.configs import ConfigValueError, MoonSFTConfig
@@ -48,6 +47,9 @@ from moon_rl.training.sft_data import (
     merge_chunk_embeddings,
     sft_examples,
 )
+
+if TYPE_CHECKING:  # types only: the trainers read a Recipe's attributes; the recipe builds their configs
+    from moon_rl.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
