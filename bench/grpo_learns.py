@@ -51,6 +51,8 @@ TASKS = ("text->product", "image->product")
 RETRIEVAL_COLUMNS = [("text R@1 reason", "reason/text->product"), ("image R@1 reason", "reason/image->product"),
                      ("text R@1 direct", "direct/text->product"), ("image R@1 direct", "direct/image->product"),
                      ("text R@1 swapped chains", "swapped/text->product"), ("cos(chain, chain)", "chain_cosine"),
+                     ("sampled chains identical", "chains_identical"),
+                     ("cos(chain, chain), chains differing", "chain_cosine_differing"),
                      ("cos(reason, direct)", "reason_direct_cosine")]
 #: with `data.synthetic.trace_errors`: greedy chains of the training products whose trace is wrong
 REPAIR_COLUMNS = [("wrong-trace products: chain names the truth", "repair/true"),
@@ -104,6 +106,8 @@ def model_metrics(results: Mapping[str, Any]) -> dict[str, float | None]:
         metrics[f"swapped/{task}"] = (faith.get("swapped") or {}).get(task)
         metrics[f"chance/{task}"] = results["chance"][task]["recall@1"]
     metrics["chain_cosine"] = faith.get("chain_cosine")
+    metrics["chains_identical"] = faith.get("chains_identical")
+    metrics["chain_cosine_differing"] = faith.get("chain_cosine_differing")
     metrics["reason_direct_cosine"] = faith.get("reason_direct_cosine")
     metrics["reason_format_rate"] = results.get("reason_format_rate")
     return metrics

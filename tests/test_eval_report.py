@@ -47,12 +47,17 @@ def test_derangement_moves_every_item():
 
 
 class _FakeEmbedder:
-    """Vectors = base vector of the record, plus (if `follows`) the completion's first id as a strong direction."""
+    """Vectors = base vector of the record, plus (if `follows`) the completion's first id as a strong direction.
+    Sampled chains: record r's is [r] on every call when r is even, [r + call] (a new chain each call) when r is odd."""
 
     def __init__(self, follows: bool):
         self.follows = follows
+        self.sample_calls = 0
 
-    def encode(self, records, mode="direct", completions=None, do_sample=False, **kwargs):
+    def encode(self, records, mode="direct", completions=None, do_sample=False, return_completions=False, **kwargs):
+        if completions is None and do_sample:
+            completions = [[r] if r % 2 == 0 else [r + self.sample_calls] for r in records]
+            self.sample_calls += 1
         out = []
         for i, r in enumerate(records):
             v = np.zeros(8)
@@ -62,7 +67,8 @@ class _FakeEmbedder:
             if do_sample:
                 v += np.random.default_rng(i).normal(0, 0.01, 8)
             out.append(v / np.linalg.norm(v))
-        return np.asarray(out, np.float32)
+        out = np.asarray(out, np.float32)
+        return (out, completions) if return_completions else out
 
 
 @pytest.mark.parametrize("follows", [True, False])
@@ -78,7 +84,11 @@ def test_swapped_reasoning_moves_only_a_model_that_follows_it(follows):
     found = faithfulness(embedder, gallery, greedy, ids, embedder.encode(gallery), recall)
     assert found["reason"]["text->product"] == 1.0
     assert found["swapped"]["text->product"] == (0.0 if follows else 1.0)
-    assert found["chain_cosine"] > 0.99
+    # Half the products sample the same chain twice; the other half's two chains differ, and only a model that follows
+    # its chain embeds them apart (e_r + 3 e_r against e_r + 3 e_(r+1): cosine 4 / (4 sqrt(10)) = 0.32).
+    assert found["chains_identical"] == 0.5
+    assert found["chain_cosine_differing"] == pytest.approx(0.316 if follows else 1.0, abs=0.02)
+    assert found["chain_cosine"] == pytest.approx((1.0 + found["chain_cosine_differing"]) / 2, abs=0.01)
 
 
 def _history(stage):

@@ -4,6 +4,9 @@ A public reason-then-embed model was found to give nearly the same embedding wha
 0.95-0.98 across different chains). For a gallery embedded in `reason` mode this module reports, without judging:
 
 * `chain_cosine`: mean cosine between two embeddings of the same product from two independently sampled chains;
+  beside it `chains_identical` (the share of those pairs whose two chains are the same text, so embed alike by
+  construction) and `chain_cosine_differing` (the mean over the other pairs: how far a different chain moves the
+  embedding; None when every pair is identical);
 * `reason_direct_cosine`: mean cosine between each product's greedy reason-mode and direct-mode embeddings;
 * `swapped`: each retrieval task's Recall@1 when every gallery product is read out after ANOTHER product's greedy
   reasoning (a fixed random derangement), beside `reason` (its own reasoning). A model whose embedding follows its
@@ -58,9 +61,15 @@ def faithfulness(
     sampled = [gallery[i] for i in np.linspace(0, len(gallery) - 1, min(max_sampled, len(gallery))).astype(int)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        first = embedder.encode(sampled, do_sample=True, temperature=temperature, **encode)
-        second = embedder.encode(sampled, do_sample=True, temperature=temperature, **encode)
+        first, first_chains = embedder.encode(sampled, do_sample=True, temperature=temperature,
+                                              return_completions="ids", **encode)
+        second, second_chains = embedder.encode(sampled, do_sample=True, temperature=temperature,
+                                                return_completions="ids", **encode)
+    differing = np.array([list(a) != list(b) for a, b in zip(first_chains, second_chains, strict=True)], dtype=bool)
     result: dict[str, Any] = {"chain_cosine": _row_cosine(first, second), "chains_sampled_for": len(sampled),
+                              "chains_identical": float(1.0 - differing.mean()) if len(differing) else None,
+                              "chain_cosine_differing": (_row_cosine(first[differing], second[differing])
+                                                         if differing.any() else None),
                               "reason_direct_cosine": None, "swapped": None, "reason": recall_at_1(greedy_vecs),
                               "sample_temperature": temperature}
     if direct_vecs is not None:
