@@ -353,9 +353,10 @@ def test_single_process_generation_batch_matches_trl(tmp_path):
     assert generation_batch_problems({**values, "min_distinct_anchors": 5})
 
 
-def test_the_teacher_demo_differs_from_tiny_cpu_only_where_it_says():
-    """`tiny-cpu-teacher.yaml`'s bench numbers (bench/RESULTS.md) hold for tiny-cpu plus its documented changes: a
-    change to tiny-cpu that the teacher recipe overrides, or a stray key in it, would silently measure something else."""
+def test_the_true_traces_demo_differs_from_tiny_cpu_only_where_it_says():
+    """`tiny-cpu-true-traces.yaml`'s bench numbers (bench/RESULTS.md) hold for tiny-cpu minus its trace errors, with
+    GRPO at its former settings: a change to tiny-cpu that the variant overrides, or a stray key in it, would silently
+    measure something else."""
     def flat(value, prefix=""):
         if isinstance(value, dict):
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
@@ -363,11 +364,12 @@ def test_the_teacher_demo_differs_from_tiny_cpu_only_where_it_says():
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     base = flat(load_recipe(root / "tiny-cpu.yaml").model_dump())
-    teacher = flat(load_recipe(root / "tiny-cpu-teacher.yaml").model_dump())
-    changed = {key for key in base.keys() | teacher.keys() if base.get(key) != teacher.get(key)}
+    true_traces = flat(load_recipe(root / "tiny-cpu-true-traces.yaml").model_dump())
+    changed = {key for key in base.keys() | true_traces.keys() if base.get(key) != true_traces.get(key)}
     assert changed == {"output_dir", "data.synthetic.trace_errors", "grpo.learning_rate", "grpo.heads_learning_rate",
                        "grpo.max_steps", "grpo.save_steps"}, changed
-    assert teacher["data.synthetic.trace_errors"] == 0.3 and teacher["grpo.max_steps"] == 480
+    assert base["data.synthetic.trace_errors"] == 0.3 and base["grpo.max_steps"] == 480
+    assert true_traces["data.synthetic.trace_errors"] == 0.0 and true_traces["grpo.max_steps"] == 240
 
 
 def test_matryoshka_dims_are_sorted_unique_and_fit_the_embedding(tmp_path):
