@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.helpers import free_port, tiny_sft_recipe
 
@@ -67,18 +69,33 @@ def test_grad_cache_under_torchrun_trains_as_the_whole_batch(tmp_path):
     """GradCache under DDP with gathered in-batch negatives: 2 processes x 4 pairs, chunks of 2 pairs (the first
     chunk's backward without gradient sync, the contrastive gradient over all 8 pairs), trains the same 3 steps as
     the unchunked run: the logged losses and gradient norms of every step agree (the norms are logged before
-    clipping: a gradient scaled wrongly shows there first; the losses of steps 2-3 check the updates)."""
+    clipping: a gradient scaled wrongly shows there first; the losses of steps 2-3 check the updates). And both train
+    as ONE process with the same 8 pairs per step: the same losses, gradient norms and final heads (a gather that
+    dropped the other process's pairs, or a loss averaged twice, shows here)."""
     histories = []
-    for chunk in (None, 2):
-        recipe = tmp_path / f"r{chunk}.yaml"
-        head = tiny_sft_recipe(tmp_path / f"run{chunk}", max_steps=3, save_steps=3, batch_size=4)
+    for chunk, processes in ((None, 2), (2, 2), (None, 1)):
+        name = f"run{chunk}-{processes}"
+        recipe = tmp_path / f"{name}.yaml"
+        head = tiny_sft_recipe(tmp_path / name, max_steps=3, save_steps=3, batch_size=8 // processes)
         recipe.write_text(head.replace("disable_tqdm: true}", f"disable_tqdm: true, contrastive_chunk_size: {chunk or 'null'},"
                                        " lr_scheduler_type: constant}") + "eval: {modes: [direct], baselines: []}\n")
-        result = torchrun(tmp_path, "sft", recipe)
+        if processes == 2:
+            result = torchrun(tmp_path, "sft", recipe)
+        else:
+            result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sft", str(recipe)], capture_output=True,
+                                    text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        history = json.loads((tmp_path / f"run{chunk}" / "sft" / "log_history.json").read_text())
+        history = json.loads((tmp_path / name / "sft" / "log_history.json").read_text())
         histories.append([entry for entry in history if "infonce" in entry])
-    plain, chunked = histories
+    plain, chunked, single = histories
+    for a, b in zip(single, plain, strict=True):
+        assert b["pairs/global"] == a["pairs/global"] == 8
+        for key in ("loss", "lm_loss", "infonce", "grad_norm", "heads_grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), ("1 vs 2 processes", a["step"], key)
+    heads = [load_file(tmp_path / name / "sft" / "final" / "heads.safetensors") for name in ("runNone-1", "runNone-2")]
+    assert heads[0].keys() == heads[1].keys()
+    for key in heads[0]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5, msg=key)
     assert [e["step"] for e in chunked] == [1, 2, 3] and all(e["grad_cache/chunks"] == 2 for e in chunked)
     assert all(e["pairs/global"] == 8 for e in chunked)
     for a, b in zip(plain, chunked, strict=True):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -79,7 +80,7 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
         lm_loss, embeddings, hidden, layout = self._forward_with_readouts(model, inputs, num_items_in_batch)
         contrastive, metrics = self._contrastive_loss(embeddings, layout)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["lm_loss"].append(float(lm_loss.detach()))
+        metrics = {"lm_loss": float(lm_loss.detach()), **metrics}
         # As TRL does for its auxiliary loss: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
         steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
         loss = lm_loss + self.args.contrastive_weight * contrastive / steps
@@ -87,9 +88,18 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
             value_loss = self._value_token_loss(hidden, inputs["input_ids"], layout["value_mask"])
             metrics["lm_loss/values"] = float(value_loss.detach())
             loss = loss + self.args.value_token_weight * value_loss / steps
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
+        self._log_process_means(mode, metrics)
         return loss
+
+    def _log_process_means(self, mode: str, metrics: dict[str, float]) -> None:
+        """Log this step's metrics as their mean over processes, as TRL logs its own: each process's LM loss and
+        InfoNCE cover its own rows (the LM loss divided by the global token count and scaled by the process count), so
+        the mean is what one process holding the whole batch logs. A metric a process did not measure (no anchor of
+        that kind in its rows) is averaged over the processes that did; objects, since the keys may differ."""
+        found = gather_object([metrics]) if self.accelerator.num_processes > 1 else [metrics]
+        for name in dict.fromkeys(key for measured in found for key in measured):
+            values = [measured[name] for measured in found if name in measured]
+            self._metrics[mode][name].append(sum(values) / len(values))
 
     def _forward_with_readouts(self, model, inputs: dict[str, Any], num_items_in_batch: Any
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -181,12 +191,11 @@ class MoonSFTTrainer(MoonTrainerMixin, SFTTrainer):
                     self.accelerator.backward(piece / accumulation)
             lm_total = lm_total + lm_loss.detach()
             del chunk, piece, embeddings, hidden
-        self._metrics[mode]["lm_loss"].append(float(lm_total))
+        metrics = {"lm_loss": float(lm_total), **metrics}
         if cfg.value_token_weight:
             metrics["lm_loss/values"] = float(value_total)
         metrics["grad_cache/chunks"] = float(len(chunks))
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
+        self._log_process_means(mode, metrics)
         loss = lm_total + contrastive + cfg.value_token_weight * value_total / steps
         return loss / accumulation
 
