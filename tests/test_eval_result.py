@@ -81,6 +81,10 @@ def test_primary_metric_is_reason_text_recall_at_1_when_reason_was_evaluated_els
 
 
 def test_primary_metric_falls_back_to_the_first_scored_task():
+    # text->product wins wherever the mode lists it...
+    text_later = EvaluationResult(modes={"direct": {"image->product": _metrics(0.3), "text->product": _metrics(0.1)}})
+    assert (text_later.primary_metric, text_later.primary_value) == ("direct/text->product/recall@1", 0.1)
+    # ...and only where it is not scored does the first scored task stand in.
     # A text-only baseline's image task is None; a catalogue without text queries has no text->product.
     no_text = EvaluationResult(modes={"direct": {"image->product": None, "product->product": _metrics(0.3)}})
     assert (no_text.primary_metric, no_text.primary_value) == ("direct/product->product/recall@1", 0.3)
