@@ -168,6 +168,30 @@ def test_report_has_the_chain_attribute_table_and_metrics_json_keeps_it(tmp_path
     assert saved["grpo"]["chain_attributes"]["material"] == {"right": 1.0, "wrong": 0.0, "chance": 5 / 9, "n": 2}
 
 
+def test_eval_command_prints_the_main_table_read_back_from_metrics_json(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import moon_rl.evaluation.report as report
+    from cli import app
+
+    results = {"grpo": _chain_result((0.5, 0.0), None), "untrained": EvaluationResult(
+        modes={"direct": {"text->product": {"recall@1": 0.1}}}, zero_shot={"direct": {"attributes": {"mean": 0.25}}})}
+    summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
+
+    def run_eval(recipe, models, out, *, run_dir):  # the evaluation itself is tested above; here, what is printed
+        assert set(models) == {"grpo"}
+        write_report(tmp_path / "eval", summary, run_dir=None, models={"grpo": str(models["grpo"])})
+        return tmp_path / "eval"
+
+    monkeypatch.setattr(report, "run_eval", run_eval)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    result = CliRunner().invoke(app, ["eval", str(recipe), "--model", str(tmp_path / "run" / "grpo" / "final")])
+    assert result.exit_code == 0, result.output
+    assert main_table(results) in result.output and "| untrained | direct | 0.100 | – | 0.250 |" in result.output
+    assert result.output.count("| grpo |") == 2  # its two modes; chain_attributes is no row
+
+
 def test_no_chain_attribute_section_without_reason_chains(tmp_path):
     results = {"untrained": EvaluationResult(modes={"direct": {"text->product": {"recall@1": 0.1}}})}
     summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
