@@ -95,6 +95,13 @@ class EvaluationResult:
                 return mode
         return next(iter(self.modes), None)
 
+    def _primary(self) -> tuple[str, str] | None:
+        mode = self.primary_mode
+        scored = [task for task, metrics in self.modes[mode].items() if metrics] if mode is not None else []
+        if not scored:
+            return None
+        return mode, PRIMARY_TASK if PRIMARY_TASK in scored else scored[0]
+
     @property
     def primary_metric(self) -> str | None:
         """The name of the one number to compare models by: `"{mode}/{task}/recall@1"`.
@@ -103,23 +110,14 @@ class EvaluationResult:
         else `direct`). The task is `text->product` (`PRIMARY_TASK`) when that mode scored it, else the first task it
         scored. None when no task was scored.
         """
-        mode = self.primary_mode
-        if mode is None:
-            return None
-        scored = [task for task, metrics in self.modes[mode].items() if metrics]
-        if not scored:
-            return None
-        task = PRIMARY_TASK if PRIMARY_TASK in scored else scored[0]
-        return f"{mode}/{task}/recall@1"
+        found = self._primary()
+        return None if found is None else f"{found[0]}/{found[1]}/recall@1"
 
     @property
     def primary_value(self) -> float | None:
         """The value of `primary_metric` (None where it is)."""
-        name = self.primary_metric
-        if name is None:
-            return None
-        mode, task, _ = name.split("/")
-        return self.recall_at_1(mode, task)
+        found = self._primary()
+        return None if found is None else self.recall_at_1(*found)
 
     # ------------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:

@@ -205,12 +205,13 @@ def evaluate_embedder(
         `EvaluationResult`: `modes` is `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each
         mode; `gallery_size`, `n_queries` (`{task: int}`), `chance` (`{task: metrics}` of a random ranking; recall@1 =
         1 / gallery_size) and `split` are always set; with `zero_shot` (and a catalogue with categories or
-        attributes), `zero_shot`: `{mode: {"classification": ..., "attributes": ...}}`; with `faithfulness`,
-        `faithfulness` (see `faithfulness.faithfulness`); with the `reason` mode, `reason_format_rate`,
-        `reason_examples` and, for products with attributes, `chain_attributes`: `{attribute: {"right", "wrong",
-        "chance", "n"}}`, the share of the gallery's greedy chains naming the product's value, another value of the
-        attribute, and chance, over the whole catalogue's values (see `moon_rl.data.chains.chain_attribute_accuracy`);
-        with `dims`, `dims`: `{mode: {str(d): {task: metrics}}}` for every size, the full one included.
+        attribute values to predict), `zero_shot`: `{mode: {"classification": ..., "attributes": ...}}`; with
+        `faithfulness` and the `reason` mode, `faithfulness` (see `faithfulness.faithfulness`); with the `reason`
+        mode, `reason_format_rate`, `reason_examples` and, for products with attributes, `chain_attributes`:
+        `{attribute: {"right", "wrong", "chance", "n"}}`, the share of the gallery's greedy chains naming the
+        product's value, another value of the attribute, and chance, over the whole catalogue's values (see
+        `moon_rl.data.chains.chain_attribute_accuracy`); with `dims`, `dims`: `{mode: {str(d): {task: metrics}}}` for
+        every size, the full one included. The fields it leaves None have no key in `to_dict` (metrics.json).
 
     Raises:
         `DataError`: see `build_retrieval_tasks`.
