@@ -359,16 +359,13 @@ def eval_(
     set_: SetOption = None,
 ) -> None:
     """Evaluate models and baselines on the test split: report.md, metrics.json and PNG plots."""
-    import json
-
-    from moon_rl.evaluation.report import finished_models, main_table, model_label, run_eval
+    from moon_rl.evaluation.report import finished_models, main_table, model_label, read_results, run_eval
 
     loaded = _load(recipe, set_)
     run_dir = Path(loaded.output_dir)
     models = finished_models(run_dir) if not model else {model_label(m): m for m in model}
     folder = run_eval(loaded, models, out, run_dir=run_dir)
-    results = json.loads((folder / "metrics.json").read_text())["results"]
-    _result(f"{main_table(results)}\n\nreport: {folder / 'report.md'}")
+    _result(f"{main_table(read_results(folder / 'metrics.json'))}\n\nreport: {folder / 'report.md'}")
 
 
 @app.command("run")
@@ -379,16 +376,14 @@ def run(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished stages too.")] = False,
 ) -> None:
     """Run the recipe's stages in order (data, sft, grpo, embed, eval), skipping finished ones; print the report."""
-    import json
-
-    from moon_rl.evaluation.report import main_table
+    from moon_rl.evaluation.report import main_table, read_results
     from moon_rl.run import run_stages
 
     loaded = _load(recipe, set_)
     out = run_stages(loaded, overwrite=overwrite)
     metrics = out / "eval" / "metrics.json"
     if metrics.is_file():
-        _result(f"\n{main_table(json.loads(metrics.read_text())['results'])}\n\nreport: {out / 'eval' / 'report.md'}")
+        _result(f"\n{main_table(read_results(metrics))}\n\nreport: {out / 'eval' / 'report.md'}")
 
 
 # ---------------------------------------------------------------------------------------------------- embed

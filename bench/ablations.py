@@ -108,13 +108,13 @@ def evaluate(recipe: Recipe, model_dir: Path) -> dict[str, Any]:
     modes = list(recipe.eval.modes)
     result = evaluate_embedder(MoonEmbedder.load(model_dir), load_recipe_catalogue(recipe.data), "test", modes,
                                (1,), recipe.eval.batch_size, faithfulness="reason" in modes)
-    mode = "reason" if "reason" in modes else "direct"
-    zero_shot = (result.get("zero_shot") or {}).get(mode) or {}
-    faith = result.get("faithfulness") or {}
+    mode = result.primary_mode  # reason when evaluated, else direct
+    zero_shot = (result.zero_shot or {}).get(mode) or {}
+    faith = result.faithfulness or {}
     return {
         "mode": mode,
-        "text->product": result[mode]["text->product"]["recall@1"],
-        "image->product": result[mode]["image->product"]["recall@1"],
+        "text->product": result.recall_at_1(mode, "text->product"),
+        "image->product": result.recall_at_1(mode, "image->product"),
         "category": (zero_shot.get("classification") or {}).get("accuracy"),
         "attributes": (zero_shot.get("attributes") or {}).get("mean"),
         "chain_cosine": faith.get("chain_cosine"),
@@ -162,8 +162,8 @@ def minilm(args: argparse.Namespace) -> dict[str, Any] | None:
     result = evaluate_minilm(load_recipe_catalogue(recipe.data), "test", (1,))
     if result is None:
         return None
-    zero_shot = (result.get("zero_shot") or {}).get("direct") or {}
-    return {"text->product": result["direct"]["text->product"]["recall@1"], "image->product": None,
+    zero_shot = (result.zero_shot or {}).get("direct") or {}
+    return {"text->product": result.recall_at_1("direct", "text->product"), "image->product": None,
             "category": (zero_shot.get("classification") or {}).get("accuracy"),
             "attributes": (zero_shot.get("attributes") or {}).get("mean")}
 

@@ -82,7 +82,7 @@ def sft_steps(out: Path) -> list[int]:
 def check_sft(args) -> None:
     from safetensors.torch import load_file
 
-    from moon_rl.evaluation.report import evaluate_stage
+    from moon_rl.evaluation.report import evaluate_stage, read_results
     from moon_rl.modeling.folder import HEADS_WEIGHTS
     from moon_rl.training.sft import run_sft
 
@@ -94,8 +94,8 @@ def check_sft(args) -> None:
             check_checkpoint(out / f"checkpoint-{step}")
         assert (out / "final" / "moon_rl.json").is_file() and (out / "metrics.json").is_file()
         assert sft_steps(out) == [1, 2, 3, 4], sft_steps(out)
-        r1 = json.loads((out / "metrics.json").read_text())["results"]["trained"]["direct"]["text->product"]
-        print(f"  SFT text->product R@1 {r1['recall@1']:.3f}")
+        r1 = read_results(out / "metrics.json")["trained"].recall_at_1("direct", "text->product")
+        print(f"  SFT text->product R@1 {r1:.3f}")
         shutil.copy(out / "final" / "heads.safetensors", args.out / "straight_heads.safetensors")
         # As if killed after checkpoint-2 was written.
         shutil.rmtree(out / "final")
@@ -116,7 +116,7 @@ def check_sft(args) -> None:
 
 
 def check_grpo(args) -> None:
-    from moon_rl.evaluation.report import evaluate_stage
+    from moon_rl.evaluation.report import evaluate_stage, read_results
     from moon_rl.training.grpo import run_grpo
 
     out = args.out / "run" / "grpo"
@@ -124,9 +124,9 @@ def check_grpo(args) -> None:
     evaluate_stage(recipe_for(args.out / "run", args.size, []), "grpo")
     if MAIN:
         check_checkpoint(out / "checkpoint-2")
-        metrics = json.loads((out / "metrics.json").read_text())["results"]
+        metrics = read_results(out / "metrics.json")
         assert {"after GRPO", "before GRPO"} <= metrics.keys(), metrics.keys()
-        print(f"  GRPO text->product R@1 {metrics['after GRPO']['direct']['text->product']['recall@1']:.3f}")
+        print(f"  GRPO text->product R@1 {metrics['after GRPO'].recall_at_1('direct', 'text->product'):.3f}")
 
 
 def check_lora(args) -> None:

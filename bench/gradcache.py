@@ -125,7 +125,7 @@ def train_and_evaluate(out: Path, batch: int, chunk: int | None, steps: int, see
     catalogue = load_catalogue(resolve_catalogue_path("builtin:synthetic"))
     result = evaluate_embedder(MoonEmbedder.load(final), catalogue, "test", list(MODES), [1], zero_shot=False)
     return {"seconds": seconds, "steps": steps,
-            **{f"{mode} {task}": result[mode][task]["recall@1"] for mode in MODES for task in TASKS}}
+            **{f"{mode} {task}": result.recall_at_1(mode, task) for mode in MODES for task in TASKS}}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:

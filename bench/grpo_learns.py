@@ -34,6 +34,7 @@ from results_md import machine_description, seeds_and_results, write_section
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 if TYPE_CHECKING:
+    from moon_rl.evaluation.result import EvaluationResult
     from moon_rl.recipe import Recipe  # imported when used at run time, as every moon_rl module here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,24 +93,24 @@ def retrieval_reward_key(recipe: Recipe) -> str | None:
     return f"rewards/{names[0]}/mean" if names else None
 
 
-def model_metrics(results: Mapping[str, Any]) -> dict[str, float | None]:
+def model_metrics(results: EvaluationResult) -> dict[str, float | None]:
     """The numbers this bench reports, flattened out of `evaluate_embedder`'s result (None where it has none)."""
-    chains = results.get("chain_attributes") or {}
-    faith = results.get("faithfulness") or {}
+    chains = results.chain_attributes or {}
+    faith = results.faithfulness or {}
     metrics: dict[str, float | None] = {}
     for attr in ATTRIBUTES:
         metrics[f"chain/{attr}"] = (chains.get(attr) or {}).get("right")
         metrics[f"chance/chain/{attr}"] = (chains.get(attr) or {}).get("chance")
     for task in TASKS:
         for mode in ("reason", "direct"):
-            metrics[f"{mode}/{task}"] = results[mode][task]["recall@1"]
+            metrics[f"{mode}/{task}"] = results.recall_at_1(mode, task)
         metrics[f"swapped/{task}"] = (faith.get("swapped") or {}).get(task)
-        metrics[f"chance/{task}"] = results["chance"][task]["recall@1"]
+        metrics[f"chance/{task}"] = (results.chance or {})[task]["recall@1"]
     metrics["chain_cosine"] = faith.get("chain_cosine")
     metrics["chains_identical"] = faith.get("chains_identical")
     metrics["chain_cosine_differing"] = faith.get("chain_cosine_differing")
     metrics["reason_direct_cosine"] = faith.get("reason_direct_cosine")
-    metrics["reason_format_rate"] = results.get("reason_format_rate")
+    metrics["reason_format_rate"] = results.reason_format_rate
     return metrics
 
 

@@ -62,7 +62,7 @@ def recall_by_dim(model: Path) -> dict[str, dict[str, float]]:
     result = evaluate_embedder(MoonEmbedder.load(model), catalogue, "test", ["direct"], [1], zero_shot=False,
                                dims=DIMS[1:])
     return {dim: {task: per_task[task]["recall@1"] for task in TASKS}
-            for dim, per_task in result["dims"]["direct"].items()}
+            for dim, per_task in (result.dims or {})["direct"].items()}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def recall(model: Path, catalogue: Path) -> dict[str, float]:
 
     result = evaluate_embedder(MoonEmbedder.load(model), load_catalogue(catalogue), "test", ["direct"], [1],
                                zero_shot=False)
-    return {task: result["direct"][task]["recall@1"] for task in TASKS}
+    return {task: result.recall_at_1("direct", task) for task in TASKS}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:

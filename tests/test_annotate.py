@@ -390,12 +390,12 @@ def test_template_traces_teach_an_untraced_catalogue_to_reason(tmp_path):
         final = run_sft(recipe)
         results[name] = evaluate_embedder(MoonEmbedder.load(final), load_catalogue(folder), "test",
                                           ["direct", "reason"], [1], zero_shot=False)
-    chains = results["traced"]["chain_attributes"]
+    chains = results["traced"].chain_attributes
     for attribute in ("category", "material", "brand"):
         assert chains[attribute]["right"] >= chains[attribute]["chance"] + 0.4, (attribute, chains[attribute])
 
     def gap(result):  # direct minus reason, text->product R@1
-        return result["direct"]["text->product"]["recall@1"] - result["reason"]["text->product"]["recall@1"]
+        return result.recall_at_1("direct", "text->product") - result.recall_at_1("reason", "text->product")
 
     assert gap(results["untraced"]) >= 0.1, results["untraced"]
     assert gap(results["traced"]) <= 0.05, results["traced"]

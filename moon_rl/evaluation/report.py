@@ -1,7 +1,8 @@
 """Evaluation summaries and the `moon-rl eval` report: trained models beside the untrained backbone and MiniLM.
 
-`evaluation_summary` evaluates models and baselines into one JSON-able dict; `write_report` turns it into the report
-folder (report.md, metrics.json, PNG plots); `run_eval` is the `moon-rl eval` command.
+`evaluation_summary` evaluates models and baselines into one summary (`summary_json` makes it JSON); `write_report`
+turns it into the report folder (report.md, metrics.json, PNG plots); `run_eval` is the `moon-rl eval` command;
+`read_results` reads a metrics.json's results back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from moon_rl.cache import atomic_write_text
 from moon_rl.data.catalogue import Catalogue
 from moon_rl.errors import MoonError
 from moon_rl.evaluation.baselines import evaluate_minilm, text_ceiling, text_ceiling_result
-from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table, result_modes
+from moon_rl.evaluation.result import EvaluationResult
+from moon_rl.evaluation.retrieval import TASKS, evaluate_embedder, format_table, markdown_table
 from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.folder import finished_model, is_model_folder
 from moon_rl.recipe import Recipe
@@ -31,7 +33,7 @@ def evaluation_summary(
     recipe: Recipe, embedder: MoonEmbedder, catalogue: Catalogue, *, baseline_embedder: MoonEmbedder | None = None,
     label: str = "trained", others: dict[str, MoonEmbedder] | None = None,
 ) -> dict[str, Any]:
-    """Test-split retrieval of `embedder` and the recipe's baselines, as one JSON-able dict with a markdown table.
+    """Test-split retrieval of `embedder` and the recipe's baselines, with a markdown table.
 
     Args:
         recipe (`Recipe`): `eval.modes`, `eval.k`, `eval.batch_size`, `eval.baselines`, `data.test_split`.
@@ -41,12 +43,16 @@ def evaluation_summary(
             recipe (builtin backbones and heads are deterministic, so it is the model training started from).
         label (`str`, *optional*, defaults to `"trained"`): the name of `embedder`'s rows.
         others (`dict[str, MoonEmbedder]`, *optional*): more models to report beside it (e.g. "before GRPO").
+
+    Returns:
+        `dict[str, Any]`: `{"split", "results": {name: EvaluationResult}, "text_only", "table"}`; `summary_json`
+        turns it into metrics.json's content.
     """
     spec = recipe.eval
     split = recipe.data.test_split
     # Every k up to 10 as well as the recipe's: the Recall@k curves need them; the tables show the recipe's.
     ks = sorted(set(spec.k) | set(range(1, CURVE_MAX_K + 1)))
-    results: dict[str, Any] = {}
+    results: dict[str, EvaluationResult] = {}
     trained = {label: embedder, **(others or {})}
     for name, model in trained.items():
         logger.info("evaluating %s (%s)", name, ", ".join(spec.modes))
@@ -66,8 +72,19 @@ def evaluation_summary(
         table_rows["text-only ceiling"] = ceiling
     table = format_table(table_rows, spec.k)
     # The commands print the table once, from metrics.json; here only for --verbose.
-    logger.debug("test split %r, gallery of %d products:\n%s", split, results[label]["gallery_size"], table)
+    logger.debug("test split %r, gallery of %d products:\n%s", split, results[label].gallery_size, table)
     return {"split": split, "results": results, "text_only": text_ceiling(catalogue, split), "table": table}
+
+
+def summary_json(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """An `evaluation_summary` as metrics.json holds it: each result by its `to_dict`, the other entries as they are."""
+    return {**summary, "results": {name: result.to_dict() for name, result in summary["results"].items()}}
+
+
+def read_results(metrics: Path) -> dict[str, EvaluationResult]:
+    """The results of a metrics.json (`moon-rl eval`'s or a training stage's), by model name."""
+    found = json.loads(Path(metrics).read_text())["results"]
+    return {name: EvaluationResult.from_dict(result) for name, result in found.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------ tables
@@ -75,24 +92,24 @@ def _cell(value: Any) -> str:
     return "–" if not isinstance(value, int | float) else f"{value:.3f}"
 
 
-def main_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+def main_table(results: Mapping[str, EvaluationResult]) -> str:
     """One row per (model, mode): Recall@1 of every retrieval task, then zero-shot category and attribute accuracy."""
-    tasks = [t for t in TASKS if any(t in modes for r in results.values() for modes in result_modes(r).values())]
+    tasks = [t for t in TASKS if any(t in per_task for r in results.values() for per_task in r.modes.values())]
     header = ["model", "mode", *[f"{t} R@1" for t in tasks], "category acc", "attribute acc"]
     rows = []
     for model, result in results.items():
-        for mode, per_task in result_modes(result).items():
-            zero_shot = (result.get("zero_shot") or {}).get(mode) or {}
+        for mode, per_task in result.modes.items():
+            zero_shot = (result.zero_shot or {}).get(mode) or {}
             rows.append([model, mode, *[_cell((per_task.get(t) or {}).get("recall@1")) for t in tasks],
                          _cell((zero_shot.get("classification") or {}).get("accuracy")),
                          _cell((zero_shot.get("attributes") or {}).get("mean"))])
     return markdown_table(header, rows)
 
 
-def zero_shot_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+def zero_shot_table(results: Mapping[str, EvaluationResult]) -> str | None:
     """Zero-shot category accuracy / macro-F1 and per-attribute accuracy, one row per (model, mode)."""
     entries = [(model, mode, found) for model, r in results.items()
-               for mode, found in (r.get("zero_shot") or {}).items() if found]
+               for mode, found in (r.zero_shot or {}).items() if found]
     if not entries:
         return None
     attributes = sorted({a for _, _, f in entries for a in (f.get("attributes") or {}) if a != "mean"})
@@ -105,9 +122,9 @@ def zero_shot_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     return markdown_table(header, rows)
 
 
-def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+def faithfulness_table(results: Mapping[str, EvaluationResult]) -> str | None:
     """Reason mode: chain-to-chain and reason-to-direct cosines, Recall@1 with own vs swapped reasoning."""
-    entries = [(model, r["faithfulness"]) for model, r in results.items() if r.get("faithfulness")]
+    entries = [(model, r.faithfulness) for model, r in results.items() if r.faithfulness]
     if not entries:
         return None
     tasks = [t for t in TASKS if any(t in (f.get("reason") or {}) for _, f in entries)]
@@ -122,9 +139,9 @@ def faithfulness_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     return markdown_table(header, rows)
 
 
-def dims_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+def dims_table(results: Mapping[str, EvaluationResult]) -> str | None:
     """Matryoshka models: Recall@1 of each task at each embedding size (`embed --dim`), per model and mode."""
-    entries = [(model, mode, per_dim) for model, r in results.items() for mode, per_dim in (r.get("dims") or {}).items()]
+    entries = [(model, mode, per_dim) for model, r in results.items() for mode, per_dim in (r.dims or {}).items()]
     if not entries:
         return None
     tasks = [t for t in TASKS if any(t in per_task for _, _, per_dim in entries for per_task in per_dim.values())]
@@ -134,13 +151,13 @@ def dims_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     return markdown_table(header, rows)
 
 
-def chain_attribute_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+def chain_attribute_table(results: Mapping[str, EvaluationResult]) -> str | None:
     """Reason mode: per attribute, the share of greedy chains naming the right / a wrong value; a chance row last.
 
     Chance (the expected right share of a chain naming one value at the catalogue's frequencies) depends only on the
     catalogue, so it is one row, from the first model that has the attribute, rather than repeated in every cell.
     """
-    entries = [(model, r["chain_attributes"]) for model, r in results.items() if r.get("chain_attributes")]
+    entries = [(model, r.chain_attributes) for model, r in results.items() if r.chain_attributes]
     if not entries:
         return None
     attributes = sorted({a for _, found in entries for a in found})
@@ -156,13 +173,13 @@ def chain_attribute_table(results: Mapping[str, Mapping[str, Any]]) -> str | Non
 
 # ------------------------------------------------------------------------------------------------------------ report
 def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None, models: Mapping[str, str]) -> Path:
-    """`report.md`, `metrics.json` and the PNG plots of an evaluation `summary` into `out`; returns report.md."""
+    """`report.md`, `metrics.json` and the PNG plots of an `evaluation_summary` into `out`; returns report.md."""
     from moon_rl.evaluation.plots import recall_by_dim, recall_curves, stage_training_curves
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = summary["results"]
-    atomic_write_text(out / "metrics.json", json.dumps({**summary, "models": dict(models)}, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps({**summary_json(summary), "models": dict(models)}, indent=2))
     plots = [p for p in [recall_curves(results, TASKS, out / "recall_at_k.png"),
                          recall_by_dim(results, TASKS, out / "recall_by_dim.png")] if p is not None]
     if run_dir is not None:
@@ -170,8 +187,8 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
     first = next(iter(results.values()))
     lines = [
         "# moon-rl evaluation report", "",
-        f"Split `{summary['split']}`: gallery of {first.get('gallery_size')} products (the catalogue's hard gallery of "
-        f"look-alikes where it has one); queries per task: {first.get('n_queries')}. Queries are embedded in direct "
+        f"Split `{summary['split']}`: gallery of {first.gallery_size} products (the catalogue's hard gallery of "
+        f"look-alikes where it has one); queries per task: {first.n_queries}. Queries are embedded in direct "
         "mode; the mode column says how the gallery was embedded.", "",
         "Models:", "", *[f"- **{name}**: `{where}`" for name, where in models.items()], "",
         "## Main table", "", main_table(results), "",
@@ -198,7 +215,7 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
                   "attribute (right) and another value of it (wrong; a chain may do both), matched as whole words "
                   "against every value in the catalogue. Chance: the right share of a chain naming one value drawn "
                   "at the catalogue's frequencies.", "", table, ""]
-    examples = [(name, r.get("reason_examples") or []) for name, r in results.items()]
+    examples = [(name, r.reason_examples or []) for name, r in results.items()]
     if any(found for _, found in examples):
         lines += ["## Reasoning examples (greedy, first gallery products)", ""]
         for name, found in examples:
@@ -256,7 +273,7 @@ def evaluate_stage(recipe: Recipe, stage: str) -> Path | None:
         runtimes = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
         summary["train_seconds"] = round(float(runtimes[-1]), 1) if runtimes else None
         written = out / "metrics.json"
-        atomic_write_text(written, json.dumps(summary, indent=2))
+        atomic_write_text(written, json.dumps(summary_json(summary), indent=2))
         logger.info("%s metrics written to %s", stage.upper(), written)
     _wait_for_other_processes()
     return written

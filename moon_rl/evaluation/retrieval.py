@@ -9,8 +9,8 @@ model must tell a product from its near-duplicates.
 Queries are always embedded in `direct` mode; only the gallery products are embedded once per mode, because reasoning
 is a property of how the catalogue is indexed (offline, once) while a search query must be answered at once.
 
-    results = evaluate_embedder(embedder, catalogue, split="test", modes=("direct", "reason"))
-    print(format_table({"moon-rl": results}, ks=(1, 5, 10)))
+    result = evaluate_embedder(embedder, catalogue, split="test", modes=("direct", "reason"))
+    print(format_table({"moon-rl": result}, ks=(1, 5, 10)))
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from moon_rl.evaluation.ranking import (
     relevant_ranks,
     retrieval_metrics,
 )
+from moon_rl.evaluation.result import EvaluationResult, TaskMetrics
 from moon_rl.evaluation.zero_shot import label_space, zero_shot_tasks
 from moon_rl.modeling.matryoshka import truncate
 
@@ -59,9 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: Task names, in the order tables list them.
 TASKS: tuple[str, ...] = ("text->product", "image->product", "multimodal->product", "product->product")
-#: Keys of an `evaluate_embedder` result that are not modes.
-RESULT_INFO_KEYS = frozenset({"gallery_size", "n_queries", "chance", "split", "reason_format_rate", "reason_examples",
-                              "zero_shot", "faithfulness", "chain_attributes", "dims"})
 
 
 @dataclass
@@ -181,7 +179,7 @@ def evaluate_embedder(
     embedder: Any, catalogue: Catalogue, split: str = "test", modes: Sequence[str] = ("direct",),
     ks: Sequence[int] = (1, 5, 10), batch_size: int = 32, show_progress: bool = False, *, zero_shot: bool = True,
     faithfulness: bool = False, dims: Sequence[int] = (),
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Retrieval metrics of an embedder on every task of a split, for each gallery embedding mode.
 
     Queries are embedded once, in `direct` mode, whatever `modes` says: queries never reason (a search has to be
@@ -204,14 +202,16 @@ def evaluate_embedder(
             the first `d` values (renormalised), as `embed --dim d` indexes them.
 
     Returns:
-        `dict`: `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each mode, plus
-        `"gallery_size"` (int), `"n_queries"` (`{task: int}`), `"chance"` (`{task: metrics}` of a random ranking;
-        recall@1 = 1 / gallery_size) and `"split"`; with `zero_shot`, `"zero_shot"`: `{mode: {"classification":
-        ..., "attributes": ...}}`; with `faithfulness`, `"faithfulness"` (see `faithfulness.faithfulness`); with the
-        `reason` mode and products with attributes, `"chain_attributes"`: `{attribute: {"right", "wrong", "chance",
-        "n"}}`, the share of the gallery's greedy chains naming the product's value, another value of the attribute,
-        and chance, over the whole catalogue's values (see `moon_rl.data.chains.chain_attribute_accuracy`); with
-        `dims`, `"dims"`: `{mode: {str(d): {task: metrics}}}` for every size, the full one included.
+        `EvaluationResult`: `modes` is `{mode: {task: {"recall@1": ..., "mrr@10": ..., "ndcg@10": ...}}}` for each
+        mode; `gallery_size`, `n_queries` (`{task: int}`), `chance` (`{task: metrics}` of a random ranking; recall@1 =
+        1 / gallery_size) and `split` are always set; with `zero_shot` (and a catalogue with categories or
+        attribute values to predict), `zero_shot`: `{mode: {"classification": ..., "attributes": ...}}`; with
+        `faithfulness` and the `reason` mode, `faithfulness` (see `faithfulness.faithfulness`); with the `reason`
+        mode, `reason_format_rate`, `reason_examples` and, for products with attributes, `chain_attributes`:
+        `{attribute: {"right", "wrong", "chance", "n"}}`, the share of the gallery's greedy chains naming the
+        product's value, another value of the attribute, and chance, over the whole catalogue's values (see
+        `moon_rl.data.chains.chain_attribute_accuracy`); with `dims`, `dims`: `{mode: {str(d): {task: metrics}}}` for
+        every size, the full one included. The fields it leaves None have no key in `to_dict` (metrics.json).
 
     Raises:
         `DataError`: see `build_retrieval_tasks`.
@@ -225,14 +225,15 @@ def evaluate_embedder(
                 split, len(all_queries), len(gallery_ids), list(modes))
     query_vecs, _ = _encode(embedder, all_queries, "direct", catalogue, batch_size, show_progress)
     bounds = np.cumsum([0] + [len(task) for task in tasks])
-    results: dict[str, Any] = {}
+    result = EvaluationResult(modes={}, split=split)
+    per_dim: dict[str, dict[str, TaskMetrics]] = {}
+    per_mode_zero_shot: dict[str, dict[str, Any]] = {}
     space = label_space(catalogue) if zero_shot else {}
 
     def encode_text(texts: list[str]) -> np.ndarray:
         return embedder.encode(texts, mode="direct", batch_size=batch_size)
 
-    def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int], dim: int | None = None
-                     ) -> dict[str, dict[str, float]]:
+    def task_metrics(gallery_vecs: np.ndarray, cutoffs: Sequence[int], dim: int | None = None) -> TaskMetrics:
         queries, gallery = truncate(query_vecs, dim), truncate(gallery_vecs, dim)
         return {
             task.name: retrieval_metrics(queries[bounds[i]:bounds[i + 1]], gallery, task.relevant, cutoffs,
@@ -251,31 +252,29 @@ def evaluate_embedder(
             trace_ids = traces
             traces = embedder.processor.tokenizer.batch_decode(traces, skip_special_tokens=False)
         if mode == "reason":
-            results["reason_format_rate"] = well_formed_rate(traces)
-            results["reason_examples"] = traces[:3]
-            if chains := _chain_attributes(traces, gallery_products, catalogue):
-                results["chain_attributes"] = chains
-        results[mode] = task_metrics(gallery_vecs, ks)
+            result.reason_format_rate = well_formed_rate(traces)
+            result.reason_examples = traces[:3]
+            result.chain_attributes = _chain_attributes(traces, gallery_products, catalogue) or None
+        result.modes[mode] = task_metrics(gallery_vecs, ks)
         if dims:
             full = gallery_vecs.shape[1]
-            results.setdefault("dims", {})[mode] = {
-                str(d): results[mode] if d == full else task_metrics(gallery_vecs, ks, d)
-                for d in sorted({full, *dims}, reverse=True)}
+            per_dim[mode] = {str(d): result.modes[mode] if d == full else task_metrics(gallery_vecs, ks, d)
+                             for d in sorted({full, *dims}, reverse=True)}
         if space:
-            results.setdefault("zero_shot", {})[mode] = zero_shot_tasks(gallery_products, gallery_vecs, space,
-                                                                          encode_text)
+            per_mode_zero_shot[mode] = zero_shot_tasks(gallery_products, gallery_vecs, space, encode_text)
+    result.dims = per_dim or None
+    result.zero_shot = per_mode_zero_shot or None
     if faithfulness and "reason" in vectors:
-        results["faithfulness"] = measure_faithfulness(
+        result.faithfulness = measure_faithfulness(
             embedder, gallery_products, vectors["reason"], trace_ids, vectors.get("direct"),
             lambda vecs: {name: m["recall@1"] for name, m in task_metrics(vecs, (1,)).items()},
             load_image=catalogue.image, batch_size=batch_size,
         )
-    results["gallery_size"] = len(gallery_ids)
-    results["n_queries"] = {task.name: len(task) for task in tasks}
+    result.gallery_size = len(gallery_ids)
+    result.n_queries = {task.name: len(task) for task in tasks}
     # product->product leaves the anchor out of the ranking when it is in the gallery: one candidate fewer.
-    results["chance"] = {task.name: task_chance(task, len(gallery_ids), ks) for task in tasks}
-    results["split"] = split
-    return results
+    result.chance = {task.name: task_chance(task, len(gallery_ids), ks) for task in tasks}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------ table
@@ -283,31 +282,26 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def result_modes(result: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """The `{mode: {task: metrics}}` part of an `evaluate_embedder`-shaped result."""
-    return {key: value for key, value in result.items() if key not in RESULT_INFO_KEYS and isinstance(value, Mapping)}
-
-
 def format_table(
-    results: Mapping[str, Mapping[str, Any]], ks: Sequence[int] = (1, 5, 10), *, include_chance: bool = True
+    results: Mapping[str, EvaluationResult], ks: Sequence[int] = (1, 5, 10), *, include_chance: bool = True
 ) -> str:
     """A markdown table of retrieval results: one row per (model, mode), columns task x metric.
 
     Args:
-        results (`Mapping[str, dict]`): model name -> an `evaluate_embedder`-shaped result (`{mode: {task: metrics}}`,
-            extra keys such as `gallery_size` ignored). A task's metrics may be None (not applicable, e.g. image
-            tasks of a text-only model) and a metric may be missing (e.g. a ceiling known only at R@1): shown as `–`.
+        results (`Mapping[str, EvaluationResult]`): model name -> its result; one row per mode of its `modes`. A
+            task's metrics may be None (not applicable, e.g. image tasks of a text-only model) and a metric may be
+            missing (e.g. a ceiling known only at R@1): shown as `–`.
         ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`): the `recall@k` columns (R@k); MRR@10 follows.
         include_chance (`bool`, *optional*, defaults to `True`): add a `chance` row from the first result that has
-            a `"chance"` entry.
+            `chance`.
 
     Returns:
         `str`: the table, without a trailing newline.
     """
     rows: list[tuple[str, str, Mapping[str, Any]]] = []
     for model, result in results.items():
-        rows += [(model, mode, per_task) for mode, per_task in result_modes(result).items()]
-    chance = next((r["chance"] for r in results.values() if isinstance(r.get("chance"), Mapping)), None)
+        rows += [(model, mode, per_task) for mode, per_task in result.modes.items()]
+    chance = next((r.chance for r in results.values() if r.chance is not None), None)
     if include_chance and chance is not None:
         rows.append(("chance", "–", chance))
     present = {task for _, _, per_task in rows for task in per_task}
