@@ -14,10 +14,13 @@ package registers the built-ins:
 
 Recipes name rewards through `resolve_reward` / `build_rewards` (registered name, entry point in group
 `moon_rl.rewards`, `package.module:fn` or `path/to/file.py:fn`); `build_rewards` returns one `RewardEntry(name, fn,
-weight)` per recipe entry, names unique. `@reward("name")` registers your own.
+weight)` per recipe entry, names unique. `@reward("name")` registers your own: `from moon_rl.rewards import reward`.
+
+The package lives in the repository's top-level `rewards/` folder and installs as `moon_rl.rewards` (issue 15: a
+top-level `rewards` in site-packages clashed with the PyPI distribution of that name).
 """
 
-from rewards.registry import (
+from moon_rl.rewards.registry import (
     ENTRY_POINT_GROUP,
     RewardEntry,
     RewardError,
@@ -27,8 +30,8 @@ from rewards.registry import (
     resolve_reward,
     reward,
 )
-from rewards.retrieval import RetrievalLogprob, RetrievalMargin, retrieval_rank
-from rewards.text import FormatReward, Length, attribute_recall, completion_text
+from moon_rl.rewards.retrieval import RetrievalLogprob, RetrievalMargin, retrieval_rank
+from moon_rl.rewards.text import FormatReward, Length, attribute_recall, completion_text
 
 __all__ = [
     "ENTRY_POINT_GROUP",

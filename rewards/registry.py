@@ -3,7 +3,7 @@
 A reward follows TRL's contract, `fn(completions, **kwargs) -> list[float | None]`. A recipe entry
 `{name, weight, args}` names it in one of four forms, tried in this order:
 
-1. a registered name (`@reward("retrieval_rank")`; the built-ins register on `import rewards`),
+1. a registered name (`@reward("retrieval_rank")`; the built-ins register on `import moon_rl.rewards`),
 2. an entry point in group `moon_rl.rewards` (an installed package's `pyproject.toml`),
 3. `package.module:fn`, imported with `importlib`,
 4. `path/to/file.py:fn`, relative to `base_dir` (the recipe loader makes it absolute against the recipe's folder).
@@ -99,7 +99,7 @@ def reward(name: str) -> Callable[[_R], _R]:
 
     Example:
     ```python
-    >>> from rewards import reward
+    >>> from moon_rl.rewards import reward
     >>> @reward("doc_example_constant")
     ... def constant(completions, **kwargs):
     ...     return [1.0] * len(completions)
@@ -135,7 +135,7 @@ def available_rewards() -> list[str]:
 
     Example:
     ```python
-    >>> from rewards import available_rewards
+    >>> from moon_rl.rewards import available_rewards
     >>> "retrieval_rank" in available_rewards()
     True
 
@@ -170,7 +170,7 @@ def resolve_reward(name: str, args: Mapping[str, Any] | None = None, *, base_dir
 
     Example:
     ```python
-    >>> from rewards import resolve_reward
+    >>> from moon_rl.rewards import resolve_reward
     >>> margin = resolve_reward("retrieval_margin", {"temperature": 0.1})
     >>> margin.__name__, margin.temperature
     ('retrieval_margin', 0.1)
@@ -230,7 +230,7 @@ def build_rewards(entries: Sequence[Mapping[str, Any]], *, base_dir: Path | None
 
     Example:
     ```python
-    >>> from rewards import build_rewards
+    >>> from moon_rl.rewards import build_rewards
     >>> built = build_rewards([{"name": "retrieval_rank"}, {"name": "length", "weight": 0.5, "args": {"budget": 32}},
     ...                        {"name": "length", "args": {"budget": 64}}])
     >>> [(entry.name, entry.fn.__name__, entry.weight) for entry in built]
@@ -282,8 +282,8 @@ def _unique_names(labels: list[str]) -> list[str]:
 
 
 def _trl_name(fn: Any) -> str:
-    # trl.trainer.utils.get_callable_name, copied so that `import rewards` stays free of trl: a partial is logged by
-    # the wrapped function's name, anything else by its `__name__`, else its class's.
+    # trl.trainer.utils.get_callable_name, copied so that `import moon_rl.rewards` stays free of trl: a partial is
+    # logged by the wrapped function's name, anything else by its `__name__`, else its class's.
     while isinstance(fn, functools.partial):
         fn = fn.func
     return getattr(fn, "__name__", type(fn).__name__)

@@ -1,4 +1,5 @@
-"""Tests of rewards/: built-ins on hand-made tensors with exact answers, and every way a name resolves."""
+"""Tests of `moon_rl.rewards` (the rewards/ folder): built-ins on hand-made tensors with exact answers, and every way a
+name resolves."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import sys
 import pytest
 import torch
 
-import rewards
+from moon_rl import rewards
 from moon_rl.errors import RecipeError
-from rewards import (
+from moon_rl.rewards import (
     FormatReward,
     Length,
     RetrievalLogprob,
@@ -30,9 +31,9 @@ from rewards import (
     resolve_reward,
     retrieval_rank,
 )
-from rewards import registry as registry_module
-from rewards import retrieval as retrieval_module
-from rewards import text as text_module
+from moon_rl.rewards import registry as registry_module
+from moon_rl.rewards import retrieval as retrieval_module
+from moon_rl.rewards import text as text_module
 
 BUILTINS = ["attribute_recall", "format", "length", "retrieval_logprob", "retrieval_margin", "retrieval_rank"]
 
@@ -437,7 +438,7 @@ def test_dotted_name_without_colon_suggests_the_module_form():
 # --- registry: modules, files, entry points -------------------------------------------------------------------------
 
 USER_REWARDS = """
-from rewards import reward
+from moon_rl.rewards import reward
 
 
 def keyword_count(completions, keyword="red", **kwargs):
@@ -694,8 +695,9 @@ def test_build_rewards_reports_every_bad_entry_at_once():
 
 def test_rewards_do_not_import_the_training_package():
     # Rewards are pure functions of tensors and columns, testable without the trainers; a fresh interpreter shows what
-    # `import rewards` really pulls in.
-    code = "import sys, rewards; print(sorted(m for m in sys.modules if m.startswith('moon_rl')))"
+    # `import moon_rl.rewards` really pulls in.
+    code = ("import sys, moon_rl.rewards; "
+            "print(sorted(m for m in sys.modules if m.startswith('moon_rl') and not m.startswith('moon_rl.rewards')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['moon_rl', 'moon_rl.errors']"
 
