@@ -20,6 +20,16 @@ The package lives in the repository's top-level `rewards/` folder and installs a
 top-level `rewards` in site-packages clashed with the PyPI distribution of that name).
 """
 
+if __name__ != "moon_rl.rewards":
+    # Python run from the repository's root finds this folder as `rewards`, the import path before issue 15. Imported
+    # under that name it would hold a second registry, and rewards registered into it would be silently missing from
+    # every recipe: refuse, and say what to write instead.
+    raise ImportError(
+        "moon-rl's reward package is `moon_rl.rewards`, no longer `rewards`: write `from moon_rl.rewards import "
+        "reward` (and name modules `moon_rl.rewards.<module>:<fn>` in a recipe).",
+        name=__name__,
+    )
+
 from moon_rl.rewards.registry import (
     ENTRY_POINT_GROUP,
     RewardEntry,

@@ -47,6 +47,13 @@ __all__ = [
 
 #: Entry point group an installed package registers its rewards under.
 ENTRY_POINT_GROUP = "moon_rl.rewards"
+#: Added to the error of a reward module that failed on `import rewards`: moon-rl's reward package before issue 15
+#: (plugins were written `from rewards import reward`). Now nothing named `rewards` is installed, or another
+#: distribution of that name answers.
+OLD_IMPORT_HINT = (
+    ". If this is moon-rl's reward package: it is `moon_rl.rewards`, no longer `rewards`; write "
+    "`from moon_rl.rewards import reward` (and name modules `moon_rl.rewards.<module>:<fn>` in a recipe)."
+)
 #: The accepted forms of a reward name, quoted by every "unknown reward" message.
 ACCEPTED_FORMS = (
     f"a registered name, an entry point in group '{ENTRY_POINT_GROUP}', 'package.module:fn' or 'path/to/file.py:fn'"
@@ -332,7 +339,8 @@ def _lookup(name: str, base_dir: Path | None) -> tuple[Callable[..., Any], str]:
     try:
         module = importlib.import_module(target)
     except ImportError as exc:
-        raise RewardError(f"Cannot import module {target!r} for reward {name!r}: {exc}") from exc
+        hint = _old_import_hint(exc)
+        raise RewardError(f"Cannot import module {target!r} for reward {name!r}: {exc}{hint}") from exc
     return _get_attr(module, attr, f"module {target!r}"), attr.rsplit(".", 1)[-1]
 
 
@@ -345,8 +353,10 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> Callable[..
     try:
         obj = entry_point.load()
     except (ImportError, AttributeError) as exc:
+        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
         raise RewardError(
-            f"Entry point {entry_point.name!r} ({entry_point.value!r}, group {ENTRY_POINT_GROUP!r}) failed to load: {exc}"
+            f"Entry point {entry_point.name!r} ({entry_point.value!r}, group {ENTRY_POINT_GROUP!r}) failed to load: "
+            f"{exc}{hint}"
         ) from exc
     if not callable(obj):
         raise RewardError(f"Entry point {entry_point.name!r} ({entry_point.value!r}) is not callable: {obj!r}.")
@@ -377,11 +387,23 @@ def _load_file(file: str, name: str, base_dir: Path | None) -> ModuleType:
     except (ImportError, SyntaxError, OSError) as exc:
         # Other exceptions propagate unchanged: their traceback already points at the offending line of the file.
         sys.modules.pop(module_name, None)
-        raise RewardError(f"Reward file {path} (from {name!r}) failed to import: {type(exc).__name__}: {exc}") from exc
+        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
+        raise RewardError(
+            f"Reward file {path} (from {name!r}) failed to import: {type(exc).__name__}: {exc}{hint}"
+        ) from exc
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
     return module
+
+
+def _old_import_hint(exc: ImportError) -> str:
+    """`OLD_IMPORT_HINT` when `exc` is about a top-level `rewards` module, unless its message already says it."""
+    failed = exc.name or ""
+    if failed != "rewards" and not failed.startswith("rewards."):
+        return ""
+    # The repository's `rewards/` folder, imported under its old name, refuses with this advice itself.
+    return "" if "moon_rl.rewards" in str(exc) else OLD_IMPORT_HINT
 
 
 def _get_attr(module: ModuleType, attr: str, where: str) -> Callable[..., Any]:
