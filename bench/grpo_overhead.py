@@ -8,7 +8,7 @@ builtin folder; both are reset to the initial weights before every repetition) o
 small synthetic catalogue, with the same processor, batch, group size, seed and `bf16=False`, `use_cpu=True`,
 `beta=0`, no gradient checkpointing, no saving:
 
-* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it (`build_grpo_trainer`): the `retrieval_rank` reward (rewards/), which costs a no-grad
+* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it (`build_grpo_trainer`): the `retrieval_rank` reward (`moon_rl.rewards`), which costs a no-grad
   embedding forward of every completion plus a direct-mode forward of the candidates (the generation batch's queries
   and their look-alike hard negatives), the heads (fusion, FIRE hooks, projection) and the InfoNCE term on the read-outs
   captured from the policy's own loss forward.

@@ -14,10 +14,23 @@ package registers the built-ins:
 
 Recipes name rewards through `resolve_reward` / `build_rewards` (registered name, entry point in group
 `moon_rl.rewards`, `package.module:fn` or `path/to/file.py:fn`); `build_rewards` returns one `RewardEntry(name, fn,
-weight)` per recipe entry, names unique. `@reward("name")` registers your own.
+weight)` per recipe entry, names unique. `@reward("name")` registers your own: `from moon_rl.rewards import reward`.
+
+The package lives in the repository's top-level `rewards/` folder and installs as `moon_rl.rewards` (issue 15: a
+top-level `rewards` in site-packages clashed with the PyPI distribution of that name).
 """
 
-from rewards.registry import (
+if __name__ != "moon_rl.rewards":
+    # Python run from the repository's root finds this folder as `rewards`, the import path before issue 15. Imported
+    # under that name it would hold a second registry, and rewards registered into it would be silently missing from
+    # every recipe: refuse, and say what to write instead.
+    raise ImportError(
+        "moon-rl's reward package is `moon_rl.rewards`, no longer `rewards`: write `from moon_rl.rewards import "
+        "reward` (and name modules `moon_rl.rewards.<module>:<fn>` in a recipe).",
+        name=__name__,
+    )
+
+from moon_rl.rewards.registry import (
     ENTRY_POINT_GROUP,
     RewardEntry,
     RewardError,
@@ -27,8 +40,8 @@ from rewards.registry import (
     resolve_reward,
     reward,
 )
-from rewards.retrieval import RetrievalLogprob, RetrievalMargin, retrieval_rank
-from rewards.text import FormatReward, Length, attribute_recall, completion_text
+from moon_rl.rewards.retrieval import RetrievalLogprob, RetrievalMargin, retrieval_rank
+from moon_rl.rewards.text import FormatReward, Length, attribute_recall, completion_text
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -3,7 +3,7 @@
 A reward follows TRL's contract, `fn(completions, **kwargs) -> list[float | None]`. A recipe entry
 `{name, weight, args}` names it in one of four forms, tried in this order:
 
-1. a registered name (`@reward("retrieval_rank")`; the built-ins register on `import rewards`),
+1. a registered name (`@reward("retrieval_rank")`; the built-ins register on `import moon_rl.rewards`),
 2. an entry point in group `moon_rl.rewards` (an installed package's `pyproject.toml`),
 3. `package.module:fn`, imported with `importlib`,
 4. `path/to/file.py:fn`, relative to `base_dir` (the recipe loader makes it absolute against the recipe's folder).
@@ -47,6 +47,13 @@ __all__ = [
 
 #: Entry point group an installed package registers its rewards under.
 ENTRY_POINT_GROUP = "moon_rl.rewards"
+#: Added to the error of a reward module that failed on `import rewards`: moon-rl's reward package before issue 15
+#: (plugins were written `from rewards import reward`). Now nothing named `rewards` is installed, or another
+#: distribution of that name answers.
+OLD_IMPORT_HINT = (
+    ". If this is moon-rl's reward package: it is `moon_rl.rewards`, no longer `rewards`; write "
+    "`from moon_rl.rewards import reward` (and name modules `moon_rl.rewards.<module>:<fn>` in a recipe)."
+)
 #: The accepted forms of a reward name, quoted by every "unknown reward" message.
 ACCEPTED_FORMS = (
     f"a registered name, an entry point in group '{ENTRY_POINT_GROUP}', 'package.module:fn' or 'path/to/file.py:fn'"
@@ -99,7 +106,7 @@ def reward(name: str) -> Callable[[_R], _R]:
 
     Example:
     ```python
-    >>> from rewards import reward
+    >>> from moon_rl.rewards import reward
     >>> @reward("doc_example_constant")
     ... def constant(completions, **kwargs):
     ...     return [1.0] * len(completions)
@@ -135,7 +142,7 @@ def available_rewards() -> list[str]:
 
     Example:
     ```python
-    >>> from rewards import available_rewards
+    >>> from moon_rl.rewards import available_rewards
     >>> "retrieval_rank" in available_rewards()
     True
 
@@ -170,7 +177,7 @@ def resolve_reward(name: str, args: Mapping[str, Any] | None = None, *, base_dir
 
     Example:
     ```python
-    >>> from rewards import resolve_reward
+    >>> from moon_rl.rewards import resolve_reward
     >>> margin = resolve_reward("retrieval_margin", {"temperature": 0.1})
     >>> margin.__name__, margin.temperature
     ('retrieval_margin', 0.1)
@@ -230,7 +237,7 @@ def build_rewards(entries: Sequence[Mapping[str, Any]], *, base_dir: Path | None
 
     Example:
     ```python
-    >>> from rewards import build_rewards
+    >>> from moon_rl.rewards import build_rewards
     >>> built = build_rewards([{"name": "retrieval_rank"}, {"name": "length", "weight": 0.5, "args": {"budget": 32}},
     ...                        {"name": "length", "args": {"budget": 64}}])
     >>> [(entry.name, entry.fn.__name__, entry.weight) for entry in built]
@@ -282,8 +289,8 @@ def _unique_names(labels: list[str]) -> list[str]:
 
 
 def _trl_name(fn: Any) -> str:
-    # trl.trainer.utils.get_callable_name, copied so that `import rewards` stays free of trl: a partial is logged by
-    # the wrapped function's name, anything else by its `__name__`, else its class's.
+    # trl.trainer.utils.get_callable_name, copied so that `import moon_rl.rewards` stays free of trl: a partial is
+    # logged by the wrapped function's name, anything else by its `__name__`, else its class's.
     while isinstance(fn, functools.partial):
         fn = fn.func
     return getattr(fn, "__name__", type(fn).__name__)
@@ -332,7 +339,8 @@ def _lookup(name: str, base_dir: Path | None) -> tuple[Callable[..., Any], str]:
     try:
         module = importlib.import_module(target)
     except ImportError as exc:
-        raise RewardError(f"Cannot import module {target!r} for reward {name!r}: {exc}") from exc
+        hint = _old_import_hint(exc)
+        raise RewardError(f"Cannot import module {target!r} for reward {name!r}: {exc}{hint}") from exc
     return _get_attr(module, attr, f"module {target!r}"), attr.rsplit(".", 1)[-1]
 
 
@@ -345,8 +353,10 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> Callable[..
     try:
         obj = entry_point.load()
     except (ImportError, AttributeError) as exc:
+        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
         raise RewardError(
-            f"Entry point {entry_point.name!r} ({entry_point.value!r}, group {ENTRY_POINT_GROUP!r}) failed to load: {exc}"
+            f"Entry point {entry_point.name!r} ({entry_point.value!r}, group {ENTRY_POINT_GROUP!r}) failed to load: "
+            f"{exc}{hint}"
         ) from exc
     if not callable(obj):
         raise RewardError(f"Entry point {entry_point.name!r} ({entry_point.value!r}) is not callable: {obj!r}.")
@@ -377,11 +387,23 @@ def _load_file(file: str, name: str, base_dir: Path | None) -> ModuleType:
     except (ImportError, SyntaxError, OSError) as exc:
         # Other exceptions propagate unchanged: their traceback already points at the offending line of the file.
         sys.modules.pop(module_name, None)
-        raise RewardError(f"Reward file {path} (from {name!r}) failed to import: {type(exc).__name__}: {exc}") from exc
+        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
+        raise RewardError(
+            f"Reward file {path} (from {name!r}) failed to import: {type(exc).__name__}: {exc}{hint}"
+        ) from exc
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
     return module
+
+
+def _old_import_hint(exc: ImportError) -> str:
+    """`OLD_IMPORT_HINT` when `exc` is about a top-level `rewards` module, unless its message already says it."""
+    failed = exc.name or ""
+    if failed != "rewards" and not failed.startswith("rewards."):
+        return ""
+    # The repository's `rewards/` folder, imported under its old name, refuses with this advice itself.
+    return "" if "moon_rl.rewards" in str(exc) else OLD_IMPORT_HINT
 
 
 def _get_attr(module: ModuleType, attr: str, where: str) -> Callable[..., Any]:

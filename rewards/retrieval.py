@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rewards.registry import reward
+from moon_rl.rewards.registry import reward
 
 __all__ = ["RetrievalLogprob", "RetrievalMargin", "retrieval_rank"]
 
@@ -71,7 +71,7 @@ def retrieval_rank(
     Example:
     ```python
     >>> import torch
-    >>> from rewards import retrieval_rank
+    >>> from moon_rl.rewards import retrieval_rank
     >>> candidates = torch.eye(3)
     >>> embeddings = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]])
     >>> retrieval_rank(["a", "b"], embeddings=embeddings, candidates=candidates, positive_index=torch.tensor([0, 1]))
@@ -111,7 +111,7 @@ class RetrievalMargin:
     Example:
     ```python
     >>> import torch
-    >>> from rewards import RetrievalMargin
+    >>> from moon_rl.rewards import RetrievalMargin
     >>> margin = RetrievalMargin(temperature=0.05)
     >>> candidates = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> embeddings = torch.tensor([[0.8, 0.6]])
@@ -182,7 +182,7 @@ class RetrievalLogprob:
     Example:
     ```python
     >>> import math, torch
-    >>> from rewards import RetrievalLogprob
+    >>> from moon_rl.rewards import RetrievalLogprob
     >>> c2q = RetrievalLogprob(temperature=0.5, direction="completion_to_query")
     >>> out = c2q(["a"], embeddings=torch.tensor([[0.8, 0.6]]), candidates=torch.eye(2), positive_index=torch.tensor([0]))
     >>> math.isclose(out[0], 1.6 - math.log(math.exp(1.6) + math.exp(1.2)), abs_tol=1e-6)

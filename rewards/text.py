@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards.registry import reward
+from moon_rl.rewards.registry import reward
 
 __all__ = ["FormatReward", "Length", "attribute_recall", "completion_text"]
 
@@ -34,7 +34,7 @@ def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
 
     Example:
     ```python
-    >>> from rewards import completion_text
+    >>> from moon_rl.rewards import completion_text
     >>> completion_text([{"role": "assistant", "content": "<think>red</think>"}])
     '<think>red</think>'
 
@@ -67,7 +67,7 @@ class FormatReward:
 
     Example:
     ```python
-    >>> from rewards import FormatReward
+    >>> from moon_rl.rewards import FormatReward
     >>> fmt = FormatReward()
     >>> fmt(["<think>red wool</think>", "<think></think>", "<think>red</think> answer", "<think>cut off</think>"],
     ...     truncated=[False, False, False, True])
@@ -134,7 +134,7 @@ def attribute_recall(
 
     Example:
     ```python
-    >>> from rewards import attribute_recall
+    >>> from moon_rl.rewards import attribute_recall
     >>> attribute_recall(["<think>A red wool scarf</think>", "<think>A redwood box</think>"],
     ...                  attributes=[{"color": "red", "material": "wool"}, {"color": "red"}])
     [1.0, 0.0]
@@ -179,7 +179,7 @@ class Length:
 
     Example:
     ```python
-    >>> from rewards import Length
+    >>> from moon_rl.rewards import Length
     >>> length = Length(budget=4, penalty=1.0)
     >>> length(["a", "b", "c", "d"], completion_ids=[[0] * 4, [0] * 6, [0] * 9, [0] * 3], truncated=[0, 0, 0, 1])
     [1.0, 0.5, 0.0, -1.0]

@@ -309,7 +309,7 @@ def test_the_vllm_teacher_sends_the_transformers_prompts_and_images(raw_catalogu
 def test_cli_annotate_needs_one_source_and_writes_the_copy(raw_catalogue, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from moon_rl.cli import app
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{catalogue: {raw_catalogue}}}\n")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from moon_rl.cli import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,23 @@ def test_help_lists_existing_verbs():
         out = invoke(group, "--help").output
         for sub in subs:
             assert sub in out
+
+
+@pytest.mark.parametrize("launch", ["console script", "-m moon_rl.cli", "cli.py"])
+def test_every_way_to_launch_the_cli_reaches_it(launch, tmp_path):
+    # The installed CLI is `moon_rl.cli` (console script, `accelerate launch -m moon_rl.cli`); the checkout's `cli.py`
+    # runs the same app. From another folder, so that nothing is found through the checkout being the current one.
+    if launch == "console script":
+        script = Path(sys.executable).with_name("moon-rl")
+        if not script.is_file():
+            pytest.skip(f"no console script beside {sys.executable} (moon-rl not installed into this environment)")
+        command = [str(script)]
+    else:
+        command = [sys.executable, *(["-m", "moon_rl.cli"] if launch.startswith("-m") else [str(ROOT / "cli.py")])]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: moon-rl " in result.stdout and "recipe validate" in result.stdout
 
 
 def test_synth_is_byte_identical_and_prints_the_text_ceiling(catalogue, tmp_path):

@@ -357,7 +357,7 @@ def test_recipe_columns_and_splits_are_checked_and_passed_to_the_loader(tmp_path
 def test_data_validate_command_takes_the_column_mapping(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from moon_rl.cli import app
 
     folder = _renamed_folder(tmp_path, "parquet")
     args = ["data", "validate", str(folder)] + [f"--column={k}={v}" for k, v in COLUMNS.items()]
@@ -372,7 +372,7 @@ def test_data_validate_command_takes_the_column_mapping(tmp_path: Path):
 def test_an_annotated_copy_of_a_mapped_catalogue_trains_without_the_mapping(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from moon_rl.cli import app
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.recipe import load_recipe
 

@@ -237,7 +237,7 @@ def test_grpo_curves_gain_spread_and_chain_panels_only_when_logged(tmp_path):
 def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from moon_rl.cli import app
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

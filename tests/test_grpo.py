@@ -46,10 +46,10 @@ def setup(tmp_path_factory):
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.modeling.inputs import to_item
+    from moon_rl.rewards import RewardEntry
     from moon_rl.training.grpo import MoonGRPOTrainer
     from moon_rl.training.grpo_data import catalogue_images, grpo_dataset
     from moon_rl.training.sft_data import sft_examples
-    from rewards import RewardEntry
 
     tmp = tmp_path_factory.mktemp("grpo")
     recipe = grpo_recipe(tmp)
@@ -308,11 +308,11 @@ def test_generation_ends_at_the_readout_token_only(tmp_path):
     out at a token SFT never trained as the read-out, unlike `embed` and `eval`, which stop at the end of turn."""
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.rewards import RewardEntry
     from moon_rl.training.grpo import MoonGRPOTrainer
     from moon_rl.training.grpo_data import grpo_dataset
     from moon_rl.training.sampling import end_generation_at_readout
     from moon_rl.training.sft_data import sft_examples
-    from rewards import RewardEntry
 
     recipe = grpo_recipe(tmp_path)
     catalogue = load_recipe_catalogue(recipe.data)

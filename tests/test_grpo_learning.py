@@ -66,7 +66,7 @@ def rate(completions: list[list[int]], token: int) -> float:
 
 @pytest.mark.slow
 def test_a_reward_for_one_token_raises_its_frequency_and_a_flat_reward_does_not(tmp_path):
-    from rewards import RewardEntry
+    from moon_rl.rewards import RewardEntry
 
     def flat(completions, **kwargs):
         return [0.0] * len(completions)
@@ -90,7 +90,7 @@ def test_a_reward_for_one_token_raises_its_frequency_and_a_flat_reward_does_not(
 
 @pytest.mark.slow
 def test_logged_reward_is_the_weighted_sum_and_num_iterations_two_trains(tmp_path):
-    from rewards import RewardEntry
+    from moon_rl.rewards import RewardEntry
 
     def length(completions, completion_ids, **kwargs):
         return [float(len(ids)) for ids in completion_ids]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from moon_rl.cli import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

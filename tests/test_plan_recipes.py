@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
+from moon_rl.cli import app
 from moon_rl.plan import KNOWN_ARCHITECTURES, architecture, plan_recipe
 from moon_rl.recipe import load_recipe
 from moon_rl.recipe.trainer_configs import build_trainer_config

@@ -1,4 +1,5 @@
-"""Tests of rewards/: built-ins on hand-made tensors with exact answers, and every way a name resolves."""
+"""Tests of `moon_rl.rewards` (the rewards/ folder): built-ins on hand-made tensors with exact answers, every way a name
+resolves, and the import path before issue 15 refused with the new one."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import doctest
 import functools
 import importlib.metadata
 import math
+import os
 import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import rewards
+from moon_rl import rewards
 from moon_rl.errors import RecipeError
-from rewards import (
+from moon_rl.rewards import (
     FormatReward,
     Length,
     RetrievalLogprob,
@@ -30,9 +33,9 @@ from rewards import (
     resolve_reward,
     retrieval_rank,
 )
-from rewards import registry as registry_module
-from rewards import retrieval as retrieval_module
-from rewards import text as text_module
+from moon_rl.rewards import registry as registry_module
+from moon_rl.rewards import retrieval as retrieval_module
+from moon_rl.rewards import text as text_module
 
 BUILTINS = ["attribute_recall", "format", "length", "retrieval_logprob", "retrieval_margin", "retrieval_rank"]
 
@@ -437,7 +440,7 @@ def test_dotted_name_without_colon_suggests_the_module_form():
 # --- registry: modules, files, entry points -------------------------------------------------------------------------
 
 USER_REWARDS = """
-from rewards import reward
+from moon_rl.rewards import reward
 
 
 def keyword_count(completions, keyword="red", **kwargs):
@@ -560,6 +563,76 @@ def test_registry_wins_over_entry_points(user_module, monkeypatch):
     point = importlib.metadata.EntryPoint("format", f"{user_module}:keyword_count", "moon_rl.rewards")
     monkeypatch.setattr(importlib.metadata, "entry_points", _fake_entry_points(point))
     assert isinstance(resolve_reward("format"), FormatReward)
+
+
+# --- registry: the import path before issue 15 ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A user's reward written when the package installed as the top-level `rewards`.
+OLD_STYLE_REWARDS = """
+from rewards import reward
+
+
+@reward("old_style")
+def old_style(completions, **kwargs):
+    return [1.0] * len(completions)
+"""
+ADVICE = "write `from moon_rl.rewards import reward`"
+
+
+@pytest.fixture(params=["checkout", "absent", "another distribution"])
+def old_import_path(request, tmp_path, monkeypatch):
+    """Where `import rewards` leads: the repository's folder (Python run from its root), nowhere (moon-rl installed
+    from a wheel), or another distribution named `rewards` (PyPI has one)."""
+    away = [entry for entry in sys.path if Path(entry or os.getcwd()).resolve() != ROOT]
+    if request.param == "checkout":
+        away.insert(0, str(ROOT))
+    elif request.param == "another distribution":
+        (tmp_path / "site" / "rewards").mkdir(parents=True)
+        (tmp_path / "site" / "rewards" / "__init__.py").write_text('"""Not moon-rl\'s."""\n')
+        away.insert(0, str(tmp_path / "site"))
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "moon_rl_test_old_style.py").write_text(OLD_STYLE_REWARDS)
+    away.insert(0, str(tmp_path / "plugins"))
+    monkeypatch.setattr(sys, "path", away)
+    monkeypatch.delitem(sys.modules, "rewards", raising=False)
+    importlib.invalidate_caches()
+    yield request.param
+    for name in [name for name in sys.modules if name == "rewards" or name.startswith("rewards.")]:
+        del sys.modules[name]
+
+
+def test_the_repository_folder_refuses_its_old_name():
+    # From the repository's root the folder is importable as `rewards`: a second copy of the registry, which a reward
+    # would register into unseen. It refuses instead, under either spelling.
+    code = "import rewards.registry"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and "ImportError" in result.stderr and ADVICE in result.stderr, result.stderr
+
+
+def test_a_reward_on_the_old_import_path_is_told_the_new_one(old_import_path, tmp_path, monkeypatch):
+    (tmp_path / "old_style.py").write_text(OLD_STYLE_REWARDS)
+    with pytest.raises(RewardError, match=re.escape(ADVICE)) as info:
+        resolve_reward("old_style.py:old_style", base_dir=tmp_path)
+    assert "(from 'old_style.py:old_style') failed to import" in str(info.value)
+    with pytest.raises(RewardError, match=re.escape(ADVICE)):
+        resolve_reward("moon_rl_test_old_style:old_style")
+    with pytest.raises(RewardError, match=re.escape(ADVICE)):  # a built-in named by its old module
+        resolve_reward("rewards.text:FormatReward")
+    point = importlib.metadata.EntryPoint("team_old", "moon_rl_test_old_style:old_style", "moon_rl.rewards")
+    monkeypatch.setattr(importlib.metadata, "entry_points", _fake_entry_points(point))
+    with pytest.raises(RewardError, match=re.escape(ADVICE)):
+        resolve_reward("team_old")
+    # Nothing half-registered: not in the registry, no stray copy of the package.
+    assert "old_style" not in registry_module._REGISTRY
+    assert "rewards" not in sys.modules or old_import_path == "another distribution"
+
+
+def test_other_import_errors_get_no_advice_about_rewards(tmp_path):
+    (tmp_path / "needs.py").write_text("import rewards_helpers_xyz\n")
+    with pytest.raises(RewardError, match="No module named 'rewards_helpers_xyz'") as info:
+        resolve_reward("needs.py:f", base_dir=tmp_path)
+    assert "moon_rl.rewards" not in str(info.value)
 
 
 # --- registry: args, names, pickling --------------------------------------------------------------------------------
@@ -694,8 +767,9 @@ def test_build_rewards_reports_every_bad_entry_at_once():
 
 def test_rewards_do_not_import_the_training_package():
     # Rewards are pure functions of tensors and columns, testable without the trainers; a fresh interpreter shows what
-    # `import rewards` really pulls in.
-    code = "import sys, rewards; print(sorted(m for m in sys.modules if m.startswith('moon_rl')))"
+    # `import moon_rl.rewards` really pulls in.
+    code = ("import sys, moon_rl.rewards; "
+            "print(sorted(m for m in sys.modules if m.startswith('moon_rl') and not m.startswith('moon_rl.rewards')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['moon_rl', 'moon_rl.errors']"
 

@@ -313,7 +313,7 @@ def test_cli_serve_binds_localhost_by_default(served, monkeypatch, tmp_path):
     import uvicorn
     from typer.testing import CliRunner
 
-    from cli import app as cli_app
+    from moon_rl.cli import app as cli_app
 
     index_dir, _, _ = served
     started: dict = {}

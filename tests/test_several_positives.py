@@ -36,7 +36,7 @@ def _several_positives_catalogue(folder: Path) -> list[dict]:
 def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from moon_rl.cli import app
     from moon_rl.data.catalogue import load_catalogue
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder

@@ -6,7 +6,7 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
   last token: the end of turn, or the last sampled token of a truncated completion, which is flagged; each distinct
   prompt, vision tower included, runs once and its completions run on its KV cache: modeling/shared_prompts.py). A
   second one embeds the pairs' queries in direct mode as candidates (tokenised once per pair), gathered across
-  processes. Reward functions (rewards/) get `embeddings`, `candidates`, `positive_index`, `truncated` and
+  processes. Reward functions (`moon_rl.rewards`) get `embeddings`, `candidates`, `positive_index`, `truncated` and
   `attributes` on top of TRL's keyword arguments and every dataset column.
 * `_generate_and_score_completions`: the output dict also carries each row's positive (its query's embedding,
   detached) and pair id, so they follow the rows through TRL's shuffle and micro-batch split.
@@ -46,6 +46,7 @@ from moon_rl.modeling.inputs import EmbedItem, PromptBatch, PromptCache, concat_
 from moon_rl.modeling.shared_images import ImageFeatureCache, shared_image_features
 from moon_rl.modeling.shared_prompts import embed_completions, select_rows
 from moon_rl.modeling.taps import backbone_of
+from moon_rl.rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 from moon_rl.training.candidates import CandidatePool, answer_mask
 from moon_rl.training.checkpoint import check_output_dir
 from moon_rl.training.common import MoonTrainerMixin, train_and_save
@@ -55,7 +56,6 @@ from moon_rl.training.grpo_data import answers_by_product, catalogue_images, grp
 from moon_rl.training.losses import gather_ids, matryoshka_info_nce
 from moon_rl.training.reward_context import ContextReward, RewardBatch
 from moon_rl.training.sampling import end_generation_at_readout, importance_sampling_share
-from rewards import RewardEntry, build_rewards, completion_text, retrieval_rank
 
 if TYPE_CHECKING:  # types only: the trainers read a Recipe's attributes; the recipe builds their configs
     from moon_rl.recipe import Recipe
@@ -68,9 +68,9 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
 
     Args:
         embedder (`MoonEmbedder`): the policy (`embedder.model`, trained by TRL) and its heads.
-        reward_funcs (`Sequence[RewardEntry]`): named, weighted reward functions following rewards/'s contract
-            (`rewards.build_rewards` makes them from a recipe's `grpo.rewards`); TRL logs each under its name and sums
-            them with their weights.
+        reward_funcs (`Sequence[RewardEntry]`): named, weighted reward functions following `moon_rl.rewards`'
+            contract (`moon_rl.rewards.build_rewards` makes them from a recipe's `grpo.rewards`); TRL logs each under
+            its name and sums them with their weights.
         args (`MoonGRPOConfig`): TRL's GRPO fields plus moon-rl's.
         query_item (`Callable[[int], EmbedItem]`): the query (positive) of a pair, by the dataset's `pair` column.
         related_pairs (`Callable[[int], list[int]]`, *optional*): pairs whose queries join the candidates as hard

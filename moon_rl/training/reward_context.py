@@ -51,7 +51,7 @@ class RewardBatch:
     pool: Candidates
     pairs: torch.Tensor
 
-    #: The fields reward functions receive as keyword arguments (rewards/ documents them).
+    #: The fields reward functions receive as keyword arguments (`moon_rl.rewards` documents them).
     REWARD_KWARGS = ("embeddings", "candidates", "positive_index", "candidate_mask", "truncated", "attributes")
 
     def reward_kwargs(self) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class ContextReward:
     A call that returns usable output resets the count.
 
     Args:
-        fn (`Callable`): the reward, following rewards/'s contract.
+        fn (`Callable`): the reward, following `moon_rl.rewards`' contract.
         context (`Callable[[], dict]`): the current batch's extra keyword arguments, read on every call; they override
             TRL's keywords of the same name.
         name (`str`): the name TRL logs the reward under (`RewardEntry.name`); becomes this wrapper's `__name__`.
