@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from moon_rl.data.catalogue import Catalogue, load_catalogue  # noqa: E402
-from moon_rl.data.synthetic import SynthOptions, synthesize  # noqa: E402
+from moon_rl.data.synthetic import SyntheticConfig, synthesize  # noqa: E402
 from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for  # noqa: E402
 from moon_rl.modeling.heads import MoonHeads  # noqa: E402
 from moon_rl.modeling.inputs import EmbedItem, batch_order_key, to_item, tokenize_prompts  # noqa: E402
@@ -70,7 +70,7 @@ def build(size: str, embed_dim: int) -> tuple[MoonEmbedder, torch.nn.Module]:
 
 def synthetic_catalogue(n: int) -> Catalogue:
     folder = Path(tempfile.mkdtemp(prefix="moon-bench-")) / "catalogue"
-    synthesize(folder, SynthOptions(n_products=n, seed=0, image_size=112))
+    synthesize(folder, SyntheticConfig(n_products=n, seed=0, image_size=112))
     return load_catalogue(folder)
 
 

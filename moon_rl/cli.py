@@ -140,9 +140,9 @@ def data_synth(
     )] = 0.0,
 ) -> None:
     """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
 
-    options = SynthOptions(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
+    options = SyntheticConfig(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
                            lookalikes=lookalikes, trace_errors=trace_errors)
     report = synthesize(out, options)
     typer.echo(report.summary())

@@ -50,7 +50,7 @@ def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim
     from types import SimpleNamespace as NS
 
     from moon_rl.data.catalogue import load_catalogue
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.inference.pipeline import embed_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for
     from moon_rl.modeling.heads import MoonHeads
@@ -65,7 +65,7 @@ def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim
     embedder = MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)), max_new_tokens=16,
                             meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"}).eval()
     model_dir = embedder.save(folder / "model")
-    synthesize(folder / "catalogue", SynthOptions(n_products=n_products, seed=0, image_size=56))
+    synthesize(folder / "catalogue", SyntheticConfig(n_products=n_products, seed=0, image_size=56))
     catalogue = load_catalogue(folder / "catalogue")
     embed_catalogue(embedder, catalogue, folder / "index", batch_size=16, show_progress=False, model_dir=model_dir,
                     dim=dim)

@@ -57,11 +57,11 @@ def test_embed_writes_the_preset_and_its_recall_and_search_uses_the_stored_param
     from types import SimpleNamespace
 
     from moon_rl.data.catalogue import load_catalogue
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.inference.pipeline import embed_catalogue
     from moon_rl.inference.search import EmbeddingIndex
 
-    synthesize(tmp_path / "cat", SynthOptions(n_products=48, seed=3, image_size=56))
+    synthesize(tmp_path / "cat", SyntheticConfig(n_products=48, seed=3, image_size=56))
     catalogue = load_catalogue(tmp_path / "cat")
     table = {pid: v for pid, v in zip(catalogue.products, clustered(len(catalogue.products), 16), strict=True)}
 

@@ -369,14 +369,14 @@ def test_template_traces_teach_an_untraced_catalogue_to_reason(tmp_path):
     comparison that makes this a test of the traces, not of SFT. Measured (200 products, 200 steps, about 5 minutes):
     untraced text R@1 direct 0.40 / reason 0.20, chains name nothing; traced direct 0.35 / reason 0.40, chains name
     category 0.90, material 0.95, brand 0.68 (chance 0.12-0.14), colour 0.38, pattern 0.30."""
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder
     from moon_rl.recipe import load_recipe
     from moon_rl.training.sft import run_sft
 
     raw = tmp_path / "raw"
-    synthesize(raw, SynthOptions(n_products=SLOW_PRODUCTS, seed=3, image_size=56))
+    synthesize(raw, SyntheticConfig(n_products=SLOW_PRODUCTS, seed=3, image_size=56))
     rows = [json.loads(line) for line in (raw / "products.jsonl").read_text().splitlines()]
     (raw / "products.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "reasoning"}) + "\n"
                                                 for row in rows))

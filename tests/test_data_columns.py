@@ -400,13 +400,13 @@ def test_an_annotated_copy_of_a_mapped_catalogue_trains_without_the_mapping(tmp_
 def test_a_renamed_parquet_folder_trains_and_evaluates_through_data_columns(tmp_path: Path):
     """The acceptance run: a parquet folder with its own column names (image bytes, query images as bytes, a test split
     called `validation`) trains a few SFT steps and is evaluated, with no conversion."""
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.evaluation.report import read_results, run_eval
     from moon_rl.recipe import load_recipe
     from moon_rl.training.sft import run_sft
 
     source = tmp_path / "synthetic"
-    synthesize(source, SynthOptions(n_products=48, seed=3, image_size=56))
+    synthesize(source, SyntheticConfig(n_products=48, seed=3, image_size=56))
     canonical = load_catalogue(source)
     shop = tmp_path / "shop"
     shop.mkdir()

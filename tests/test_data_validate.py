@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from moon_rl.data import Problem, SynthOptions, load_catalogue, synthesize, validate_catalogue
+from moon_rl.data import Problem, SyntheticConfig, load_catalogue, synthesize, validate_catalogue
 from moon_rl.errors import DataError
 
 
@@ -18,7 +18,7 @@ from moon_rl.errors import DataError
 def synth200(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 48 px: image size does not matter to validation and keeps the module fast.
     out = tmp_path_factory.mktemp("validate") / "synth"
-    synthesize(out, SynthOptions(n_products=200, seed=3, image_size=48))
+    synthesize(out, SyntheticConfig(n_products=200, seed=3, image_size=48))
     return out
 
 

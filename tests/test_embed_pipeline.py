@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moon_rl.data.catalogue import Catalogue, load_catalogue
-from moon_rl.data.synthetic import SynthOptions, synthesize
+from moon_rl.data.synthetic import SyntheticConfig, synthesize
 from moon_rl.errors import DataError, MoonError
 from moon_rl.inference.pipeline import embed_catalogue, run_embed
 from moon_rl.inference.search import EmbeddingIndex, format_results, search
@@ -40,7 +40,7 @@ def embedder() -> MoonEmbedder:
 @pytest.fixture(scope="module")
 def catalogue_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("catalogue") / "synthetic"
-    synthesize(out, SynthOptions(n_products=N_PRODUCTS, seed=0, image_size=112))
+    synthesize(out, SyntheticConfig(n_products=N_PRODUCTS, seed=0, image_size=112))
     return out
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moon_rl.data.catalogue import load_catalogue
-from moon_rl.data.synthetic import SynthOptions, synthesize
+from moon_rl.data.synthetic import SyntheticConfig, synthesize
 from moon_rl.errors import MoonError
 from moon_rl.inference.pipeline import embed_catalogue
 from moon_rl.inference.shards import ShardPlan, finished_shards, shard_folder
@@ -54,7 +54,7 @@ class TableEmbedder:
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cat") / "synthetic"
-    synthesize(folder, SynthOptions(n_products=40, seed=1, image_size=56))
+    synthesize(folder, SyntheticConfig(n_products=40, seed=1, image_size=56))
     return load_catalogue(folder)
 
 

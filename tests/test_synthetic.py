@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moon_rl.data import SynthOptions, load_catalogue, synthesize, vocabulary_corpus
+from moon_rl.data import SyntheticConfig, load_catalogue, synthesize, vocabulary_corpus
 from moon_rl.data.synthetic import ATTRIBUTES, COLOURS, VOCABULARY, named_attributes, synthetic_cache_dir
 from moon_rl.errors import DataError
 
@@ -31,16 +31,16 @@ def _jsonl(path: Path) -> list[dict]:
 def synth200(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     # The structure and the text analysis do not depend on the image size; 32 px keeps this fast.
     out = tmp_path_factory.mktemp("synth") / "s200"
-    return out, synthesize(out, SynthOptions(n_products=200, seed=0, image_size=32))
+    return out, synthesize(out, SyntheticConfig(n_products=200, seed=0, image_size=32))
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path):
-    options = SynthOptions(n_products=40, seed=7, image_size=48)
+    options = SyntheticConfig(n_products=40, seed=7, image_size=48)
     synthesize(tmp_path / "a", options)
     synthesize(tmp_path / "b", options)
     a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
     assert a == b and len(a) == 5 + 2 * 40  # 4 data files + catalogue.json, 2 views per product
-    synthesize(tmp_path / "c", SynthOptions(n_products=40, seed=8, image_size=48))
+    synthesize(tmp_path / "c", SyntheticConfig(n_products=40, seed=8, image_size=48))
     c = _hashes(tmp_path / "c")
     assert set(c) == set(a)
     assert c["products.jsonl"] != a["products.jsonl"] and c["images/p0000_v0.png"] != a["images/p0000_v0.png"]
@@ -174,7 +174,7 @@ def test_vocabulary_corpus_covers_every_catalogue_word(synth200):
 
 def test_builtin_synthetic_is_generated_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MOON_RL_CACHE", str(tmp_path / "cache"))
-    options = SynthOptions(n_products=40, seed=1, image_size=32, lookalikes=3)
+    options = SyntheticConfig(n_products=40, seed=1, image_size=32, lookalikes=3)
     catalogue = load_catalogue("builtin:synthetic", synthetic=options)
     folder = synthetic_cache_dir(options)
     assert folder.parent == tmp_path / "cache" / "synthetic" and (folder / "catalogue.json").is_file()
@@ -193,20 +193,20 @@ def test_builtin_synthetic_is_generated_once_into_the_cache(tmp_path: Path, monk
 
 def test_options_are_validated():
     with pytest.raises(DataError, match="test_fraction"):
-        SynthOptions(test_fraction=1.5)
+        SyntheticConfig(test_fraction=1.5)
     with pytest.raises(DataError, match="lookalikes"):
-        SynthOptions(lookalikes=99)
+        SyntheticConfig(lookalikes=99)
     with pytest.raises(DataError, match="trace_errors"):
-        SynthOptions(trace_errors=1.5)
+        SyntheticConfig(trace_errors=1.5)
     with pytest.raises(DataError, match="trace_error_attributes"):
-        SynthOptions(trace_errors=0.3, trace_error_attributes=("brand",))
+        SyntheticConfig(trace_errors=0.3, trace_error_attributes=("brand",))
 
 
 def test_trace_errors_rewrite_only_the_chosen_training_traces(tmp_path: Path):
     clean = tmp_path / "clean"
     noisy = tmp_path / "noisy"
-    synthesize(clean, SynthOptions(n_products=80, seed=3, image_size=32))
-    synthesize(noisy, SynthOptions(n_products=80, seed=3, image_size=32, trace_errors=0.25,
+    synthesize(clean, SyntheticConfig(n_products=80, seed=3, image_size=32))
+    synthesize(noisy, SyntheticConfig(n_products=80, seed=3, image_size=32, trace_errors=0.25,
                                    trace_error_attributes=("colour", "pattern")))
     a, b = _hashes(clean), _hashes(noisy)
     # Everything but the traces (and the manifest that lists the errors) is byte-identical: same test split, queries.
@@ -229,4 +229,4 @@ def test_trace_errors_rewrite_only_the_chosen_training_traces(tmp_path: Path):
                                                                      if k != attr}
         else:
             assert row["reasoning"] == clean_rows[pid]["reasoning"] and named == row["attributes"]
-    assert SynthOptions(trace_errors=0.25).key() != SynthOptions().key() == SynthOptions(trace_errors=0.0).key()
+    assert SyntheticConfig(trace_errors=0.25).key() != SyntheticConfig().key() == SyntheticConfig(trace_errors=0.0).key()

@@ -3,7 +3,7 @@
 from moon_rl.data.catalogue import BUILTIN_SYNTHETIC, Catalogue, find_layout, load_catalogue
 from moon_rl.data.records import Pair, Product, Query
 from moon_rl.data.sources import DEFAULT_MAX_PIXELS, Problem, load_image
-from moon_rl.data.synthetic import SynthOptions, SynthReport, synthesize, vocabulary_corpus
+from moon_rl.data.synthetic import SyntheticConfig, SynthReport, synthesize, vocabulary_corpus
 from moon_rl.data.validate import ValidationReport, validate_catalogue
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "Problem",
     "Product",
     "Query",
-    "SynthOptions",
+    "SyntheticConfig",
     "SynthReport",
     "ValidationReport",
     "find_layout",

@@ -43,7 +43,7 @@ from moon_rl.data.sources import (
     load_image,
     resolve_image_path,
 )
-from moon_rl.data.synthetic import SynthOptions, synthesize, synthetic_cache_dir
+from moon_rl.data.synthetic import SyntheticConfig, synthesize, synthetic_cache_dir
 from moon_rl.errors import DataError
 
 __all__ = ["BUILTIN_SYNTHETIC", "Catalogue", "CatalogueLayout", "find_layout", "load_catalogue", "scan_catalogue"]
@@ -413,7 +413,7 @@ def scan_catalogue(
     return Catalogue(layout.base_dir, scan.products, scan.pairs, scan.galleries, scan.manifest, max_pixels)
 
 
-def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = None) -> Path | str:
+def resolve_catalogue_path(path: str | Path, synthetic: SyntheticConfig | None = None) -> Path | str:
     """A catalogue path on disk, or a Hub dataset reference (`hf:...`) as it is; `builtin:synthetic` is generated into
     the cache first if needed."""
     if str(path).startswith(HF_PREFIX):
@@ -422,7 +422,7 @@ def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = No
         if str(path).startswith("builtin:"):
             raise DataError(f"unknown builtin catalogue {str(path)!r} (known: {BUILTIN_SYNTHETIC})")
         return Path(path).expanduser()
-    options = synthetic or SynthOptions()
+    options = synthetic or SyntheticConfig()
     out = synthetic_cache_dir(options)
     if not (out / MANIFEST).is_file():
         synthesize(out, options, replace=False)  # another process may be reading it
@@ -432,7 +432,7 @@ def resolve_catalogue_path(path: str | Path, synthetic: SynthOptions | None = No
 def load_catalogue(
     path: str | Path,
     *,
-    synthetic: SynthOptions | None = None,
+    synthetic: SyntheticConfig | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode_images: bool = False,
     columns: Mapping[str, str] | None = None,
@@ -446,7 +446,7 @@ def load_catalogue(
 
     Args:
         path (`str | Path`): a catalogue folder, a products file, an `hf:` reference, or `"builtin:synthetic"`.
-        synthetic (`SynthOptions`, *optional*): options of the builtin synthetic catalogue (defaults otherwise).
+        synthetic (`SyntheticConfig`, *optional*): options of the builtin synthetic catalogue (defaults otherwise).
         max_pixels (`int`, *optional*, defaults to `40_000_000`): decompression-bomb limit for `Catalogue.image`.
         decode_images (`bool`, *optional*, defaults to `False`): also decode every image once (products' and
             anchors'), so that a corrupt, truncated, oversized or non-image file fails here, not mid-run.
@@ -473,5 +473,5 @@ def load_recipe_catalogue(data: Any, path: str | Path | None = None, *, decode_i
     meet a broken image only when a batch reaches it, after writing checkpoints (0.4 s for the default 600-product
     synthetic catalogue).
     """
-    return load_catalogue(path or data.catalogue, synthetic=SynthOptions(**data.synthetic.model_dump()),
+    return load_catalogue(path or data.catalogue, synthetic=SyntheticConfig(**data.synthetic.model_dump()),
                           decode_images=decode_images, columns=data.columns, splits=data.splits)

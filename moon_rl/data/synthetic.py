@@ -10,7 +10,7 @@ Images are drawn with PIL: a category silhouette (a mask) filled with the colour
 each product has two views differing in pose (rotation / flip), scale and background. View 0 is the product image,
 view 1 is only ever used as an image query, so a product's own image is never its query.
 
-Same `SynthOptions` -> byte-identical files: randomness comes only from seeded `random.Random` / numpy generators,
+Same `SyntheticConfig` -> byte-identical files: randomness comes only from seeded `random.Random` / numpy generators,
 iteration is in sorted or index order, and nothing records a time.
 """
 
@@ -35,7 +35,7 @@ from moon_rl.errors import DataError
 __all__ = [
     "ATTRIBUTES",
     "VOCABULARY",
-    "SynthOptions",
+    "SyntheticConfig",
     "SynthReport",
     "named_attributes",
     "synthesize",
@@ -79,7 +79,7 @@ _LEGACY_TRACE_CHOICES = (4, 3, 3, 3, 3, 3, 3)
 
 
 @dataclass(frozen=True)
-class SynthOptions:
+class SyntheticConfig:
     """Options of the synthetic catalogue.
 
     Args:
@@ -134,7 +134,11 @@ class SynthOptions:
         return key
 
 
-def synthetic_cache_dir(options: SynthOptions) -> Path:
+#: The name before issue 15's naming rule (a recipe section is a `*Spec`, what a component is built with a `*Config`).
+SynthOptions = SyntheticConfig
+
+
+def synthetic_cache_dir(options: SyntheticConfig) -> Path:
     """Where `load_catalogue("builtin:synthetic", synthetic=options)` keeps the generated catalogue."""
     return cache_root() / "synthetic" / options.key()
 
@@ -275,7 +279,7 @@ def vocabulary_corpus(seed: int = 0, n: int = 2000) -> list[str]:
 
 
 def _family_members(
-    rng: random.Random, options: SynthOptions, used: set[tuple[str, ...]], triple: tuple[str, str, str]
+    rng: random.Random, options: SyntheticConfig, used: set[tuple[str, ...]], triple: tuple[str, str, str]
 ) -> list[dict[str, str]]:
     """A family: a base (colour, pattern), then look-alikes each changing exactly one of them."""
     combos = [(c, p) for c in COLOURS for p in PATTERNS if (c, p, *triple) not in used]
@@ -302,7 +306,7 @@ def _family_members(
     return [dict(colour=c, pattern=p, category=category, material=material, brand=brand) for c, p in members]
 
 
-def _plan(options: SynthOptions) -> tuple[list[list[_Item]], list[int]]:
+def _plan(options: SyntheticConfig) -> tuple[list[list[_Item]], list[int]]:
     """Families of items with texts, and the (sorted) indices of the test families."""
     rng = random.Random(f"synthetic:{options.seed}")
     family_size = 1 + options.lookalikes
@@ -328,7 +332,7 @@ def _plan(options: SynthOptions) -> tuple[list[list[_Item]], list[int]]:
     return families, test
 
 
-def _manifest_options(options: SynthOptions) -> dict[str, Any]:
+def _manifest_options(options: SyntheticConfig) -> dict[str, Any]:
     """The options as `catalogue.json` records them; without trace errors, as they were before errors existed."""
     recorded = asdict(options)
     if not options.trace_errors:
@@ -336,7 +340,7 @@ def _manifest_options(options: SynthOptions) -> dict[str, Any]:
     return recorded
 
 
-def _write_trace_errors(train_items: list[_Item], options: SynthOptions) -> dict[str, dict[str, str]]:
+def _write_trace_errors(train_items: list[_Item], options: SyntheticConfig) -> dict[str, dict[str, str]]:
     """Rewrite a `trace_errors` share of the training items' traces with one wrong image-visible value.
 
     Its own random stream: every other byte of the catalogue is what it is without errors. Returns, per rewritten
@@ -380,7 +384,7 @@ def _text_analysis(test_items: list[_Item]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------- images
 
 
-def _draw_item(item: _Item, options: SynthOptions, index: int, images: Path) -> None:
+def _draw_item(item: _Item, options: SyntheticConfig, index: int, images: Path) -> None:
     rng = random.Random(f"image:{options.seed}:{item.id}")
     np_rng = np.random.default_rng([options.seed, index])
     for view in range(N_VIEWS):
@@ -408,7 +412,7 @@ def _pairs(items: list[_Item], families: list[list[_Item]], negatives: bool) -> 
     return rows
 
 
-def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = True) -> SynthReport:
+def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool = True) -> SynthReport:
     """Write the synthetic catalogue folder `out` atomically (replacing it if present, unless `replace=False`).
 
     Writes `products.jsonl`, `images/<id>_v<view>.png`, `pairs_train.jsonl`, `pairs_test.jsonl`, `gallery_test.txt`
@@ -416,12 +420,12 @@ def synthesize(out: Path, options: SynthOptions | None = None, replace: bool = T
 
     Args:
         out (`Path`): the folder to create.
-        options (`SynthOptions`, *optional*): defaults to `SynthOptions()`.
+        options (`SyntheticConfig`, *optional*): defaults to `SyntheticConfig()`.
 
     Returns:
         `SynthReport`: counts and the text-only analysis of the test split.
     """
-    options = options or SynthOptions()
+    options = options or SyntheticConfig()
     start = time.perf_counter()
     families, test_families = _plan(options)
     items = [item for family in families for item in family]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moon_rl.data.catalogue import find_layout, resolve_catalogue_path, scan_catalogue
 from moon_rl.data.sources import DEFAULT_MAX_PIXELS, Problem
-from moon_rl.data.synthetic import SynthOptions
+from moon_rl.data.synthetic import SyntheticConfig
 from moon_rl.errors import DataError
 
 __all__ = ["ValidationReport", "validate_catalogue"]
@@ -45,7 +45,7 @@ class ValidationReport:
 def validate_catalogue(
     path: str | Path,
     *,
-    synthetic: SynthOptions | None = None,
+    synthetic: SyntheticConfig | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     columns: Mapping[str, str] | None = None,
     splits: Mapping[str, str] | None = None,
@@ -59,7 +59,7 @@ def validate_catalogue(
     Args:
         path (`str | Path`): a catalogue folder, a single products file, a Hub dataset (`hf:owner/name`), a folder
             `datasets` reads, or `"builtin:synthetic"`.
-        synthetic (`SynthOptions`, *optional*): options of the builtin synthetic catalogue.
+        synthetic (`SyntheticConfig`, *optional*): options of the builtin synthetic catalogue.
         max_pixels (`int`, *optional*, defaults to `40_000_000`): decompression-bomb limit.
         columns (`Mapping[str, str]`, *optional*): `data.columns`, moon-rl field -> the tables' column; problems name
             the tables' columns.

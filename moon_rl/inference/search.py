@@ -17,7 +17,7 @@ import numpy as np
 
 from moon_rl.data.catalogue import Catalogue, load_catalogue
 from moon_rl.data.sources import load_image
-from moon_rl.data.synthetic import SynthOptions
+from moon_rl.data.synthetic import SyntheticConfig
 from moon_rl.errors import MoonError
 from moon_rl.inference.ann import apply_params
 from moon_rl.inference.pipeline import IDS_FILE, INDEX_FILE, MANIFEST_FILE, RECIPE_FILE
@@ -147,7 +147,7 @@ class EmbeddingIndex:
                             "there; pass the catalogue explicitly (--catalogue)")
         if recipe is None:
             return load_catalogue(path)
-        return load_catalogue(path, synthetic=SynthOptions(**recipe.data.synthetic.model_dump()),
+        return load_catalogue(path, synthetic=SyntheticConfig(**recipe.data.synthetic.model_dump()),
                               columns=recipe.data.columns, splits=recipe.data.splits)
 
 

@@ -43,7 +43,7 @@ from moon_rl.serve.inputs import (
     truncate_dim,
 )
 from moon_rl.serve.limits import BodyLimit
-from moon_rl.serve.service import SearchService, ServeOptions
+from moon_rl.serve.service import SearchService, ServeConfig
 
 STATIC = Path(__file__).parent / "static"
 #: The page's files, by URL: a fixed table, so that no request path ever reaches the file system.
@@ -79,7 +79,7 @@ def create_app(
     Raises:
         `MoonError`: a missing or corrupt index folder, model or catalogue.
     """
-    options = ServeOptions(batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    options = ServeConfig(batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
     if max_pixels is not None:
         options.max_pixels = max_pixels
     if max_body_bytes is not None:

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ServeOptions:
+class ServeConfig:
     """How the service batches and what it accepts.
 
     Args:
@@ -59,6 +59,10 @@ def image_url(product_id: str, number: int = 0) -> str:
     return f"{product_url(product_id)}/images/{number}"
 
 
+#: The name before issue 15's naming rule (a recipe section is a `*Spec`, what a component is built with a `*Config`).
+ServeOptions = ServeConfig
+
+
 class SearchService:
     """An index folder, its catalogue and its model, served.
 
@@ -66,15 +70,15 @@ class SearchService:
         index (`EmbeddingIndex`): a loaded `moon-rl embed` folder.
         catalogue (`Catalogue`): the catalogue it was built from (titles and images).
         embedder (`MoonEmbedder`): the model that built it.
-        options (`ServeOptions`, *optional*): batching and limits.
+        options (`ServeConfig`, *optional*): batching and limits.
     """
 
     def __init__(self, index: EmbeddingIndex, catalogue: Catalogue, embedder: MoonEmbedder,
-                 options: ServeOptions | None = None):
+                 options: ServeConfig | None = None):
         self.index = index
         self.catalogue = catalogue
         self.embedder = embedder.eval()
-        self.options = options or ServeOptions()
+        self.options = options or ServeConfig()
         self.batcher = MicroBatcher(self._encode, max_batch=self.options.max_batch,
                                     max_wait_ms=self.options.max_wait_ms, enabled=self.options.batching)
         missing = [pid for pid in index.ids if pid not in catalogue.products]
@@ -84,7 +88,7 @@ class SearchService:
 
     @classmethod
     def open(cls, index_dir: Path, *, model_dir: Path | None = None, catalogue: str | Path | None = None,
-             embedder: MoonEmbedder | None = None, options: ServeOptions | None = None) -> SearchService:
+             embedder: MoonEmbedder | None = None, options: ServeConfig | None = None) -> SearchService:
         """Load the index folder, its catalogue and its model (`model_dir`, else the one the index records).
 
         Raises:
