@@ -399,5 +399,5 @@ def test_template_traces_teach_an_untraced_catalogue_to_reason(tmp_path):
 
     assert gap(results["untraced"]) >= 0.1, results["untraced"]
     assert gap(results["traced"]) <= 0.05, results["traced"]
-    reason = {name: result["reason"]["text->product"]["recall@1"] for name, result in results.items()}
+    reason = {name: result.recall_at_1("reason", "text->product") for name, result in results.items()}
     assert reason["traced"] >= reason["untraced"] + 0.1, reason

@@ -95,7 +95,13 @@ def test_grad_cache_under_torchrun_trains_as_the_whole_batch(tmp_path):
     heads = [load_file(tmp_path / name / "sft" / "final" / "heads.safetensors") for name in ("runNone-1", "runNone-2")]
     assert heads[0].keys() == heads[1].keys()
     for key in heads[0]:
-        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5, msg=key)
+        single_run, two_runs = heads[0][key], heads[1][key]
+        if key.endswith("in_proj_bias"):
+            # Attention's key bias (the middle third) shifts every score of a query alike, which softmax ignores: its
+            # gradient is zero up to rounding, and Adam turns rounding noise into full-size steps. Compare the rest.
+            third = len(single_run) // 3
+            single_run, two_runs = (torch.cat([t[:third], t[2 * third:]]) for t in (single_run, two_runs))
+        torch.testing.assert_close(two_runs, single_run, rtol=1e-4, atol=1e-5, msg=key)
     assert [e["step"] for e in chunked] == [1, 2, 3] and all(e["grad_cache/chunks"] == 2 for e in chunked)
     assert all(e["pairs/global"] == 8 for e in chunked)
     for a, b in zip(plain, chunked, strict=True):
