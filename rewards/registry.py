@@ -353,7 +353,7 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> Callable[..
     try:
         obj = entry_point.load()
     except (ImportError, AttributeError) as exc:
-        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
+        hint = _old_import_hint(exc)
         raise RewardError(
             f"Entry point {entry_point.name!r} ({entry_point.value!r}, group {ENTRY_POINT_GROUP!r}) failed to load: "
             f"{exc}{hint}"
@@ -387,7 +387,7 @@ def _load_file(file: str, name: str, base_dir: Path | None) -> ModuleType:
     except (ImportError, SyntaxError, OSError) as exc:
         # Other exceptions propagate unchanged: their traceback already points at the offending line of the file.
         sys.modules.pop(module_name, None)
-        hint = _old_import_hint(exc) if isinstance(exc, ImportError) else ""
+        hint = _old_import_hint(exc)
         raise RewardError(
             f"Reward file {path} (from {name!r}) failed to import: {type(exc).__name__}: {exc}{hint}"
         ) from exc
@@ -397,9 +397,10 @@ def _load_file(file: str, name: str, base_dir: Path | None) -> ModuleType:
     return module
 
 
-def _old_import_hint(exc: ImportError) -> str:
-    """`OLD_IMPORT_HINT` when `exc` is about a top-level `rewards` module, unless its message already says it."""
-    failed = exc.name or ""
+def _old_import_hint(exc: BaseException) -> str:
+    """`OLD_IMPORT_HINT` when `exc` is an import error about a top-level `rewards` module, unless its message already
+    says it; "" for anything else."""
+    failed = (exc.name or "") if isinstance(exc, ImportError) else ""
     if failed != "rewards" and not failed.startswith("rewards."):
         return ""
     # The repository's `rewards/` folder, imported under its old name, refuses with this advice itself.
