@@ -15,7 +15,8 @@
 4. SFT with LoRA (r=8), 2 steps: the final adapter is written and reloads. Under FSDP on one process moon-rl refuses
    it at start-up instead (torch's NO_SHARD fallback cannot checkpoint frozen weights); the check expects that error.
 
-Prints `PASS: <check>` or `FAILED: <check>: <why>` per check; exit code 1 if any failed.
+Prints `PASS: <check>` or `FAILED: <check>: <why>` per check; exit code 1 if any failed. `--report FILE` also writes
+the outcome as JSON (`checks`: name -> null or the error; `measured`: the numbers behind them), which the CPU test reads.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ CPU = False  # --device cpu: float32 weights, no bf16, use_cpu (see --help)
 
 
 EXTRA: list[str] = []  # --set overrides, applied last
+
+MEASURED: dict[str, object] = {}  # what the checks measured, for --report
+
+
+class _UpcastCount(logging.Handler):
+    """Records how many parameters moon-rl upcast to float32 under FSDP mixed precision (it does so only then)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("FSDP mixed precision:"):
+            MEASURED["fsdp_upcast_parameters"] = record.args[0]
 
 
 def recipe_for(out: Path, size: str, extra: list[str]):
@@ -111,6 +122,7 @@ def check_sft(args) -> None:
         diff = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
         moved = max(float((at_2[k] - straight[k]).abs().max()) for k in straight)
         print(f"  heads, resumed vs straight run: max |diff| {diff:.2e}; steps 3-4 moved them by {moved:.2e}")
+        MEASURED.update(resume_max_diff=diff, resume_steps_moved=moved)
         # Exact on CPU; CUDA kernels (bf16 autocast, atomics) may differ in the last bits between two runs.
         assert diff < 0.02 * moved, "the resumed run's heads differ from the straight run's"
 
@@ -143,6 +155,7 @@ def check_lora(args) -> None:
             run_sft(recipe)
         except MoonError as exc:
             print(f"  refused as expected: {exc}")
+            MEASURED["lora_refusal"] = str(exc)
             assert "--num_processes >= 2" in str(exc)
             return
         raise AssertionError("LoRA under single-process FSDP was not refused")
@@ -154,6 +167,7 @@ def check_lora(args) -> None:
         embedder = MoonEmbedder.load(final)
         lora = sum(p.numel() for n, p in embedder.model.named_parameters() if "lora_" in n)
         print(f"  adapter reloads: {lora} LoRA parameters")
+        MEASURED["lora_parameters"] = lora
         assert lora > 0
 
 
@@ -171,25 +185,30 @@ def main() -> int:
                              "tests/fsdp_cpu_launch.py runs it under FSDP on CPU)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override applied after this script's own (repeatable)")
+    parser.add_argument("--report", type=Path, help="also write the outcome as JSON here (main process)")
     args = parser.parse_args()
     EXTRA.extend(args.sets)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moon_rl.training.common").setLevel(logging.INFO)  # shows the float32 upcast under FSDP
+    logging.getLogger("moon_rl.training.common").addHandler(_UpcastCount())
     global CPU
     CPU = args.device == "cpu"
-    failed = []
+    outcome: dict[str, str | None] = {}
     for name, check in (("fsdp sft + resume", check_sft), ("fsdp grpo", check_grpo), ("fsdp lora", check_lora)):
         print(f"\n===== {name} =====", flush=True)
         try:
             check(args)
+            outcome[name] = None
             if MAIN:
                 print(f"PASS: {name}", flush=True)
         except Exception as exc:
-            failed.append(name)
-            print(f"FAILED: {name}: {type(exc).__name__}: {exc}", flush=True)
+            outcome[name] = f"{type(exc).__name__}: {exc}"
+            print(f"FAILED: {name}: {outcome[name]}", flush=True)
             traceback.print_exc()
         barrier()
-    return 1 if failed else 0
+    if args.report and MAIN:
+        args.report.write_text(json.dumps({"checks": outcome, "measured": MEASURED}, indent=2))
+    return 1 if any(outcome.values()) else 0
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def test_verdicts_compare_each_claims_two_variants_by_the_larger_seed_spread(abl
 
 @pytest.mark.slow
 def test_quick_ablations_train_each_variant_as_labelled_and_report_its_own_numbers(ablations, tmp_path):
-    results = ablations.main(["--quick", "--out", str(tmp_path), "--n-products", "80", "--sft-steps", "12",
-                              "--grpo-steps", "4"])
+    results = ablations.main(["--quick", "--out", str(tmp_path), "--n-products", "48", "--sft-steps", "6",
+                              "--grpo-steps", "2"])
     text = results.read_text()
     seed0 = tmp_path / "seed0"
     metrics = {name: json.loads((seed0 / name / "result.json").read_text()) for name in ablations.VARIANTS}
