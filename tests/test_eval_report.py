@@ -172,8 +172,10 @@ def test_report_has_the_chain_attribute_table_and_metrics_json_keeps_it(tmp_path
             "| sft | reason | 0.250 / 0.500 | – / – |\n"
             "| grpo | reason | 0.667 / 0.333 | 1.000 / 0.000 |\n"
             "| chance | – | 0.375 / – | 0.556 / – |\n" in text)
-    # chain_attributes is no mode: the main table keeps one row per real mode.
-    assert main_table(results).count("| grpo |") == 2 and "chain_attributes" not in main_table(results)
+    # The main table: one row per model and evaluated mode, each with its own Recall@1, in the results' order.
+    rows = [line.split(" | ")[:3] for line in main_table(results).splitlines()[2:]]
+    assert rows == [["| sft", "direct", "0.500"], ["| sft", "reason", "0.500"], ["| grpo", "direct", "0.500"],
+                    ["| grpo", "reason", "0.500"], ["| untrained", "direct", "0.100"]]
     saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert saved["grpo"]["chain_attributes"]["material"] == {"right": 1.0, "wrong": 0.0, "chance": 5 / 9, "n": 2}
 

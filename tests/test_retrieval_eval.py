@@ -335,7 +335,10 @@ def test_evaluate_untrained_embedder(small_catalogue):
         assert set(results.modes[mode]) == {"text->product", "image->product", "product->product"}
         for metrics in results.modes[mode].values():
             assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
-            assert all(0.0 <= v <= 1.0 for v in metrics.values())
+            # Orderings every ranking obeys (a metric computed over the wrong cut-off or ranks breaks one of them).
+            assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0
+            assert metrics["recall@1"] <= metrics["mrr@10"] <= metrics["recall@10"]
+            assert metrics["recall@1"] <= metrics["ndcg@10"] <= metrics["recall@10"]
             assert metrics["recall@1"] < 0.5  # untrained: near chance
     assert results.chance["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
     # The real greedy chains (decoded text) are scored against every attribute of the catalogue.

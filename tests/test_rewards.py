@@ -264,7 +264,12 @@ def test_retrieval_logprob_rejects_product_ids_of_the_wrong_length():
 
 def test_retrieval_logprob_resolves_with_args():
     fn = resolve_reward("retrieval_logprob", {"temperature": 0.5, "direction": "completion_to_query"})
-    assert (fn.__name__, fn.temperature, fn.direction) == ("retrieval_logprob", 0.5, "completion_to_query")
+    assert fn.__name__ == "retrieval_logprob"
+    # The args reach the computation: the rewards are the hand-checked ones at 0.5 / completion -> query (above), and
+    # not those of the defaults (0.05, both directions).
+    got = fn(["a", "b", "c"], **_two_products())
+    assert got == pytest.approx(_logprob("completion_to_query"))
+    assert got != pytest.approx(resolve_reward("retrieval_logprob", {})(["a", "b", "c"], **_two_products()))
     with pytest.raises(RewardError, match=re.escape("Reward 'retrieval_logprob' rejected args")):
         resolve_reward("retrieval_logprob", {"direction": "sideways"})
     with pytest.raises(RewardError, match=re.escape("candidate_mask cannot be set in args")):
