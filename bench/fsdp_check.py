@@ -50,7 +50,7 @@ class _UpcastCount(logging.Handler):
     """Records how many parameters moon-rl upcast to float32 under FSDP mixed precision (it does so only then)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("FSDP mixed precision:"):
+        if str(record.msg).startswith("FSDP mixed precision:"):
             MEASURED["fsdp_upcast_parameters"] = record.args[0]
 
 
