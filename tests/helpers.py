@@ -40,9 +40,10 @@ def tiny_sft_recipe(run_dir: Path, *, max_steps: int, save_steps: int, batch_siz
     )
 
 
-def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim: int | None = None):
-    """A tiny model saved to `folder/model` and its index of a small synthetic catalogue in `folder/index`, the way
-    `moon-rl embed --model` writes it (the index records the model folder and the catalogue).
+def served_index(folder: Path, catalogue_dir: Path, *, embed_dim: int = 32, dim: int | None = None):
+    """A tiny model saved to `folder/model` and its index of the catalogue `catalogue_dir` (read only) in
+    `folder/index`, the way `moon-rl embed --model` writes it (the index records the model folder and the catalogue).
+    The tests pass a small synthetic catalogue from the `synthetic_catalogue` fixture (24 products, seed 0, 56 px).
 
     Returns `(index_dir, embedder, catalogue)`; the tests of `moon-rl serve` start the service on it. `dim`: the
     index holds that Matryoshka prefix of each vector (`embed --dim`).
@@ -50,7 +51,6 @@ def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim
     from types import SimpleNamespace as NS
 
     from moon_rl.data.catalogue import load_catalogue
-    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.inference.pipeline import embed_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder, heads_config_for
     from moon_rl.modeling.heads import MoonHeads
@@ -65,8 +65,7 @@ def served_index(folder: Path, *, n_products: int = 24, embed_dim: int = 32, dim
     embedder = MoonEmbedder(model, processor, MoonHeads(heads_config_for(model, spec.heads)), max_new_tokens=16,
                             meta={"base_model": "builtin:tiny-vl", "builtin_size": "tiny"}).eval()
     model_dir = embedder.save(folder / "model")
-    synthesize(folder / "catalogue", SyntheticConfig(n_products=n_products, seed=0, image_size=56))
-    catalogue = load_catalogue(folder / "catalogue")
+    catalogue = load_catalogue(catalogue_dir)
     embed_catalogue(embedder, catalogue, folder / "index", batch_size=16, show_progress=False, model_dir=model_dir,
                     dim=dim)
     return folder / "index", embedder, catalogue
