@@ -53,16 +53,14 @@ def test_indexes_reach_exact_results_when_searched_exhaustively_and_measure_it()
         apply_params(faiss.IndexFlatIP(32), {"nprobe": 4})
 
 
-def test_embed_writes_the_preset_and_its_recall_and_search_uses_the_stored_parameters(tmp_path):
+def test_embed_writes_the_preset_and_its_recall_and_search_uses_the_stored_parameters(tmp_path, synthetic_catalogue):
     from types import SimpleNamespace
 
     from moon_rl.data.catalogue import load_catalogue
-    from moon_rl.data.synthetic import SyntheticConfig, synthesize
     from moon_rl.inference.pipeline import embed_catalogue
     from moon_rl.inference.search import EmbeddingIndex
 
-    synthesize(tmp_path / "cat", SyntheticConfig(n_products=48, seed=3, image_size=56))
-    catalogue = load_catalogue(tmp_path / "cat")
+    catalogue = load_catalogue(synthetic_catalogue(48, 3, 56))
     table = {pid: v for pid, v in zip(catalogue.products, clustered(len(catalogue.products), 16), strict=True)}
 
     class Planted:  # vectors by product id: no model needed to test the index plumbing

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from moon_rl.training.checkpoint import MARKER_FILE, latest_checkpoint
-from tests.helpers import tiny_sft_recipe
+from tests.helpers import TINY_SFT, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,7 @@ def test_kill_9_mid_training_then_resume_finishes_with_the_uninterrupted_weights
 
     def recipe_for(name: str) -> Path:
         recipe = tmp_path / f"{name}.yaml"
-        recipe.write_text(tiny_sft_recipe(tmp_path / name, max_steps=20, save_steps=3) +
-                          "eval: {modes: [direct], baselines: []}\n")
+        recipe.write_text(tiny_recipe(tmp_path / name, sft={**TINY_SFT, "max_steps": 20, "save_steps": 3}, eval={}))
         return recipe
 
     reference = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sft", str(recipe_for("straight"))],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import free_port, tiny_sft_recipe
+from tests.helpers import TINY_GRPO, TINY_SFT, free_port, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,9 @@ def torchrun(cwd, verb: str, recipe) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_sft_then_grpo_under_torchrun_with_two_processes(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        tiny_sft_recipe(tmp_path / "run", max_steps=3, save_steps=2, batch_size=4) +
-        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8, num_generations: 2,\n"
-        "       max_completion_length: 8, max_steps: 2, logging_steps: 1, save_steps: 2, beta: 0.0,\n"
-        "       gradient_checkpointing: false, disable_tqdm: true, min_distinct_anchors: 8}\n"
-        "eval: {modes: [direct], baselines: []}\n"
-    )
+    recipe.write_text(tiny_recipe(
+        tmp_path / "run", sft={**TINY_SFT, "per_device_train_batch_size": 4, "max_steps": 3, "save_steps": 2},
+        grpo={**TINY_GRPO, "min_distinct_anchors": 8}, eval={}))
     result = torchrun(tmp_path, "sft", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     # Both processes run the command; only the main one reports: one progress line, one table, one result.
@@ -81,9 +77,11 @@ def test_grad_cache_under_torchrun_trains_as_the_whole_batch(tmp_path):
     for chunk, processes in ((None, 2), (2, 2), (None, 1)):
         name = f"run{chunk}-{processes}"
         recipe = tmp_path / f"{name}.yaml"
-        head = tiny_sft_recipe(tmp_path / name, max_steps=3, save_steps=3, batch_size=8 // processes)
-        recipe.write_text(head.replace("disable_tqdm: true}", f"disable_tqdm: true, contrastive_chunk_size: {chunk or 'null'},"
-                                       " lr_scheduler_type: constant, adam_epsilon: 1.0e-3}") + "eval: {modes: [direct], baselines: []}\n")
+        recipe.write_text(tiny_recipe(
+            tmp_path / name, sft={**TINY_SFT, "per_device_train_batch_size": 8 // processes, "max_steps": 3,
+                                  "save_steps": 3, "contrastive_chunk_size": chunk, "lr_scheduler_type": "constant",
+                                  "adam_epsilon": 1.0e-3},
+            eval={}))
         if processes == 2:
             result = torchrun(tmp_path, "sft", recipe)
         else:

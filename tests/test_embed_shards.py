@@ -115,16 +115,17 @@ def _embed_command(recipe: Path, model: Path, out: Path, nproc: int = 1) -> list
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_and_a_killed_rerun_give_the_one_process_result(tmp_path):
+def test_torchrun_two_processes_and_a_killed_rerun_give_the_one_process_result(tmp_path, synthetic_catalogue):
     """`moon-rl embed` under `torchrun --nproc_per_node 2` (gloo): the same ids in the same order and the same vectors
     (1e-5) as one process; and one process killed (SIGKILL) after its first shards, then rerun, ends with the same
     files as the straight run, having embedded only the shards that were not finished."""
     from tests.helpers import served_index
 
-    _, _, catalogue = served_index(tmp_path / "base", n_products=64)
+    cat = synthetic_catalogue(64, 0, 56)
+    _, _, catalogue = served_index(tmp_path / "base", cat)
     n = len(catalogue.products)  # 64 products, the test split's listed twice
     shards = -(-n // 4)
-    model, cat = tmp_path / "base" / "model", tmp_path / "base" / "catalogue"
+    model = tmp_path / "base" / "model"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{lora: null}}\ndata: {{catalogue: {cat}}}\n"
                       "embed: {batch_size: 4, shard_size: 4, mode: direct}\n")

@@ -14,7 +14,7 @@ from moon_rl.evaluation.plots import training_curves, training_panels
 from moon_rl.evaluation.report import faithfulness_table, main_table, read_results, write_report, zero_shot_table
 from moon_rl.evaluation.result import EvaluationResult
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
-from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
+from tests.helpers import TINY_GRPO, TINY_SFT, tiny_recipe
 
 
 def _unit(*rows):
@@ -242,12 +242,10 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     from moon_rl.cli import app
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=2) +
-        TINY_GRPO_SECTION +
-        "embed: {max_new_tokens: 8}\n"
-        "eval: {baselines: [untrained]}\n"
-    )
+    recipe.write_text(tiny_recipe(
+        tmp_path / "run", sft={**TINY_SFT, "max_steps": 4, "save_steps": 2}, grpo=TINY_GRPO,
+        eval={"modes": ["direct", "reason"], "baselines": ["untrained"]},  # the schema's modes (faithfulness: reason)
+        embed={"max_new_tokens": 8}))
     runner = CliRunner()
     first = runner.invoke(app, ["run", str(recipe)])
     assert first.exit_code == 0, first.output

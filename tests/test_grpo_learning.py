@@ -9,19 +9,16 @@ import pytest
 import torch
 
 from moon_rl.recipe import load_recipe
+from tests.helpers import tiny_recipe
 
 
 def grpo_recipe(tmp_path, *overrides: str):
     path = tmp_path / "grpo.yaml"
-    path.write_text(
-        "model: {lora: null, heads: {embed_dim: 32}}\n"
-        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "grpo: {bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true,\n"
-        "       per_device_train_batch_size: 8, num_generations: 4, max_completion_length: 16, learning_rate: 1.0e-2,\n"
-        "       beta: 0.0, max_steps: 30, logging_steps: 1, save_steps: 100, gradient_checkpointing: false,\n"
-        "       temperature: 1.0, disable_tqdm: true, min_distinct_anchors: 2, contrastive_weight: 0.0, seed: 0}\n"
-        "eval: {modes: [direct], baselines: []}\n"
-    )
+    path.write_text(tiny_recipe(
+        grpo={"allow_untrained_reasoning": True, "per_device_train_batch_size": 8, "num_generations": 4,
+              "max_completion_length": 16, "learning_rate": 1.0e-2, "beta": 0.0, "max_steps": 30, "save_steps": 100,
+              "temperature": 1.0, "min_distinct_anchors": 2, "contrastive_weight": 0.0, "seed": 0},
+        eval={}))
     return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *overrides])
 
 

@@ -22,24 +22,17 @@ import pytest
 from typer.testing import CliRunner
 
 from moon_rl.cli import app
+from tests.helpers import tiny_recipe
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny everything: every failing command here must fail before the first training step, so only the one GRPO run
 # that is meant to finish pays for training (2 steps of the tiny model on 48 products).
-RECIPE = """\
-output_dir: {run}
-model: {{lora: null, heads: {{embed_dim: 32}}}}
-data: {{catalogue: {catalogue}}}
-sft: {{bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, max_steps: 1, logging_steps: 1,
-      save_steps: 100, gradient_checkpointing: false, disable_tqdm: true}}
-grpo: {{bf16: false, use_cpu: true, report_to: none, allow_untrained_reasoning: true, per_device_train_batch_size: 8,
-       num_generations: 2,
-       max_completion_length: 8, learning_rate: 1.0e-3, beta: 0.0, max_steps: 2, logging_steps: 1, save_steps: 100,
-       gradient_checkpointing: false, temperature: 1.0, disable_tqdm: true, rewards: [{{name: retrieval_rank}}]}}
-eval: {{modes: [direct], baselines: [], faithfulness: false}}
-"""
+SFT = {"per_device_train_batch_size": 8, "max_steps": 1, "save_steps": 100}
+GRPO = {"allow_untrained_reasoning": True, "per_device_train_batch_size": 8, "num_generations": 2,
+        "max_completion_length": 8, "learning_rate": 1.0e-3, "beta": 0.0, "max_steps": 2, "save_steps": 100,
+        "temperature": 1.0, "rewards": [{"name": "retrieval_rank"}]}
 PROGRESS_BAR = re.compile(r"^embed \((direct|reason)\): +\d+%\|")
 
 
@@ -64,7 +57,8 @@ def broken(catalogue, tmp_path) -> Path:
 def write_recipe(tmp_path: Path, catalogue: Path, extra: str = "") -> Path:
     """`recipe.yaml` (tiny, output in `tmp_path/run`); with `extra`, `bad.yaml` extends it with those lines."""
     base = tmp_path / "recipe.yaml"
-    base.write_text(RECIPE.format(run=json.dumps(str(tmp_path / "run")), catalogue=json.dumps(str(catalogue))))
+    base.write_text(tiny_recipe(tmp_path / "run", catalogue=catalogue, sft=SFT, grpo=GRPO,
+                                eval={"faithfulness": False}))
     if not extra:
         return base
     bad = tmp_path / "bad.yaml"

@@ -14,7 +14,7 @@ from moon_rl.modeling.embedder import MoonEmbedder
 from moon_rl.modeling.inputs import to_item
 from moon_rl.recipe import Recipe, load_recipe
 from moon_rl.training.preflight import PreflightReport, check_can_learn, reasoning_preflight
-from tests.helpers import tiny_sft_recipe
+from tests.helpers import TINY_SFT, tiny_recipe
 
 CLOSED = "<think>category shirt.</think>"
 # Short budgets keep the real sampling of the untrained model to a few seconds on two CPU cores.
@@ -23,8 +23,7 @@ BUDGET = 16
 
 def recipe_at(tmp_path, *overrides: str) -> Recipe:
     path = tmp_path / "recipe.yaml"
-    path.write_text(tiny_sft_recipe(tmp_path / "run", max_steps=1, save_steps=1)
-                    + "eval: {modes: [direct], baselines: []}\n")
+    path.write_text(tiny_recipe(tmp_path / "run", sft={**TINY_SFT, "max_steps": 1, "save_steps": 1}, eval={}))
     return load_recipe(path, list(overrides))
 
 

@@ -27,8 +27,8 @@ from tests.helpers import served_index  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    return served_index(tmp_path_factory.mktemp("serve"))
+def served(tmp_path_factory, synthetic_catalogue):
+    return served_index(tmp_path_factory.mktemp("serve"), synthetic_catalogue(24, 0, 56))
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +77,10 @@ def test_health_and_the_page(client, served):
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
 
-def test_an_index_of_matryoshka_prefixes_is_served_at_its_size(tmp_path):
+def test_an_index_of_matryoshka_prefixes_is_served_at_its_size(tmp_path, synthetic_catalogue):
     """An index written by `embed --dim 16` from a 32-d model: queries are cut to 16 values, as `moon-rl search` cuts
     them, and /health lists the sizes the model trained."""
-    index_dir, embedder, _ = served_index(tmp_path, dim=16)
+    index_dir, embedder, _ = served_index(tmp_path, synthetic_catalogue(24, 0, 56), dim=16)
     with TestClient(create_app(index_dir)) as small:
         health = small.get("/health").json()
         assert health["dim"] == 16 and health["trained_dims"] == [32, 16]

@@ -39,8 +39,8 @@ RENDERED = """(() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    index_dir, _, catalogue = served_index(tmp_path_factory.mktemp("browser"))
+def server(tmp_path_factory, synthetic_catalogue):
+    index_dir, _, catalogue = served_index(tmp_path_factory.mktemp("browser"), synthetic_catalogue(24, 0, 56))
     config = uvicorn.Config(create_app(index_dir), host="127.0.0.1", port=free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

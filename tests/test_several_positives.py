@@ -4,19 +4,18 @@ metrics, end to end through `moon-rl run`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_GRPO_SECTION, tiny_sft_recipe
+from tests.helpers import TINY_GRPO, TINY_SFT, tiny_recipe
 
 
-def _several_positives_catalogue(folder: Path) -> list[dict]:
-    """The 48-product synthetic catalogue with its text-query pairs merged two by two into pairs with two graded
-    positives (train and test); returns the new test pairs."""
-    from moon_rl.data.synthetic import SyntheticConfig, synthesize
-
-    synthesize(folder, SyntheticConfig(n_products=48, seed=3, image_size=56))
+def _several_positives_catalogue(source: Path, folder: Path) -> list[dict]:
+    """A copy in `folder` of the 48-product synthetic catalogue `source`, with its text-query pairs merged two by two
+    into pairs with two graded positives (train and test); returns the new test pairs."""
+    shutil.copytree(source, folder)  # the shared catalogue stays as it is
     test_pairs = []
     for split in ("train", "test"):
         path = folder / f"pairs_{split}.jsonl"
@@ -33,7 +32,7 @@ def _several_positives_catalogue(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path):
+def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path, synthetic_catalogue):
     from typer.testing import CliRunner
 
     from moon_rl.cli import app
@@ -41,13 +40,10 @@ def test_run_trains_and_evaluates_a_catalogue_with_several_positives(tmp_path):
     from moon_rl.evaluation.retrieval import evaluate_embedder
     from moon_rl.modeling.embedder import MoonEmbedder
 
-    test_pairs = _several_positives_catalogue(tmp_path / "cat")
+    test_pairs = _several_positives_catalogue(synthetic_catalogue(48, 3, 56), tmp_path / "cat")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        tiny_sft_recipe(tmp_path / "run", max_steps=4, save_steps=4) +
-        TINY_GRPO_SECTION +
-        "eval: {modes: [direct], baselines: []}\n"
-    )
+    recipe.write_text(tiny_recipe(tmp_path / "run", sft={**TINY_SFT, "max_steps": 4, "save_steps": 4}, grpo=TINY_GRPO,
+                                  eval={}))
     result = CliRunner().invoke(app, ["run", str(recipe), "--set", f"data.catalogue={tmp_path / 'cat'}",
                                       "--set", "stages=[sft,grpo,eval]"])
     assert result.exit_code == 0, result.output

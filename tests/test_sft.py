@@ -14,20 +14,16 @@ from moon_rl.modeling.folder import HEADS_WEIGHTS
 from moon_rl.recipe import Recipe, load_recipe
 from moon_rl.training.checkpoint import MARKER_FILE, latest_checkpoint
 from moon_rl.training.heads_optimizer import HEADS_OPTIMIZER_FILE
+from tests.helpers import TINY_SFT, tiny_recipe
 
 
 def small_recipe(tmp_path, *overrides: str) -> Recipe:
     base = tmp_path / "base.yaml"
-    base.write_text(
-        "model: {lora: null, heads: {embed_dim: 32}}\n"
-        "data: {synthetic: {n_products: 48, seed: 3, image_size: 56}}\n"
-        "sft: {bf16: false, use_cpu: true, report_to: none, per_device_train_batch_size: 8, learning_rate: 1.0e-3,\n"
-        "      lr_scheduler_type: constant,  # the interrupted run (max_steps 2) must see the same learning rates\n"
-        "      max_steps: 4, logging_steps: 1, save_steps: 2, gradient_checkpointing: false, max_length: null,\n"
-        "      trace_noise: 0.3,  # the resumed run must draw the noise the straight run drew\n"
-        "      dataloader_num_workers: 0, disable_tqdm: true}\n"
-        "eval: {modes: [direct], baselines: []}\n"
-    )
+    base.write_text(tiny_recipe(
+        sft={**TINY_SFT, "max_steps": 4, "save_steps": 2,
+             "lr_scheduler_type": "constant",  # the interrupted run (max_steps 2) must see the same learning rates
+             "trace_noise": 0.3},  # the resumed run must draw the noise the straight run drew
+        eval={}))
     return load_recipe(base, [f"output_dir={tmp_path / 'run'}", *overrides])
 
 
