@@ -511,3 +511,32 @@ def test_grad_cache_replays_the_random_state_of_each_chunk(tmp_path):
     with torch.no_grad():
         again = embed_first(trainer.model, chunk)
     assert (again - first[0]).abs().max() > 1e-3
+
+
+def test_chain_negatives_can_be_limited_to_the_attributes_the_photo_shows(tmp_path):
+    from moon_rl.data.catalogue import load_recipe_catalogue
+    from moon_rl.data.chains import named_values
+    from moon_rl.errors import DataError
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.training.sft_data import MoonSFTCollator, sft_examples
+
+    recipe = small_recipe(tmp_path)
+    catalogue = load_recipe_catalogue(recipe.data)
+    examples = sft_examples(catalogue, "train")
+    embedder = MoonEmbedder.from_recipe(recipe)
+    collator = MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1, chain_negatives=True,
+                               chain_negative_attributes=["colour", "pattern"])
+    rows = [{"pair": i} for i in range(12)]
+    batch = collator(rows)
+    n = len(rows)
+    changed = []
+    for i, ex in enumerate(examples[:n]):
+        row = 4 * n + i
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool() & ~batch["moon"]["prompt_mask"][row]]
+        named = named_values(embedder.processor.tokenizer.decode(ids), collator._vocabulary)
+        truth = named_values(catalogue.products[ex.positive].reasoning, collator._vocabulary)
+        changed += [name for name in truth if named.get(name) != truth[name]]
+    assert len(changed) == n and set(changed) == {"colour", "pattern"}  # one each, both kinds, nothing else
+    with pytest.raises(DataError, match=r"sft.chain_negative_attributes names \['colur'\]"):
+        MoonSFTCollator(embedder, catalogue, examples, hard_negatives=1, chain_negatives=True,
+                        chain_negative_attributes=["colur"])

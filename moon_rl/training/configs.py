@@ -194,6 +194,10 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
             GRPO's retrieval reward needs to tell a right chain from a wrong one (trained on true traces only, the
             reward preferred the right pattern word for 29% of products, chance 17%). Needs products with
             `attributes` whose values the traces name; pairs without one get no such negative.
+        chain_negative_attributes (`list[str]` or `None`, *optional*, defaults to `None`):
+            The attributes an altered chain may change (e.g. `[colour, pattern]`: only what the photo shows, so every
+            such negative is told apart by looking at the image, not by reading the title). `None`: any attribute the
+            trace names. A pair whose trace names none of them gets no chain negative.
         trace_noise (`float`, *optional*, defaults to `0.0`):
             Fraction of each reasoning trace's tokens replaced, in training batches, by tokens drawn from other traces
             (those positions get no LM target). The reason-mode read-out then learns to check the reasoning against
@@ -241,6 +245,11 @@ class MoonSFTConfig(MoonContrastiveMixin, SFTConfig):
         default=True,
         metadata={"help": "Add the product with a trace altered in one attribute value as a hard negative of the "
                   "reason-mode InfoNCE term, so the read-out prefers true chains."},
+    )
+    chain_negative_attributes: list[str] | None = field(
+        default=None,
+        metadata={"help": "The attributes an altered chain (chain_negatives) may change, e.g. [colour, pattern]; "
+                  "None: any the trace names."},
     )
     trace_noise: float = field(
         default=0.0,

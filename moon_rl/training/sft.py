@@ -288,6 +288,7 @@ def build_sft_trainer(recipe: Recipe, *, args: MoonSFTConfig | None = None, embe
         catalogue.products[ex.positive].reasoning for ex in examples)
     collator = MoonSFTCollator(embedder, catalogue, examples, args.hard_negatives, args.trace_noise, args.reasoning,
                                seed=args.seed, chain_negatives=args.chain_negatives,
+                               chain_negative_attributes=args.chain_negative_attributes,
                                value_token_weight=args.value_token_weight, photo_traces=args.photo_traces,
                                prompt_cache_bytes=recipe.data.prompt_cache_mb * 2**20,
                                chunk_size=args.contrastive_chunk_size)

@@ -77,6 +77,7 @@ class MoonSFTCollator:
         seed (`int`): seeds the noise, with the dataset row and the epoch (`set_epoch`, called by `NoiseEpoch`).
         chain_negatives (`bool`): one more row per pair, the product with its trace altered in one attribute value
             (reason mode, no LM target), for the reason-mode InfoNCE term's hard negative.
+        chain_negative_attributes (`list[str]`, *optional*): the attributes that alteration may change; None: any.
         value_token_weight (`float`): when non-zero, the batch's `moon.value_mask` marks the LM targets that are
             attribute values the trace names (for the trainer's extra loss on them); all False otherwise.
         photo_traces (`bool`): one more row per pair whose product has a trace and a photo: the photo alone, then the
@@ -93,7 +94,7 @@ class MoonSFTCollator:
     def __init__(self, embedder: MoonEmbedder, catalogue: Catalogue, examples: list[SFTExample], hard_negatives: int,
                  trace_noise: float = 0.0, reasoning: bool = True, seed: int = 0, chain_negatives: bool = False,
                  value_token_weight: float = 0.0, photo_traces: bool = False, prompt_cache_bytes: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, chain_negative_attributes: list[str] | None = None):
         self.embedder = embedder
         self.chunk_size = chunk_size
         self.catalogue = catalogue
@@ -103,6 +104,12 @@ class MoonSFTCollator:
         self.reasoning = reasoning
         self.seed = seed
         self.chain_negatives = chain_negatives and reasoning
+        self.chain_negative_attributes = None if chain_negative_attributes is None else set(chain_negative_attributes)
+        if self.chain_negatives and self.chain_negative_attributes is not None:
+            known = {name for product in catalogue.products.values() for name in product.attributes}
+            if unknown := sorted(self.chain_negative_attributes - known):
+                raise DataError(f"sft.chain_negative_attributes names {unknown}, which no product of the catalogue "
+                                f"has (its attributes: {sorted(known)})")
         self.value_token_weight = value_token_weight
         self.photo_traces = photo_traces and reasoning
         self.multi_positive = any(len(ex.relevant) > 1 for ex in examples)
@@ -189,7 +196,8 @@ class MoonSFTCollator:
         named = named_values(trace, self.vocabulary)
         truth = {name: str(value).strip().lower() for name, value in product.attributes.items()}
         options = sorted(name for name, values in named.items()
-                         if truth.get(name) in values and len(self.vocabulary[name]) > 1)
+                         if truth.get(name) in values and len(self.vocabulary[name]) > 1
+                         and (self.chain_negative_attributes is None or name in self.chain_negative_attributes))
         if not options:
             return []
         generator = self._generator(row, stream=1)
