@@ -57,11 +57,15 @@ def embedded(embedder, catalogue, tmp_path_factory) -> Path:
     return out
 
 
-def test_parquet_matches_encode(embedded, embedder, catalogue):
-    table = pq.read_table(embedded / "embeddings.parquet")
+def _stored(index_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The ids and vectors `embeddings.parquet` holds, read directly (not through the search code under test)."""
+    table = pq.read_table(index_dir / "embeddings.parquet")
     assert set(table.column_names) == {"id", "vector"}
-    ids = table.column("id").to_pylist()
-    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    return table.column("id").to_pylist(), np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+
+
+def test_parquet_matches_encode(embedded, embedder, catalogue):
+    ids, vectors = _stored(embedded)
     assert sorted(ids) == sorted(catalogue.products) and len(ids) == N_LISTED
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     products = [catalogue.products[pid] for pid in ids]
@@ -214,10 +218,9 @@ def test_model_dir_recorded_and_used(tmp_path, embedder, catalogue_dir):
     results = search(out, text=None, image=image, k=2)
     # The recorded model embeds the query: the same top 2, with the same cosines, as brute force over the stored vectors
     # with the query embedded by that model.
-    table = pq.read_table(out / "embeddings.parquet")
-    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    ids, vectors = _stored(out)
     query = embedder.encode([{"image": load_image(str(image), Path.cwd())}], mode="direct", batch_size=1)[0]
     scores = vectors @ query
     best = np.argsort(-scores)[:2]
-    assert [pid for pid, _ in results] == [table.column("id")[int(i)].as_py() for i in best]
+    assert [pid for pid, _ in results] == [ids[int(i)] for i in best]
     np.testing.assert_allclose([score for _, score in results], scores[best], atol=1e-5)

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from moon_rl.recipe import load_recipe
-from tests.helpers import tiny_recipe
+from tests.helpers import TINY_GRPO, tiny_recipe
 
 
 def grpo_recipe(tmp_path, *overrides: str):
     path = tmp_path / "grpo.yaml"
     path.write_text(tiny_recipe(
-        grpo={"allow_untrained_reasoning": True, "per_device_train_batch_size": 8, "num_generations": 2,
-              "max_completion_length": 8, "learning_rate": 1.0e-3, "beta": 0.0, "max_steps": 2, "save_steps": 100,
-              "temperature": 1.0, "rewards": [{"name": "retrieval_rank"}], "contrastive_weight": 0.5},
+        grpo={**TINY_GRPO, "learning_rate": 1.0e-3, "save_steps": 100, "temperature": 1.0,
+              "rewards": [{"name": "retrieval_rank"}], "contrastive_weight": 0.5},
         eval={}))
     return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *overrides])
 

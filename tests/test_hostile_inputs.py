@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moon_rl.cli import app
-from tests.helpers import tiny_recipe
+from tests.helpers import TINY_GRPO, tiny_recipe
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny everything: every failing command here must fail before the first training step, so only the one GRPO run
 # that is meant to finish pays for training (2 steps of the tiny model on 48 products).
 SFT = {"per_device_train_batch_size": 8, "max_steps": 1, "save_steps": 100}
-GRPO = {"allow_untrained_reasoning": True, "per_device_train_batch_size": 8, "num_generations": 2,
-        "max_completion_length": 8, "learning_rate": 1.0e-3, "beta": 0.0, "max_steps": 2, "save_steps": 100,
-        "temperature": 1.0, "rewards": [{"name": "retrieval_rank"}]}
+GRPO = {**TINY_GRPO, "learning_rate": 1.0e-3, "save_steps": 100, "temperature": 1.0,
+        "rewards": [{"name": "retrieval_rank"}]}
 PROGRESS_BAR = re.compile(r"^embed \((direct|reason)\): +\d+%\|")
 
 
