@@ -81,8 +81,8 @@ socket.getaddrinfo = socket.create_connection = _refuse
 def test_loads_with_no_network_at_all(model_dir, tmp_path):
     """The builtin model builds and loads with no network: in a network-less namespace (`unshare -n`) where that is
     permitted, else with every socket connection refused and counted (the load must not even try: the probe below is
-    the one attempt). The child builds into an empty cache, so this is also the determinism check: its weights and
-    tokenizer are byte-identical to the session's build."""
+    the one attempt). The child builds into an empty cache on another thread count, so this is also the determinism
+    check: its weights and tokenizer are byte-identical to the session's build."""
     isolated = shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"],
                                                                         capture_output=True).returncode == 0
     script = ("" if isolated else _SOCKET_GUARD) + textwrap.dedent("""
@@ -92,6 +92,9 @@ def test_loads_with_no_network_at_all(model_dir, tmp_path):
             raise SystemExit("network reachable: the test would prove nothing")
         except OSError:
             pass
+        import os, torch
+        # Another thread count than the session's: the build must not depend on it (it pins one thread).
+        torch.set_num_threads(1 if int(os.environ["PARENT_THREADS"]) > 1 else 2)
         from moon_rl.modeling.loading import load_backbone
         from moon_rl.recipe import ModelSpec
         model, processor = load_backbone(ModelSpec(lora=None))
@@ -101,7 +104,8 @@ def test_loads_with_no_network_at_all(model_dir, tmp_path):
         if "ATTEMPTS" in globals():
             print("attempts", len(ATTEMPTS))
     """)
-    env = {**os.environ, "MOON_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MOON_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PARENT_THREADS": str(torch.get_num_threads())}
     command = ["unshare", "-n", sys.executable, "-c", script] if isolated else [sys.executable, "-c", script]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

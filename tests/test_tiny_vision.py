@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from moon_rl.data.synthetic import PATTERNS
 from moon_rl.modeling import tiny
@@ -32,25 +35,29 @@ def _tower_features(model, processor, images) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.stack([t.mean(0) for t in tokens.split(counts)]), dim=-1)
 
 
-def _centroid_accuracy(model, processor) -> float:
-    """Nearest texture centroid (from 192 swatches) on 96 other swatches: how well the tower's mean token reads texture."""
+def _probe_accuracy(model, processor, attribute: int) -> float:
+    """A linear probe (logistic regression on 192 swatches, scored on 96 others) of the tower's mean token: how well it
+    reads the swatch's texture (`attribute` 1) or colour (2). (Nearest-centroid scoring missed colour: the v4 tower
+    scored 0.36 on it against this probe's 0.92, the texture-only v3 tower 0.23.)"""
     rng = random.Random(123)  # not the builder's seed: these swatches were never trained on
     train = [draw_swatch(rng, 112) for _ in range(192)]
     test = [draw_swatch(rng, 112) for _ in range(96)]
-    features = _tower_features(model, processor, [image for image, _, _ in train])
-    labels = torch.tensor([texture for _, texture, _ in train])
-    centroids = torch.stack([features[labels == k].mean(0) for k in range(len(PATTERNS))])
-    predicted = (_tower_features(model, processor, [image for image, _, _ in test]) @ centroids.T).argmax(-1)
-    return float((predicted == torch.tensor([texture for _, texture, _ in test])).float().mean())
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(_tower_features(model, processor, [drawn[0] for drawn in train]).numpy(), [d[attribute] for d in train])
+    return float(probe.score(_tower_features(model, processor, [drawn[0] for drawn in test]).numpy(),
+                             [drawn[attribute] for drawn in test]))
 
 
-def test_builtin_tower_is_pretrained_to_read_texture():
+def test_builtin_tower_is_pretrained_to_read_texture_and_keeps_colour():
+    """Texture pre-training alone taught the tower to ignore colour (BUILD_VERSION 3: colour probe 0.95 -> 0.46, and
+    SFT's chains named the colour 0.15 of the time); the builder trains both."""
     folder = tiny.builtin_model_dir(tiny.TINY_VL, size="tiny")
     processor = load_processor(folder)
     pretrained = load_model(folder, ModelSpec()).eval()
     torch.manual_seed(0)
     random_init = type(pretrained)(pretrained.config)  # same architecture, the tower as it was before pre-training
     random_init.eval()
-    pretrained_accuracy, random_accuracy = _centroid_accuracy(pretrained, processor), _centroid_accuracy(random_init, processor)
-    assert pretrained_accuracy >= 0.8, (pretrained_accuracy, random_accuracy)
-    assert pretrained_accuracy >= random_accuracy + 0.3, (pretrained_accuracy, random_accuracy)
+    texture = _probe_accuracy(pretrained, processor, 1), _probe_accuracy(random_init, processor, 1)
+    assert texture[0] >= 0.8 and texture[0] >= texture[1] + 0.3, texture
+    colour = _probe_accuracy(pretrained, processor, 2), _probe_accuracy(random_init, processor, 2)
+    assert colour[0] >= 0.8, colour

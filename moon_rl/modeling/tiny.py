@@ -1,5 +1,5 @@
 """`builtin:tiny-vl`: a Qwen2.5-VL-architecture model built locally, with no download: random-init, except the `tiny`
-size's vision tower, pre-trained at build time to tell textures apart (tiny_vision.py).
+size's vision tower, pre-trained at build time to tell textures and colours apart (tiny_vision.py).
 
 Tests and the CPU demo need a real multimodal model (vision tower, image tokens, chat template, generation) but the
 machines have no model hub. This module builds one from a config, with a byte-level BPE tokenizer trained on the
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 TINY_VL = "builtin:tiny-vl"
 #: Bump when the builder's output changes, so stale cache folders are not reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -68,7 +68,7 @@ SIZES: dict[str, TinyVLSize] = {
     # ~1M parameters: unit tests and the CPU demo (the best demo model at every budget up to 8 min, platform.md).
     "tiny": TinyVLSize(hidden=128, layers=2, vision_hidden=64, vision_depth=2, vision_pretrain_steps=PRETRAIN_STEPS),
     # ~14M parameters: closer to a real model's shape, for speed and memory benchmarks (its tower stays random: pre-
-    # training it would take about 30x the tiny tower's 22 s on 2 CPU cores, and those benchmarks never read pixels).
+    # training it would take about 30x the tiny tower's 27 s on one CPU core, and those benchmarks never read pixels).
     "small": TinyVLSize(hidden=512, layers=4, vision_hidden=256, vision_depth=4),
 }
 
@@ -179,15 +179,22 @@ def build_tiny_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    gen = torch.random.fork_rng(devices=[])
-    with gen:
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        # A real VLM's vision encoder comes pretrained; a random tower never learns texture through the LM (tiny_vision).
-        if dims.vision_pretrain_steps:
-            accuracy = pretrain_vision(model, image_processor, steps=dims.vision_pretrain_steps, seed=seed)
-            logger.debug("builtin:tiny-vl (%s): vision tower pre-trained, held-out swatch texture accuracy %.2f", size,
-                        accuracy)
+    # One thread: float sums split across threads round differently, and 250 steps of pre-training turn that into a
+    # different tower (session 9 measured two builds, on 1 and 2 threads, that differed in what SFT learnt from them).
+    # Other CPUs' kernels may still round differently; the pre-training is what keeps any build reading texture/colour.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+            # A real VLM's vision encoder comes pretrained; a random tower never learns texture through the LM.
+            if dims.vision_pretrain_steps:
+                accuracy = pretrain_vision(model, image_processor, steps=dims.vision_pretrain_steps, seed=seed)
+                logger.debug("builtin:tiny-vl (%s): vision tower pre-trained, held-out swatch accuracy %s", size,
+                             accuracy)
+    finally:
+        torch.set_num_threads(threads)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     processor = Qwen2_5_VLImageOnlyProcessor(
