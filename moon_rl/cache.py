@@ -20,6 +20,30 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock on building the cache entry `final` (a hidden `.<name>.lock` file beside it).
+
+    A second process that wants the same entry waits for the first and then finds it built, instead of building it
+    again beside it (two test workers on two cores each spent the builtin model's 27 s building it). Callers check
+    for the entry again inside the lock. Advisory (`fcntl.flock`); where fcntl is missing this is a no-op, and
+    `atomic_dir(replace=False)` still keeps concurrent builds correct.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it), on error removed.
 

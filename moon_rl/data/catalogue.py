@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from PIL import Image
 from pydantic import ValidationError
 
+from moon_rl.cache import build_lock
 from moon_rl.data.columns import ColumnMap
 from moon_rl.data.hub import HF_PREFIX, PRODUCTS_SPLIT, dataset_tables, load_dataset_dict
 from moon_rl.data.records import Pair, Product, Query, describe_errors
@@ -425,7 +426,9 @@ def resolve_catalogue_path(path: str | Path, synthetic: SyntheticConfig | None =
     options = synthetic or SyntheticConfig()
     out = synthetic_cache_dir(options)
     if not (out / MANIFEST).is_file():
-        synthesize(out, options, replace=False)  # another process may be reading it
+        with build_lock(out):
+            if not (out / MANIFEST).is_file():
+                synthesize(out, options, replace=False)  # another process may be reading it
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moon_rl.cache import atomic_dir, cache_root
+from moon_rl.cache import atomic_dir, build_lock, cache_root
 from moon_rl.modeling.tiny_vision import PRETRAIN_STEPS, pretrain_vision
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def builtin_model_dir(name: str = TINY_VL, size: str = "tiny", seed: int = 0) ->
     if not (folder / "config.json").exists():
         # Under torchrun, transformers' save_pretrained writes the weights on global rank 0 only: rank 0 builds, the
         # other ranks wait for it and then find the folder built.
-        with _main_process_first():
+        with _main_process_first(), build_lock(folder):
             if not (folder / "config.json").exists():
                 with atomic_dir(folder, replace=False) as tmp:
                     build_tiny_vl(tmp, size=size, seed=seed)
