@@ -14,7 +14,15 @@ _SESSION_CACHE: str | None = None  # the cache this run created (and removes whe
 
 
 def pytest_configure(config):
-    # Builtin models and synthetic catalogues are built into a per-session cache, never the user's.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One torch thread per test worker (`make test` runs two): two workers each with torch's default of a thread
+        # per core oversubscribe the cores, and tiny-model steps then run many times slower. Subprocesses inherit it.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+    # Builtin models and synthetic catalogues are built into a per-session cache, never the user's. Test workers
+    # inherit the controller's (MOON_RL_CACHE is set before they start) and share its builds (cache.build_lock).
     global _SESSION_CACHE
     if "MOON_RL_CACHE" not in os.environ:
         import tempfile
