@@ -339,7 +339,9 @@ def test_evaluate_untrained_embedder(small_catalogue):
             assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0
             assert metrics["recall@1"] <= metrics["mrr@10"] <= metrics["recall@10"]
             assert metrics["recall@1"] <= metrics["ndcg@10"] <= metrics["recall@10"]
-            assert metrics["recall@1"] < 0.5  # untrained: near chance
+            # Untrained: far from perfect (a leaked positive scores 1.0). Not "near chance" (1/8): the builtin tower
+            # reads colour and texture, so a duplicate listing's photo finds its product 4 times in 8 untrained.
+            assert metrics["recall@1"] <= 0.5
     assert results.chance["text->product"]["recall@1"] == pytest.approx(1 / gallery_size)
     # The real greedy chains (decoded text) are scored against every attribute of the catalogue.
     chains = results.chain_attributes
