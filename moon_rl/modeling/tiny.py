@@ -180,7 +180,7 @@ def build_tiny_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     # One thread: float sums split across threads round differently, and 250 steps of pre-training turn that into a
-    # different tower (session 9 measured two builds, on 1 and 2 threads, that differed in what SFT learnt from them).
+    # different tower (two builds, on 1 and 2 threads, differed in what SFT learnt from them: bench/RESULTS.md).
     # Other CPUs' kernels may still round differently; the pre-training is what keeps any build reading texture/colour.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
