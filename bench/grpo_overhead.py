@@ -8,10 +8,11 @@ builtin folder; both are reset to the initial weights before every repetition) o
 small synthetic catalogue, with the same processor, batch, group size, seed and `bf16=False`, `use_cpu=True`,
 `beta=0`, no gradient checkpointing, no saving:
 
-* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it (`build_grpo_trainer`): the `retrieval_rank` reward (`moon_rl.rewards`), which costs a no-grad
-  embedding forward of every completion plus a direct-mode forward of the candidates (the generation batch's queries
-  and their look-alike hard negatives), the heads (fusion, FIRE hooks, projection) and the InfoNCE term on the read-outs
-  captured from the policy's own loss forward.
+* moon-rl: `MoonGRPOTrainer` as `run_grpo` builds it (`build_grpo_trainer`) with the recipe's rewards (`tiny-cpu`:
+  `retrieval_logprob` and `format`), which cost a no-grad embedding forward of every completion plus a direct-mode
+  forward of the candidates (the generation batch's queries and their look-alike hard negatives; the query queue is
+  filled in the first, discarded step), the heads (fusion, FIRE hooks, projection) and the InfoNCE term on the
+  read-outs captured from the policy's own loss forward.
 * stock: TRL `GRPOTrainer` with one constant reward function (`zero_reward`), i.e. generation + policy forward/backward
   and nothing else.
 
@@ -160,7 +161,6 @@ def build(args: argparse.Namespace, out: Path) -> NS:
         "grpo.beta=0.0",
         "grpo.gradient_checkpointing=false",
         "grpo.disable_tqdm=true",
-        "grpo.rewards=[{name: retrieval_rank, weight: 1.0}]",
     ])
     catalogue = load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> float:
           f"batch={args.batch_size} generations={args.generations} completion_length={args.completion_length} "
           f"steps={args.steps} (first discarded) repeats={args.repeats} torch_threads={torch.get_num_threads()} "
           f"cpu_count={os.cpu_count()} torch={torch.__version__}")
-    print(f"moon-rl: MoonGRPOTrainer (retrieval_rank reward, look-alike candidates, heads, InfoNCE "
+    rewards = ", ".join(reward["name"] for reward in b.recipe.grpo["rewards"])
+    print(f"moon-rl: MoonGRPOTrainer ({rewards} rewards, look-alike candidates, heads, InfoNCE "
           f"weight={b.recipe.grpo_config(out / 'probe').contrastive_weight}). stock: TRL GRPOTrainer + zero_reward. "
           f"Same weights, data ({len(b.dataset)} rows), processor, seed; every completion exactly "
           f"{args.completion_length} tokens.")
