@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> float:
           f"batch={args.batch_size} generations={args.generations} completion_length={args.completion_length} "
           f"steps={args.steps} (first discarded) repeats={args.repeats} torch_threads={torch.get_num_threads()} "
           f"cpu_count={os.cpu_count()} torch={torch.__version__}")
-    rewards = ", ".join(reward["name"] for reward in b.recipe.grpo["rewards"])
+    config = b.recipe.grpo_config(out / "probe")  # resolved: a recipe that names no rewards gets the defaults
+    rewards = ", ".join(reward["name"] for reward in config.rewards)
     print(f"moon-rl: MoonGRPOTrainer ({rewards} rewards, look-alike candidates, heads, InfoNCE "
-          f"weight={b.recipe.grpo_config(out / 'probe').contrastive_weight}). stock: TRL GRPOTrainer + zero_reward. "
+          f"weight={config.contrastive_weight}). stock: TRL GRPOTrainer + zero_reward. "
           f"Same weights, data ({len(b.dataset)} rows), processor, seed; every completion exactly "
           f"{args.completion_length} tokens.")
     ratios: list[float] = []
