@@ -9,6 +9,7 @@ DEMO_DIR ?= runs/demo
 # Test workers (pytest-xdist), one torch thread each: the suite's time is mostly a few long tests and subprocess start-
 # ups, which two workers run side by side on two cores. `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -29,10 +30,10 @@ demo: install
 	bash scripts/demo.sh $(DEMO_DIR) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
