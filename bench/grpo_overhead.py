@@ -233,7 +233,7 @@ def instrument(trainer: GRPOTrainer, stages: StageTimers) -> None:
         stages.wrap(trainer, "_log_batch", "    reward: diagnostics (mrr, spread, chain accuracy)")
         stages.wrap(trainer, "completion_embeddings", "  loss: heads on captured read-outs")
         stages.wrap(trainer, "_contrastive", "  loss: InfoNCE with the queries' forward")
-        stages.wrap(moon_grpo, "info_nce", "  loss: InfoNCE")
+        stages.wrap(moon_grpo, "matryoshka_info_nce", "  loss: InfoNCE")
         fire = trainer.embedder.heads.fire
         if fire is not None:
             stages.wrap(fire, "delta", "  FIRE delta (hooks, all forwards)")

@@ -33,3 +33,21 @@ def test_grpo_overhead_bench_prints_each_repetition_and_their_median_ratio_last(
         assert float(ratio) == pytest.approx(moon_s / stock_s, abs=rounding)
     # The median of the three, not the mean, the first or the last (the bench reports the median).
     assert float(match.group(1)) == pytest.approx(sorted(float(r[3]) for r in reps)[1], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_grpo_overhead_profile_times_every_moon_rl_stage():
+    """`--profile` wraps moon-rl's stages by name: a renamed method (the InfoNCE once) must fail here, not in a bench."""
+    cmd = [sys.executable, str(ROOT / "bench" / "grpo_overhead.py"), "--size", "tiny", "--steps", "2", "--repeats", "1",
+           "--batch-size", "8", "--generations", "2", "--completion-length", "4", "--n-products", "48",
+           "--image-size", "56", "--profile"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("stage profile", 1)[1]
+    for stage in ("reward: completions + candidates forward", "loss: heads on captured read-outs", "loss: InfoNCE",
+                  "TRL GRPO loss (policy forward)"):
+        row = re.search(rf"^ +{re.escape(stage)} +([\d.]+) +([\d.]+) +[-+][\d.]+ +\(([\d.]+) calls/step moon-rl\)$",
+                        table, flags=re.M)
+        assert row, f"no profile row for {stage!r} in:\n{table}"
+        assert float(row.group(2)) > 0 and float(row.group(3)) > 0, row.group(0)  # moon-rl spent time in it
