@@ -119,9 +119,9 @@ def test_infonce_pulls_only_completions_at_least_as_good_as_their_group(setup, r
     seen = {}
     original, setting = trainer._contrastive, trainer.args.contrastive_rows
 
-    def spy(embeddings, pair_ids):
+    def spy(embeddings, pair_ids, *rest):
         seen.update(pairs=pair_ids.tolist(), rows=len(embeddings))
-        return original(embeddings, pair_ids)
+        return original(embeddings, pair_ids, *rest)
 
     trainer._contrastive, trainer.args.contrastive_rows = spy, rows
     trainer.current_gradient_accumulation_steps = 1
@@ -133,6 +133,43 @@ def test_infonce_pulls_only_completions_at_least_as_good_as_their_group(setup, r
     keep = (output["advantages"] >= 0).tolist() if rows == "advantaged" else [True] * 8
     assert seen["pairs"] == [p for p, k in zip(output["moon_pair"].tolist(), keep, strict=True) if k]
     assert seen["rows"] == sum(keep)
+
+
+def test_sibling_term_adds_its_weighted_loss_on_the_shown_rows_with_detached_queries(setup, monkeypatch):
+    from moon_rl.training import grpo as moon_grpo
+
+    trainer = setup.trainer
+    output = dict(trainer._generate_and_score_completions(generation_batch(setup, [4, 5, 6, 7])))
+    output["advantages"] = torch.tensor([1.0, -1.0, 0.0, 0.0, -0.5, 0.5, 2.0, -2.0])
+    output["completion_mask"] = output["completion_mask"].clone()
+    output["completion_mask"][2] = 0  # masked as truncated: leaves both terms
+    seen = {}
+    original = moon_grpo.sibling_ranking_loss
+
+    def spy(completions, queries, groups, advantages, **kwargs):
+        seen.update(rows=len(completions), groups=groups.tolist(), advantages=advantages.tolist(),
+                    queries_grad=queries.requires_grad, completions_grad=completions.requires_grad)
+        seen["value"], accuracy = original(completions, queries, groups, advantages, **kwargs)
+        return seen["value"], accuracy
+
+    monkeypatch.setattr(moon_grpo, "sibling_ranking_loss", spy)
+    trainer.current_gradient_accumulation_steps = 1
+    setting = trainer.args.sibling_weight
+    try:
+        torch.manual_seed(0)
+        without = trainer.compute_loss(trainer.model, dict(output))
+        trainer.args.sibling_weight = 0.3
+        torch.manual_seed(0)
+        with_term = trainer.compute_loss(trainer.model, dict(output))
+    finally:
+        trainer.args.sibling_weight = setting
+    shown = [i for i in range(8) if i != 2]
+    assert seen["rows"] == 7 and seen["groups"] == [output["moon_pair"].tolist()[i] for i in shown]
+    assert seen["advantages"] == [output["advantages"].tolist()[i] for i in shown]
+    assert seen["completions_grad"] and not seen["queries_grad"]
+    assert seen["value"].item() > 0  # pairs 4, 6 and 7 each have a better and a worse row shown
+    assert (with_term - without).item() == pytest.approx(0.3 * seen["value"].item(), rel=1e-4, abs=1e-6)
+    assert trainer._metrics["train"]["sibling/loss"][-1] == pytest.approx(seen["value"].item())
 
 
 def test_reward_forward_processes_each_product_once_and_runs_in_per_device_chunks(setup):
@@ -278,9 +315,9 @@ def test_infonce_drops_completions_the_loss_masks_as_truncated(setup):
     calls = []
     original, setting = trainer._contrastive, trainer.args.contrastive_rows
 
-    def spy(embeddings, pair_ids):
+    def spy(embeddings, pair_ids, *rest):
         calls.append(pair_ids.tolist())
-        return original(embeddings, pair_ids)
+        return original(embeddings, pair_ids, *rest)
 
     output = dict(trainer._generate_and_score_completions(generation_batch(setup, [8, 9, 10, 11])))
     masked = [1, 4, 6]  # what TRL does to truncated completions under mask_truncated_completions

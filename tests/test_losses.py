@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moon_rl.training import losses
-from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce, stable_id_hash
+from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce, sibling_ranking_loss, stable_id_hash
 from tests.helpers import free_port
 
 TAU = 0.05
@@ -159,6 +159,36 @@ def test_bf16_inputs_get_float32_logits():
     out = info_nce(a.bfloat16(), p.bfloat16())
     assert out.loss.dtype == torch.float32
     assert out.loss.item() == pytest.approx(info_nce(a.bfloat16().float(), p.bfloat16().float()).loss.item(), abs=1e-6)
+
+
+def test_sibling_ranking_is_each_better_rows_cross_entropy_over_its_worse_siblings_by_hand():
+    e, q = _unit(7, 8, seed=3), _unit(7, 8, seed=4)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    # group 0: row 0 beats rows 1, 2; group 1: row 3 beats row 4; group 2 has no spread (no row with A != 0)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.7, -0.7, 0.0, 0.0], dtype=torch.float64)
+    loss, accuracy = sibling_ranking_loss(e, q, groups, advantages, temperature=TAU)
+
+    def row(i, worse):
+        scores = torch.stack([q[i] @ e[i]] + [q[i] @ e[j] for j in worse]) / TAU
+        return torch.logsumexp(scores, 0) - scores[0], bool(scores.argmax() == 0)
+
+    expected = [row(0, [1, 2]), row(3, [4])]  # other groups' rows are never candidates
+    assert loss.item() == pytest.approx(sum(r[0].item() for r in expected) / 2, rel=1e-12)
+    assert accuracy == sum(r[1] for r in expected) / 2
+
+
+def test_sibling_ranking_pushes_the_worse_sibling_away_from_the_query_and_leaves_a_zero_without_siblings():
+    e = _unit(2, 8, seed=5).requires_grad_(True)
+    q = _unit(2, 8, seed=6)
+    loss, _ = sibling_ranking_loss(e, q[[0, 0]], torch.tensor([0, 0]), torch.tensor([1.0, -1.0]), temperature=TAU)
+    loss.backward()
+    assert loss.item() > 0
+    # descent moves the better read-out towards the query and the worse one away from it
+    assert (-e.grad[0] @ q[0]).item() > 0 and (-e.grad[1] @ q[0]).item() < 0
+    none, accuracy = sibling_ranking_loss(e, q, torch.tensor([0, 1]), torch.tensor([1.0, -1.0]), temperature=TAU)
+    assert none.item() == 0 and accuracy is None and none.requires_grad  # different groups: no siblings to rank
+    with pytest.raises(ValueError, match="same rows"):
+        sibling_ranking_loss(e, q[:1], torch.tensor([0, 0]), torch.tensor([1.0, -1.0]))
 
 
 def test_bad_inputs_are_refused():

@@ -12,7 +12,9 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
   detached) and pair id, so they follow the rows through TRL's shuffle and micro-batch split.
 * `compute_loss`: GRPO loss + `contrastive_weight` x InfoNCE(read-out of each completion from the policy's own loss
   forward, captured by the backbone hooks; positive = its query embedding; negatives = the other rows' queries),
-  divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward.
+  divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward. With
+  `sibling_weight`, also a term ranking each better-than-average completion above its group's worse ones against its
+  query (`losses.sibling_ranking_loss`), on the same read-outs and queries.
 * heads, their optimizer, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
   the HF model, so the weights TRL syncs to vLLM never include them.
 """
@@ -53,7 +55,7 @@ from moon_rl.training.common import MoonTrainerMixin, train_and_save
 from moon_rl.training.config_checks import generation_batch_problems, vllm_fire_problems
 from moon_rl.training.configs import MoonGRPOConfig
 from moon_rl.training.grpo_data import answers_by_product, catalogue_images, grpo_dataset, lookalike_pairs
-from moon_rl.training.losses import gather_ids, matryoshka_info_nce
+from moon_rl.training.losses import gather_ids, matryoshka_info_nce, sibling_ranking_loss
 from moon_rl.training.reward_context import ContextReward, RewardBatch
 from moon_rl.training.sampling import end_generation_at_readout, importance_sampling_share
 
@@ -301,31 +303,60 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         pair_ids = inputs.pop("moon_pair")
         with self.embedder.taps.capture() as records:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.args.contrastive_weight == 0:
+        if self.args.contrastive_weight == 0 and self.args.sibling_weight == 0:
             return loss
         embeddings = self.completion_embeddings(records, inputs)
         # `mask_truncated_completions` hides a truncated completion's tokens from the loss forward: its read-out there is
         # not the one the reward saw (read at its last token), so it leaves the InfoNCE as it leaves the policy loss.
         shown = inputs["completion_mask"].sum(1) > 0
+        advantages = inputs["advantages"]
+        advantages = advantages if advantages.dim() == 1 else advantages[:, 0]  # (B, T) from TRL subclasses
         if not shown.all():
-            embeddings, pair_ids = embeddings[shown], pair_ids[shown]
-            inputs = {**inputs, "advantages": inputs["advantages"][shown]}
+            embeddings, pair_ids, advantages = embeddings[shown], pair_ids[shown], advantages[shown]
         if not len(embeddings) and self.accelerator.num_processes == 1:
             return loss  # nothing left to pull (several processes still join the InfoNCE's gathers, with no rows)
-        if self.args.contrastive_rows == "advantaged":
-            # Only the completions at least as good as their group's mean: pulling a chain the reward ranks below
-            # its siblings onto its query would teach the read-out to ignore what the chain says.
-            advantages = inputs["advantages"]
-            keep = (advantages if advantages.dim() == 1 else advantages[:, 0]) >= 0  # (B, T) from TRL subclasses
-            embeddings, pair_ids = embeddings[keep], pair_ids[keep]
-        term = self._contrastive(embeddings, pair_ids)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["infonce"].append(float(term.global_loss))
-        self._metrics[mode]["retrieval_acc"].append(float(term.accuracy))
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
-        return loss + self.args.contrastive_weight * term.loss / steps
+        # One query forward for both terms; with gradient only where the InfoNCE trains the query side.
+        queries = self._queries(sorted(set(pair_ids.tolist())), grad=self.args.contrastive_weight != 0)
+        if self.args.contrastive_weight != 0:
+            keep = slice(None)
+            if self.args.contrastive_rows == "advantaged":
+                # Only the completions at least as good as their group's mean: pulling a chain the reward ranks below
+                # its siblings onto its query would teach the read-out to ignore what the chain says.
+                keep = advantages >= 0
+            term = self._contrastive(embeddings[keep], pair_ids[keep], queries)
+            self._metrics[mode]["infonce"].append(float(term.global_loss))
+            self._metrics[mode]["retrieval_acc"].append(float(term.accuracy))
+            loss = loss + self.args.contrastive_weight * term.loss / steps
+        if self.args.sibling_weight != 0:
+            unique, vectors = queries
+            rows = torch.tensor([unique.index(p) for p in pair_ids.tolist()], dtype=torch.long,
+                                device=vectors.device)
+            # Detached queries: the term moves the completions' read-outs only (the InfoNCE trains the query side).
+            sibling, accuracy = sibling_ranking_loss(embeddings, vectors[rows].detach().to(embeddings.dtype), pair_ids,
+                                                     advantages, temperature=self.args.contrastive_temperature)
+            self._metrics[mode]["sibling/loss"].append(float(sibling.detach()))
+            if accuracy is not None:
+                self._metrics[mode]["sibling/accuracy"].append(accuracy)
+            loss = loss + self.args.sibling_weight * sibling / steps
+        return loss
 
-    def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor):
+    def _queries(self, unique: list[int], *, grad: bool) -> tuple[list[int], torch.Tensor]:
+        """Direct-mode embeddings of the pairs `unique` (sorted): `(unique, (len(unique), d) tensor)`.
+
+        Embedded here (with gradient when `grad`) so that GRPO trains the query side; sharded training (FSDP,
+        DeepSpeed) cannot run this extra forward outside the wrapper and takes the pool's detached vectors.
+        """
+        if not unique:
+            return unique, self._batch.pool.vectors.new_zeros((0, self._batch.pool.vectors.shape[-1]))
+        if self.is_sharded:
+            return unique, self._batch.pool.vectors[self._batch.pool.positions(unique)]
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return unique, self.embedder(self._query_batch(unique))
+
+    def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor,
+                     queries: tuple[list[int], torch.Tensor] | None = None):
         """Symmetric InfoNCE between the micro-batch's completions and their queries, against the whole pool.
 
         The queries are embedded here, with gradient (direct mode), so GRPO trains the query side too: with the
@@ -335,17 +366,18 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
         the completions of every process's micro-batch. A completion's right answers (its product's queries, and those
         listing it among several positives) are never its negatives, nor is it theirs.
         Sharded training (FSDP, DeepSpeed) cannot run this extra forward outside the wrapper: its queries are the
-        pool's detached ones.
+        pool's detached ones. `queries` (from `_queries`, a superset of these rows' pairs) saves the forward when the
+        caller has embedded them already.
         """
         pool = self._batch.pool
         pairs = pair_ids.tolist()
         unique = sorted(set(pairs))
+        known, vectors = queries if queries is not None else self._queries(unique, grad=True)
         if not unique:  # no rows here (all masked or filtered); other processes' gathers still need this one
-            queries = embeddings.new_zeros((0, embeddings.shape[-1]))
+            queries_here = embeddings.new_zeros((0, embeddings.shape[-1]))
         else:
-            queries = (pool.vectors[pool.positions(unique)] if self.is_sharded
-                       else self.embedder(self._query_batch(unique)))
-        positives = queries[torch.tensor([unique.index(p) for p in pairs], device=queries.device)]
+            queries_here = vectors[torch.tensor([known.index(p) for p in unique], device=vectors.device)]
+        positives = queries_here[torch.tensor([unique.index(p) for p in pairs], device=queries_here.device)]
         # Every process's micro-batch queries are in-batch candidates of the loss already (gathered, with gradient):
         # the pool keeps only the others, so that no query is counted twice.
         in_batch = gather_ids(torch.tensor(unique, dtype=torch.long, device=pool.pairs.device))
