@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from moon_rl.training import losses
-from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce, sibling_ranking_loss, stable_id_hash
+from moon_rl.training.losses import gather_ids, gather_with_grad, info_nce, stable_id_hash
+from moon_rl.training.sibling import sibling_ranking_loss
 from tests.helpers import free_port
 
 TAU = 0.05

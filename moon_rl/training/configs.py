@@ -336,7 +336,7 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
             to match a query from any sampled chain, right or wrong, i.e. to ignore what the chain says (on `tiny-cpu`
             over 3 seeds: cos(chain, chain) 0.965 with `all`, 0.954 with `advantaged`; greedy pattern 0.464 vs 0.486).
         sibling_weight (`float`, *optional*, defaults to `0.0`):
-            Weight of the sibling-ranking term (`moon_rl.training.losses.sibling_ranking_loss`): each completion
+            Weight of the sibling-ranking term (`moon_rl.training.sibling.sibling_ranking_loss`): each completion
             with advantage > 0 must score higher against its (detached) query than its group's completions with
             advantage < 0. Siblings share prompt and image, so the read-out can only tell them apart by what their
             chains say: the term makes the embedding follow the chain, in the direction the reward prefers. A

@@ -14,7 +14,7 @@ Differences from TRL's `GRPOTrainer` (everything else, generation and vLLM inclu
   forward, captured by the backbone hooks; positive = its query embedding; negatives = the other rows' queries),
   divided by the gradient-accumulation steps as TRL does for its auxiliary loss. No second policy forward. With
   `sibling_weight`, also a term ranking each better-than-average completion above its group's worse ones against its
-  query (`losses.sibling_ranking_loss`), on the same read-outs and queries.
+  query (`sibling.sibling_ranking_loss`), on the same read-outs and queries.
 * heads, their optimizer, checkpoints, resume: `MoonTrainerMixin` (training/common.py). The heads are not part of
   the HF model, so the weights TRL syncs to vLLM never include them.
 """
@@ -55,9 +55,10 @@ from moon_rl.training.common import MoonTrainerMixin, train_and_save
 from moon_rl.training.config_checks import generation_batch_problems, vllm_fire_problems
 from moon_rl.training.configs import MoonGRPOConfig
 from moon_rl.training.grpo_data import answers_by_product, catalogue_images, grpo_dataset, lookalike_pairs
-from moon_rl.training.losses import gather_ids, matryoshka_info_nce, sibling_ranking_loss
+from moon_rl.training.losses import gather_ids, matryoshka_info_nce
 from moon_rl.training.reward_context import ContextReward, RewardBatch
 from moon_rl.training.sampling import end_generation_at_readout, importance_sampling_share
+from moon_rl.training.sibling import sibling_ranking_loss
 
 if TYPE_CHECKING:  # types only: the trainers read a Recipe's attributes; the recipe builds their configs
     from moon_rl.recipe import Recipe
