@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import socket
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def import_bench(name: str) -> ModuleType:
+    """The script `bench/<name>.py` as a module. bench/ is on `sys.path` only while it imports: its scripts import
+    their siblings (`results_md`) that way, and nothing else should find them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def free_port() -> int:

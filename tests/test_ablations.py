@@ -4,23 +4,17 @@ verdict compares the claim's two variants by the seed spread."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import import_bench
 
 
 @pytest.fixture(scope="module")
 def ablations():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import ablations
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return ablations
+    return import_bench("ablations")
 
 
 def _row(text: str, start: str) -> list[str]:

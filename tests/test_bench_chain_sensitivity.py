@@ -4,7 +4,6 @@ word, so each number of the bench has a value computed by hand."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,13 +11,9 @@ import numpy as np
 import pytest
 
 from moon_rl.data.catalogue import load_catalogue
+from tests.helpers import import_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import chain_sensitivity
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+chain_sensitivity = import_bench("chain_sensitivity")
 
 PATTERNS = ["checked", "dotted", "solid", "striped"]
 COLOURS = ["red", "blue"]

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import import_bench
 
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import grpo_learns
-    import results_md
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+grpo_learns = import_bench("grpo_learns")
+results_md = import_bench("results_md")
 
 
 OTHER = "<!-- BEGIN other -->\nsomeone else's table\n<!-- END other -->"

@@ -4,7 +4,6 @@ true-value chain wins, and report the policy's own accuracy from its chains?"""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,9 @@ from PIL import Image
 
 from moon_rl.data.catalogue import load_catalogue
 from moon_rl.data.records import Product, Query
+from tests.helpers import import_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import reward_judge
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+reward_judge = import_bench("reward_judge")
 
 PATTERNS = ["checked", "dotted", "solid", "striped"]
 

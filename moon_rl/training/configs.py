@@ -339,7 +339,8 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
             Weight of the sibling-ranking term (`moon_rl.training.sibling.sibling_ranking_loss`): each completion
             with advantage > 0 must score higher against its (detached) query than its group's completions with
             advantage < 0. Siblings share prompt and image, so the read-out can only tell them apart by what their
-            chains say: the term makes the embedding follow the chain, in the direction the reward prefers. A
+            chains say: the term makes the embedding follow the chain, in the direction the reward prefers. Siblings
+            count within a micro-batch (the whole generation batch when `steps_per_generation` is 1). A
             faithfulness / retrieval trade-off, measured on `tiny-cpu` (3 seeds, bench/RESULTS.md): at 0.1
             cos(chain, chain) 0.971 -> 0.944, but reason-mode text R@1 0.950 -> 0.928 and image 0.556 -> 0.497
             (GRPO then no longer beats SFT): a read-out that follows the chain is misled where the chain is wrong.
