@@ -232,7 +232,8 @@ def instrument(trainer: GRPOTrainer, stages: StageTimers) -> None:
         stages.wrap(trainer.candidate_pool, "build", "    reward: candidate pool (gather, queue)")
         stages.wrap(trainer, "_log_batch", "    reward: diagnostics (mrr, spread, chain accuracy)")
         stages.wrap(trainer, "completion_embeddings", "  loss: heads on captured read-outs")
-        stages.wrap(trainer, "_contrastive", "  loss: InfoNCE with the queries' forward")
+        stages.wrap(trainer, "_queries", "  loss: the queries' forward")
+        stages.wrap(trainer, "_contrastive", "  loss: InfoNCE term (pool, masks)")
         stages.wrap(moon_grpo, "matryoshka_info_nce", "  loss: InfoNCE")
         fire = trainer.embedder.heads.fire
         if fire is not None:

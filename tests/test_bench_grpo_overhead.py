@@ -46,7 +46,7 @@ def test_grpo_overhead_profile_times_every_moon_rl_stage():
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("stage profile", 1)[1]
     for stage in ("reward: completions + candidates forward", "loss: heads on captured read-outs", "loss: InfoNCE",
-                  "TRL GRPO loss (policy forward)"):
+                  "loss: the queries' forward", "TRL GRPO loss (policy forward)"):
         row = re.search(rf"^ +{re.escape(stage)} +([\d.]+) +([\d.]+) +[-+][\d.]+ +\(([\d.]+) calls/step moon-rl\)$",
                         table, flags=re.M)
         assert row, f"no profile row for {stage!r} in:\n{table}"

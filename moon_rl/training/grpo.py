@@ -346,8 +346,10 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
     def _queries(self, unique: list[int], *, grad: bool) -> tuple[list[int], torch.Tensor]:
         """Direct-mode embeddings of the pairs `unique` (sorted): `(unique, (len(unique), d) tensor)`.
 
-        Embedded here (with gradient when `grad`) so that GRPO trains the query side; sharded training (FSDP,
-        DeepSpeed) cannot run this extra forward outside the wrapper and takes the pool's detached vectors.
+        Embedded here (with gradient when `grad`) so that GRPO trains the query side too: with the queries as fixed
+        targets the backbone drifted away from them (image->product direct -35 of 480 queries at lr 1e-4). Sharded
+        training (FSDP, DeepSpeed) cannot run this extra forward outside the wrapper and takes the pool's detached
+        vectors.
         """
         if not unique:
             return unique, self._batch.pool.vectors.new_zeros((0, self._batch.pool.vectors.shape[-1]))
@@ -357,23 +359,19 @@ class MoonGRPOTrainer(MoonTrainerMixin, GRPOTrainer):
             return unique, self.embedder(self._query_batch(unique))
 
     def _contrastive(self, embeddings: torch.Tensor, pair_ids: torch.Tensor,
-                     queries: tuple[list[int], torch.Tensor] | None = None):
+                     queries: tuple[list[int], torch.Tensor]):
         """Symmetric InfoNCE between the micro-batch's completions and their queries, against the whole pool.
 
-        The queries are embedded here, with gradient (direct mode), so GRPO trains the query side too: with the
-        queries as fixed targets the backbone drifted away from them (image->product direct -35 of 480 queries at lr
-        1e-4). Completion -> query ranks each completion's query among the micro-batch's queries (every process's)
-        and the rest of the step's pool (other queries, look-alikes, the queue: detached); query -> completion ranks
-        the completions of every process's micro-batch. A completion's right answers (its product's queries, and those
-        listing it among several positives) are never its negatives, nor is it theirs.
-        Sharded training (FSDP, DeepSpeed) cannot run this extra forward outside the wrapper: its queries are the
-        pool's detached ones. `queries` (from `_queries`, a superset of these rows' pairs) saves the forward when the
-        caller has embedded them already.
+        `queries` is `_queries`' output for a superset of these rows' pairs (embedded with gradient, except under
+        sharded training). Completion -> query ranks each completion's query among the micro-batch's queries (every
+        process's) and the rest of the step's pool (other queries, look-alikes, the queue: detached); query ->
+        completion ranks the completions of every process's micro-batch. A completion's right answers (its product's
+        queries, and those listing it among several positives) are never its negatives, nor is it theirs.
         """
         pool = self._batch.pool
         pairs = pair_ids.tolist()
         unique = sorted(set(pairs))
-        known, vectors = queries if queries is not None else self._queries(unique, grad=True)
+        known, vectors = queries
         if not unique:  # no rows here (all masked or filtered); other processes' gathers still need this one
             queries_here = embeddings.new_zeros((0, embeddings.shape[-1]))
         else:
