@@ -58,10 +58,12 @@ def lookalike_cosines(vectors: np.ndarray, attributes: Sequence[dict[str, str]],
                       names: Sequence[str]) -> tuple[dict[str, tuple[float, int]], float]:
     """`{attribute: (mean cosine, pairs)}` over product pairs differing in that attribute only, and the mean over all
     pairs."""
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T  # every pair's cosine at once
     found: dict[str, list[float]] = defaultdict(list)
     everything = []
     for i, j in itertools.combinations(range(len(vectors)), 2):
-        cosine = float(_cosines(vectors[i], vectors[j]))
+        cosine = float(similarity[i, j])
         everything.append(cosine)
         differ = [name for name in names if attributes[i].get(name) != attributes[j].get(name)]
         if len(differ) == 1:
