@@ -72,13 +72,35 @@ class ModalityFusion(nn.Module):
 
     @staticmethod
     def _attend(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
-        """Attention of each row's query over its unmasked keys; rows without keys give zeros and `present=False`."""
+        """`attn` of each row's one query over its unmasked keys; rows without keys give zeros and `present=False`.
+
+        The same function as `attn(query[:, None], keys, keys, key_padding_mask=~mask)` (its weights, its heads), with
+        the key and value projections folded into the query instead of applied to every key: head h's score of key x
+        is q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + q_h . b_k,h, and the last term, the same for every key, cancels
+        in the softmax; its output is W_v,h (sum_j a_j x_j) + b_v,h since the weights sum to one. Projecting all
+        B x L keys costs B x L x 2H^2; this costs B x (2H^2 + 2 x heads x L x H): at H=512 a fifth of the heads' time, and
+        far less at a real model's width and prompt length, where a row has hundreds of image and text tokens.
+        """
         present = mask.any(dim=1)
-        # A row with no keys would make softmax NaN: let it see one dummy key, then zero its result.
+        rows, width = query.shape
+        n_heads = attn.num_heads
+        head_dim = width // n_heads
+        w_q, w_k, w_v = attn.in_proj_weight.split(width)
+        b_q, _, b_v = attn.in_proj_bias.split(width) if attn.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).view(rows, n_heads, head_dim).transpose(0, 1) * head_dim**-0.5  # (heads, B, d)
+        folded = torch.bmm(q, w_k.view(n_heads, head_dim, width)).transpose(0, 1)  # (B, heads, H): W_k,h^T q_h
+        scores = folded @ keys.transpose(1, 2)  # (B, heads, L)
+        # A row with no keys would make softmax NaN: let it see its first key, then zero its result.
         safe_mask = mask.clone()
         safe_mask[~present, 0] = True
-        out, _ = attn(query[:, None], keys, keys, key_padding_mask=~safe_mask, need_weights=False)
-        return out[:, 0] * present[:, None].to(out.dtype), present
+        weights = scores.masked_fill(~safe_mask[:, None, :], float("-inf")).softmax(dim=-1)
+        pooled = weights @ keys  # (B, heads, H): each head's weighted mean of the raw keys
+        values = torch.bmm(pooled.transpose(0, 1), w_v.view(n_heads, head_dim, width).transpose(1, 2))  # (heads, B, d)
+        values = values.transpose(0, 1).reshape(rows, width)
+        if b_v is not None:
+            values = values + b_v
+        out = attn.out_proj(values)
+        return out * present[:, None].to(out.dtype), present
 
     def forward(
         self, readout: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
