@@ -48,17 +48,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=-1)
+    """Row-wise cosines of two equally shaped matrices."""
+    return np.sum(_unit(a) * _unit(b), axis=-1)
 
 
 def lookalike_cosines(vectors: np.ndarray, attributes: Sequence[dict[str, str]],
                       names: Sequence[str]) -> tuple[dict[str, tuple[float, int]], float]:
     """`{attribute: (mean cosine, pairs)}` over product pairs differing in that attribute only, and the mean over all
     pairs."""
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    unit = _unit(vectors)
     similarity = unit @ unit.T  # every pair's cosine at once
     found: dict[str, list[float]] = defaultdict(list)
     everything = []
