@@ -138,12 +138,15 @@ def data_synth(
     trace_errors: Annotated[float, typer.Option(
         help="Share of training products whose trace names one wrong colour (a teacher's errors).", min=0.0, max=1.0,
     )] = 0.0,
+    validation: Annotated[bool, typer.Option(
+        "--validation", help="Leave the test families out; training families take their place as the held-out split "
+        "(to choose settings without the test split).")] = False,
 ) -> None:
     """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
     from moon_rl.data.synthetic import SyntheticConfig, synthesize
 
     options = SyntheticConfig(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                           lookalikes=lookalikes, trace_errors=trace_errors)
+                              lookalikes=lookalikes, trace_errors=trace_errors, validation=validation)
     report = synthesize(out, options)
     typer.echo(report.summary())
 

@@ -230,3 +230,38 @@ def test_trace_errors_rewrite_only_the_chosen_training_traces(tmp_path: Path):
         else:
             assert row["reasoning"] == clean_rows[pid]["reasoning"] and named == row["attributes"]
     assert SyntheticConfig(trace_errors=0.25).key() != SyntheticConfig().key() == SyntheticConfig(trace_errors=0.0).key()
+
+
+def test_validation_catalogue_holds_out_training_families_and_never_shows_the_test_split(tmp_path: Path):
+    full, val = tmp_path / "full", tmp_path / "val"
+    options = dict(n_products=80, seed=3, image_size=32, trace_errors=0.25)
+    synthesize(full, SyntheticConfig(**options))
+    report = synthesize(val, SyntheticConfig(**options, validation=True))
+    assert "validation" in report.summary()
+    test_ids = set((full / "gallery_test.txt").read_text().split())
+    full_rows = {row["id"]: row for row in _jsonl(full / "products.jsonl")}
+    val_rows = {row["id"]: row for row in _jsonl(val / "products.jsonl")}
+    val_gallery = (val / "gallery_test.txt").read_text().split()
+    # Nothing of the test families is left: no product, duplicate listing, pair or photo.
+    shown = set(val_rows) | {p.name.split("_v")[0] for p in (val / "images").iterdir()}
+    for split in ("train", "test"):
+        for row in _jsonl(val / f"pairs_{split}.jsonl"):
+            shown |= {row["positive"], *row.get("negatives", [])}
+            shown |= {row["anchor"]} if isinstance(row["anchor"], str) else set()
+    assert not {pid.removesuffix("-dup") for pid in shown} & test_ids
+    # The held-out split: as many whole families as the test split, all of them training families of the full one.
+    manifest = json.loads((val / "catalogue.json").read_text())
+    held_out = [manifest["families"][index] for index in manifest["test_families"]]
+    assert sorted(pid for family in held_out for pid in family) == sorted(val_gallery)
+    assert len(val_gallery) == len(test_ids) and not set(val_gallery) & test_ids
+    val_train = {row["positive"] for row in _jsonl(val / "pairs_train.jsonl")}
+    assert val_train and not val_train & set(val_gallery)
+    assert set(manifest["trace_errors"]) <= val_train  # the teacher's errors only where the model trains
+    # Every kept product is the full catalogue's, photos included (its draws are seeded by its place in the full one).
+    for pid in val_gallery + sorted(val_train):
+        assert {k: v for k, v in val_rows[pid].items() if k != "reasoning"} == {
+            k: v for k, v in full_rows[pid].items() if k != "reasoning"}
+        assert (val / "images" / f"{pid}_v0.png").read_bytes() == (full / "images" / f"{pid}_v0.png").read_bytes()
+    assert SyntheticConfig(**options, validation=True).key() != SyntheticConfig(**options).key()
+    with pytest.raises(DataError, match="validation"):
+        synthesize(tmp_path / "small", SyntheticConfig(n_products=80, test_fraction=0.4, validation=True))

@@ -95,6 +95,10 @@ class SyntheticConfig:
             under `trace_errors`. Titles, descriptions, queries, images and the test split do not change.
         trace_error_attributes (`tuple[str, ...]`, *optional*, defaults to `("colour",)`): the image-visible
             attributes a wrong trace may get wrong (one of them per product, drawn uniformly).
+        validation (`bool`, *optional*, defaults to `False`): a catalogue for choosing settings without the test
+            split. Its families are left out entirely (products, images, pairs), and as many families of the
+            training split take their place as the held-out split (`pairs_test.jsonl`, `gallery_test.txt`): train
+            and compare on this catalogue, then measure the choice once on the real one.
     """
 
     n_products: int = 600
@@ -104,6 +108,7 @@ class SyntheticConfig:
     lookalikes: int = 3
     trace_errors: float = 0.0
     trace_error_attributes: tuple[str, ...] = ("colour",)
+    validation: bool = False
 
     def __post_init__(self) -> None:
         limit = len(COLOURS) + len(PATTERNS) - 2
@@ -131,6 +136,8 @@ class SyntheticConfig:
         )
         if self.trace_errors:  # true traces keep the folder name they always had
             key += f"-errors{self.trace_errors:g}-{'+'.join(self.trace_error_attributes)}"
+        if self.validation:
+            key += "-validation"
         return key
 
 
@@ -164,12 +171,14 @@ class SynthReport:
     text_ceiling_r1: float
     ambiguous_fraction: float
     seconds: float = 0.0
+    validation: bool = False
 
     def summary(self) -> str:
         """Multi-line human-readable summary (the CLI prints it)."""
         pairs = ", ".join(f"{split} {n}" for split, n in self.n_pairs.items())
+        held_out = "validation families as the test split; the real test families left out" if self.validation else ""
         return "\n".join([
-            f"synthetic catalogue -> {self.out}",
+            f"synthetic catalogue -> {self.out}" + (f" ({held_out})" if held_out else ""),
             f"  products: {self.n_products} in {self.n_families} families "
             f"(train {self.n_train_products}, test {self.n_test_products}); {N_VIEWS} views each",
             f"  pairs: {pairs}",
@@ -329,14 +338,36 @@ def _plan(options: SyntheticConfig) -> tuple[list[list[_Item]], list[int]]:
             items.append(item)
         families.append(items)
     test = sorted(rng.sample(range(n_families), n_test))
+    if options.validation:
+        return _validation_plan(families, test, options.seed)
     return families, test
 
 
+def _validation_plan(families: list[list[_Item]], test: list[int], seed: int) -> tuple[list[list[_Item]], list[int]]:
+    """Drop the test families; as many training families, drawn from their own stream, become the held-out split.
+
+    Every kept item keeps its id, attributes and texts (the ids have gaps where the test families were); families
+    are renumbered so that `_Item.family` indexes the returned list.
+    """
+    test_set = set(test)
+    kept = [family for index, family in enumerate(families) if index not in test_set]
+    if len(kept) < 2 * len(test):
+        raise DataError(f"synthetic `validation`: {len(kept)} training families cannot give up {len(test)} for "
+                        "validation and keep as many to train on; lower `test_fraction`")
+    for index, family in enumerate(kept):
+        for item in family:
+            item.family = index
+    validation = sorted(random.Random(f"synthetic:{seed}:validation").sample(range(len(kept)), len(test)))
+    return kept, validation
+
+
 def _manifest_options(options: SyntheticConfig) -> dict[str, Any]:
-    """The options as `catalogue.json` records them; without trace errors, as they were before errors existed."""
+    """The options as `catalogue.json` records them; without trace errors or validation, as before they existed."""
     recorded = asdict(options)
     if not options.trace_errors:
         del recorded["trace_errors"], recorded["trace_error_attributes"]
+    if not options.validation:
+        del recorded["validation"]
     return recorded
 
 
@@ -443,8 +474,10 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
     with atomic_dir(out, replace=replace) as tmp:
         images = tmp / "images"
         images.mkdir()
-        for index, item in enumerate(items):
-            _draw_item(item, options, index, images)
+        for item in items:
+            # An item's draws are seeded by its place in the full catalogue (its id's number), so that a validation
+            # catalogue, which leaves the test families out, draws every kept item's photos as the full one does.
+            _draw_item(item, options, int(item.id[1:]), images)
         _jsonl(tmp / "products.jsonl", [
             {"id": item.id, "title": item.title, "description": item.description,
              "category": item.attrs["category"], "attributes": {a: item.attrs[a] for a in ATTRIBUTES},
@@ -488,4 +521,5 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
         text_ceiling_r1=analysis["text_ceiling_r1"],
         ambiguous_fraction=analysis["ambiguous_fraction"],
         seconds=time.perf_counter() - start,
+        validation=options.validation,
     )

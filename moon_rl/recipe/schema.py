@@ -73,6 +73,7 @@ class SyntheticSpec(Section):
     lookalikes: NonNegativeInt = 3
     trace_errors: float = Field(default=0.0, ge=0.0, le=1.0)
     trace_error_attributes: list[Literal["colour", "pattern"]] = Field(default_factory=lambda: ["colour"], min_length=1)
+    validation: bool = False
 
 
 class DataSpec(Section):
