@@ -4,6 +4,8 @@
     python bench/grpo_learns.py --quick --set sft.max_steps=6 --set grpo.max_steps=4   # a smoke run: seed 0
     python bench/grpo_learns.py --recipe recipes/tiny-cpu-true-traces.yaml --section grpo_learns_true_traces \
         --out runs/grpo_learns_true_traces             # another recipe, into its own section
+    python bench/grpo_learns.py --set data.synthetic.validation=true --out runs/grpo_learns_validation \
+        --results runs/grpo_learns_validation/RESULTS.md   # compare settings on held-out training families, not test
 
 Per seed (`sft.seed` = `grpo.seed` = the seed; the catalogue's own seed stays as shipped) the recipe's SFT and GRPO
 stages run in-process, then both final models are evaluated on the test split in direct and reason mode with the

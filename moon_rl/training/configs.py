@@ -344,7 +344,8 @@ class MoonGRPOConfig(MoonContrastiveMixin, GRPOConfig):
             faithfulness / retrieval trade-off, measured on `tiny-cpu` (3 seeds, bench/RESULTS.md): at 0.1
             cos(chain, chain) 0.971 -> 0.944, but reason-mode text R@1 0.950 -> 0.928 and image 0.556 -> 0.497
             (GRPO then no longer beats SFT): a read-out that follows the chain is misled where the chain is wrong.
-            `0` turns it off.
+            0.15 with `contrastive_weight` 0.75 and 600 steps, chosen on a validation split, gave 0.955 and no image
+            gain on test. `0` turns it off.
     """
 
     rewards: list[dict[str, Any]] = field(
