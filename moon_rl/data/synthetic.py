@@ -30,6 +30,7 @@ import numpy as np
 from moon_rl.cache import atomic_dir, cache_root
 from moon_rl.data import synthetic_text as words
 from moon_rl.data.synthetic_images import draw_view
+from moon_rl.data.synthetic_report import SynthReport, text_analysis
 from moon_rl.errors import DataError
 
 __all__ = [
@@ -148,45 +149,6 @@ SynthOptions = SyntheticConfig
 def synthetic_cache_dir(options: SyntheticConfig) -> Path:
     """Where `load_catalogue("builtin:synthetic", synthetic=options)` keeps the generated catalogue."""
     return cache_root() / "synthetic" / options.key()
-
-
-@dataclass(frozen=True)
-class SynthReport:
-    """What `synthesize` wrote, with the text-only analysis of the test split.
-
-    Attributes:
-        chance_r1 (`float`): mean over test text queries of 1 / |gallery|.
-        text_ceiling_r1 (`float`): mean over test text queries of 1 / |gallery products consistent with the query's
-            text| - the expected Recall@1 of the best text-only method.
-        ambiguous_fraction (`float`): fraction of test text queries with more than one consistent gallery product.
-    """
-
-    out: Path
-    n_products: int
-    n_families: int
-    n_train_products: int
-    n_test_products: int
-    n_pairs: dict[str, int]
-    chance_r1: float
-    text_ceiling_r1: float
-    ambiguous_fraction: float
-    seconds: float = 0.0
-    validation: bool = False
-
-    def summary(self) -> str:
-        """Multi-line human-readable summary (the CLI prints it)."""
-        pairs = ", ".join(f"{split} {n}" for split, n in self.n_pairs.items())
-        held_out = "validation families as the test split; the real test families left out" if self.validation else ""
-        return "\n".join([
-            f"synthetic catalogue -> {self.out}" + (f" ({held_out})" if held_out else ""),
-            f"  products: {self.n_products} in {self.n_families} families "
-            f"(train {self.n_train_products}, test {self.n_test_products}); {N_VIEWS} views each",
-            f"  pairs: {pairs}",
-            f"  test gallery: {self.n_test_products} products (each with its look-alike family)",
-            f"  Recall@1 chance: {self.chance_r1:.3f}   text-only ceiling: {self.text_ceiling_r1:.3f}   "
-            f"queries ambiguous from text: {self.ambiguous_fraction:.1%}",
-            f"  written in {self.seconds:.1f} s",
-        ])  # fmt: skip
 
 
 @dataclass
@@ -393,25 +355,6 @@ def _differs_in_one(a: dict[str, str], b: dict[str, str]) -> bool:
     return sum(a[k] != b[k] for k in ATTRIBUTES) == 1
 
 
-def _text_analysis(test_items: list[_Item]) -> dict[str, Any]:
-    """Exact text-only analysis of the test split (one text query per test product, gallery = test products)."""
-    if not test_items:
-        return {"chance_r1": 0.0, "text_ceiling_r1": 0.0, "ambiguous_fraction": 0.0, "positive_unique": True}
-    ceiling, ambiguous, unique = 0.0, 0, True
-    for query in test_items:
-        consistent = [g for g in test_items if all(query.attrs[a] == v for a, v in g.named.items())]
-        ceiling += 1.0 / len(consistent)
-        ambiguous += len(consistent) > 1
-        unique &= [g.id for g in test_items if g.attrs == query.attrs] == [query.id]
-    n = len(test_items)
-    return {
-        "chance_r1": round(1.0 / n, 6),
-        "text_ceiling_r1": round(ceiling / n, 6),
-        "ambiguous_fraction": round(ambiguous / n, 6),
-        "positive_unique": unique,
-    }
-
-
 # --------------------------------------------------------------------------------------------------------- images
 
 
@@ -463,7 +406,7 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
     test_set = set(test_families)
     train_items = [item for item in items if item.family not in test_set]
     test_items = [item for item in items if item.family in test_set]
-    analysis = _text_analysis(test_items)
+    analysis = text_analysis(test_items)
     if not analysis["positive_unique"]:
         raise AssertionError("synthetic catalogue: a test query's attributes match more than its positive")
     pairs = {"train": _pairs(train_items, families, True), "test": _pairs(test_items, families, False)}
@@ -522,4 +465,5 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
         ambiguous_fraction=analysis["ambiguous_fraction"],
         seconds=time.perf_counter() - start,
         validation=options.validation,
+        n_views=N_VIEWS,
     )
