@@ -5,7 +5,7 @@
     python bench/grpo_learns.py --recipe recipes/tiny-cpu-true-traces.yaml --section grpo_learns_true_traces \
         --out runs/grpo_learns_true_traces             # another recipe, into its own section
     python bench/grpo_learns.py --set data.synthetic.validation=true --out runs/grpo_learns_validation \
-        --results runs/grpo_learns_validation/RESULTS.md   # compare settings on held-out training families, not test
+        --set grpo.sibling_weight=0.1   # compare settings on held-out training families, not test (-> <out>/RESULTS.md)
 
 Per seed (`sft.seed` = `grpo.seed` = the seed; the catalogue's own seed stays as shipped) the recipe's SFT and GRPO
 stages run in-process, then both final models are evaluated on the test split in direct and reason mode with the
@@ -75,7 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"the results file's section to (re)write (default {SECTION}; e.g. one per catalogue)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as `moon-rl --set` (repeatable)")
-    return seeds_and_results(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.results is None and validation_catalogue(args):
+        # Numbers of the validation split are for choosing settings: never into bench/RESULTS.md's tables of the test.
+        args.results = args.out / "RESULTS.md"
+    return seeds_and_results(args)
+
+
+def validation_catalogue(args: argparse.Namespace) -> bool:
+    """Whether the recipe, with the user's `--set`s, trains on the validation catalogue (`data.synthetic.validation`)."""
+    from moon_rl.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return recipe.data.catalogue == "builtin:synthetic" and recipe.data.synthetic.validation
 
 
 def load_seed_recipe(args: argparse.Namespace, seed: int) -> Recipe:

@@ -124,6 +124,16 @@ def test_section_renders_tables_bars_and_reasoning_line():
     assert args.results == Path("/tmp/x/RESULTS.md") and args.seeds == [0]
 
 
+def test_validation_runs_never_write_the_test_tables():
+    """With the validation catalogue the numbers go to <out>/RESULTS.md unless --results says otherwise: a selection
+    run must not overwrite bench/RESULTS.md's table of the test split."""
+    validation = grpo_learns.parse_args(["--out", "/tmp/v", "--set", "data.synthetic.validation=true"])
+    assert validation.results == Path("/tmp/v/RESULTS.md") and validation.seeds == [0, 1, 2]
+    assert grpo_learns.parse_args(["--out", "/tmp/v"]).results == results_md.RESULTS
+    chosen = grpo_learns.parse_args(["--set", "data.synthetic.validation=true", "--results", "/tmp/r.md"])
+    assert chosen.results == Path("/tmp/r.md")
+
+
 class _ChainStub:
     """`encode(..., return_completions=True)` returning a fixed chain per product id."""
 
