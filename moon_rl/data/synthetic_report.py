@@ -34,9 +34,9 @@ class SynthReport:
     chance_r1: float
     text_ceiling_r1: float
     ambiguous_fraction: float
+    n_views: int  # no default: the generator's `N_VIEWS` is the one source of it
     seconds: float = 0.0
     validation: bool = False
-    n_views: int = 2
 
     def summary(self) -> str:
         """Multi-line human-readable summary (the CLI prints it)."""
