@@ -17,6 +17,13 @@ gallery of a split (test by default), per attribute:
   pairs, and the mean cosine of the pairs whose chains differ in exactly that attribute's values.
 
 Prints one markdown table per model; writes nothing.
+
+    python bench/chain_sensitivity.py --cross --models runs/grpo_learns/seed0/sft/final runs/grpo_learns/seed0/grpo/final
+
+`--cross` takes cos(chain, chain) apart between the two halves of a model instead: each model samples two chains per
+product, and every model reads both out (the models must share a tokenizer: fine-tunes of one base). A row is a
+sampler, a column a reader: whether a second model's higher cosine comes from its chains (more identical pairs,
+smaller differences) or from its read-out (the same chains embedded closer together).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default=None, help="default: the recipe's test split")
     parser.add_argument("--sampled", type=int, default=64, help="products whose two chains are sampled")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cross", action="store_true",
+                        help="chains sampled by each model, read out by each model (one table)")
     return parser.parse_args(argv)
 
 
@@ -143,6 +152,45 @@ def measure(embedder: Any, catalogue: Any, split: str, sampled: int = 64, seed: 
             "sampled": sampled_pair_cosines(first, second, first_chains, second_chains, vocabulary)}
 
 
+def cross_read(embedders: dict[str, Any], catalogue: Any, split: str, sampled: int = 64,
+               seed: int = 0) -> dict[tuple[str, str], dict[str, float]]:
+    """`{(sampler, reader): {"identical", "mean", "differing"}}`: two chains sampled per product by `sampler` (the same
+    seed for every sampler), both read out by `reader`; the share of identical pairs, the mean cosine of all pairs, and
+    of the pairs whose chains differ (nan when none do)."""
+    import torch
+
+    gallery = [catalogue.products[pid] for pid in catalogue.gallery(split)]
+    chosen = [gallery[i] for i in np.linspace(0, len(gallery) - 1, min(sampled, len(gallery))).astype(int)]
+    encode = dict(mode="reason", load_image=catalogue.image)
+    found = {}
+    for sampler_name, sampler in embedders.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, first = sampler.encode(chosen, do_sample=True, temperature=1.0, return_completions="ids", **encode)
+            _, second = sampler.encode(chosen, do_sample=True, temperature=1.0, return_completions="ids", **encode)
+        differing = np.array([list(a) != list(b) for a, b in zip(first, second, strict=True)], dtype=bool)
+        for reader_name, reader in embedders.items():
+            cosines = _cosines(reader.encode(chosen, completions=first, **encode),
+                               reader.encode(chosen, completions=second, **encode))
+            found[sampler_name, reader_name] = {
+                "identical": float(1.0 - differing.mean()), "mean": float(cosines.mean()),
+                "differing": float(cosines[differing].mean()) if differing.any() else float("nan")}
+    return found
+
+
+def cross_table(found: dict[tuple[str, str], dict[str, float]]) -> list[str]:
+    """Markdown: a row per sampler, a column per reader; cells `mean (differing pairs)`."""
+    samplers = list(dict.fromkeys(s for s, _ in found))
+    readers = list(dict.fromkeys(r for _, r in found))
+    lines = ["| chains sampled by | identical pairs | " + " | ".join(f"read out by {r}" for r in readers) + " |",
+             "|---|---:|" + "---:|" * len(readers)]
+    for s in samplers:
+        cells = [f"{found[s, r]['mean']:.3f} ({found[s, r]['differing']:.3f})" for r in readers]
+        lines.append(f"| {s} | {found[s, readers[0]]['identical']:.3f} | " + " | ".join(cells) + " |")
+    lines.append("\ncells: cos(chain, chain) over all sampled pairs (over the pairs whose chains differ)")
+    return lines
+
+
 def table(result: dict[str, Any]) -> list[str]:
     def cell(entry: tuple[float, int] | None) -> str:
         return "–" if entry is None else f"{entry[0]:.3f} ({entry[1]})"
@@ -158,7 +206,7 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> list[dict[Any, Any]]:
     args = parse_args(argv)
     from moon_rl.data.catalogue import load_recipe_catalogue
     from moon_rl.modeling.embedder import MoonEmbedder
@@ -167,6 +215,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     recipe = load_recipe(args.recipe)
     catalogue = load_recipe_catalogue(recipe.data)
     split = args.split or recipe.data.test_split
+    if args.cross:
+        found = cross_read({str(folder): MoonEmbedder.load(folder) for folder in args.models}, catalogue, split,
+                           args.sampled, args.seed)
+        print(f"\n## Chains sampled by one model, read out by another ({split} gallery)\n")
+        print("\n".join(cross_table(found)), flush=True)
+        return [found]
     results = []
     for folder in args.models:
         result = measure(MoonEmbedder.load(folder), catalogue, split, args.sampled, args.seed)

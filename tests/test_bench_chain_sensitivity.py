@@ -33,14 +33,16 @@ def catalogue(tmp_path: Path):
 
 
 class Tokenizer:
-    """Each text becomes one token id, its index in `texts`."""
+    """Each distinct text becomes one token id, its index in `texts` (equal texts, equal ids)."""
 
     def __init__(self):
         self.texts: list[str] = []
 
     def __call__(self, texts, add_special_tokens=False):
-        self.texts += list(texts)
-        return {"input_ids": [[len(self.texts) - len(texts) + i] for i in range(len(texts))]}
+        for text in texts:
+            if text not in self.texts:
+                self.texts.append(text)
+        return {"input_ids": [[self.texts.index(text)] for text in texts]}
 
 
 class StubEmbedder:
@@ -48,8 +50,8 @@ class StubEmbedder:
     the photo gives both values, the chain's pattern word moves the embedding, its colour word does not. Greedy chains
     name the truth; of two sampled chains, the second names the other colour for even rows."""
 
-    def __init__(self):
-        self.processor = SimpleNamespace(tokenizer=Tokenizer())
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.processor = SimpleNamespace(tokenizer=tokenizer or Tokenizer())
         self.sampled_calls = 0
 
     @staticmethod
@@ -67,14 +69,26 @@ class StubEmbedder:
                 if self.sampled_calls == 2:
                     chains = [c.replace("red", "blue") if i % 2 == 0 and "red" in c else
                               c.replace("blue", "red") if i % 2 == 0 else c for i, c in enumerate(chains)]
-        vectors = []
-        for record, chain in zip(records, chains, strict=True):
-            said = next(p for p in PATTERNS if f"pattern {p}" in chain)
-            vectors.append(np.concatenate([np.eye(4)[PATTERNS.index(record.attributes["pattern"])],
-                                           np.eye(2)[COLOURS.index(record.attributes["colour"])],
-                                           np.eye(4)[PATTERNS.index(said)]]))
-        vectors = np.stack(vectors).astype(np.float32)
+        vectors = np.stack([self._read(record, chain) for record, chain in zip(records, chains, strict=True)])
+        vectors = vectors.astype(np.float32)
+        if return_completions == "ids":
+            return vectors, self.processor.tokenizer(chains)["input_ids"]
         return (vectors, chains) if return_completions else vectors
+
+    @staticmethod
+    def _read(record, chain: str) -> np.ndarray:
+        said = next(p for p in PATTERNS if f"pattern {p}" in chain)
+        return np.concatenate([np.eye(4)[PATTERNS.index(record.attributes["pattern"])],
+                               np.eye(2)[COLOURS.index(record.attributes["colour"])], np.eye(4)[PATTERNS.index(said)]])
+
+
+class ColourReader(StubEmbedder):
+    """The stub's read-out plus a one-hot of the colour its chain names: the chain's colour word moves it too."""
+
+    @staticmethod
+    def _read(record, chain: str) -> np.ndarray:
+        said = next(c for c in COLOURS if f"colour {c}" in chain)
+        return np.concatenate([StubEmbedder._read(record, chain), np.eye(2)[COLOURS.index(said)]])
 
 
 def test_each_number_is_the_hand_computed_cosine_of_a_read_out_that_reads_the_pattern_word_only(catalogue):
@@ -94,3 +108,20 @@ def test_each_number_is_the_hand_computed_cosine_of_a_read_out_that_reads_the_pa
     assert result["random"] == pytest.approx(np.mean(every_pair))
     lines = chain_sensitivity.table(result)
     assert "| colour | 0.667 (4) | 1.000 (8) | 1.000 (4) |" in lines
+
+
+def test_cross_read_pairs_each_samplers_chains_with_each_reader(catalogue):
+    tokenizer = Tokenizer()  # shared, as fine-tunes of one base share theirs
+    found = chain_sensitivity.cross_read({"pattern": StubEmbedder(tokenizer), "colour": ColourReader(tokenizer)},
+                                         catalogue, "train", sampled=8, seed=0)
+    assert set(found) == {("pattern", "pattern"), ("pattern", "colour"), ("colour", "pattern"), ("colour", "colour")}
+    for sampler in ("pattern", "colour"):  # both sample alike: the even rows' second chain names the other colour
+        assert found[sampler, "pattern"]["identical"] == pytest.approx(0.5)
+        # The pattern reader ignores the colour word: the differing pairs embed alike.
+        assert found[sampler, "pattern"]["differing"] == pytest.approx(1.0)
+        # |e|^2 = 4 and the colour word's part differs: 3/4 over the differing pairs, (4 + 4 * 3/4) / 8 over all.
+        assert found[sampler, "colour"]["differing"] == pytest.approx(0.75)
+        assert found[sampler, "colour"]["mean"] == pytest.approx(0.875)
+    lines = chain_sensitivity.cross_table(found)
+    assert lines[0] == "| chains sampled by | identical pairs | read out by pattern | read out by colour |"
+    assert "| colour | 0.500 | 1.000 (1.000) | 0.875 (0.750) |" in lines
