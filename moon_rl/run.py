@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from moon_rl.errors import RecipeError
 from moon_rl.modeling.folder import MODEL_MANIFEST, finished_model
 from moon_rl.recipe import Recipe
 from moon_rl.training.checkpoint import latest_checkpoint
@@ -89,6 +90,12 @@ def stage_done(recipe: Recipe, stage: str) -> Path | None:
 def run_stages(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """Run the recipe's stages; returns the output folder. See the module docstring."""
     stages = list(recipe.stages)
+    if "grpo" in stages and (overwrite or stage_done(recipe, "grpo") is None):
+        from moon_rl.recipe.trainer_configs import reward_problems
+
+        # A misspelt reward would otherwise stop the run when GRPO starts, after the whole SFT stage.
+        if problems := reward_problems(recipe):
+            raise RecipeError("\n".join(problems))
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
         head = f"[{number}/{len(stages)}] {stage}"

@@ -268,6 +268,41 @@ class TestTinyCpu:
         assert grpo.generation_batch_size // grpo.num_generations >= grpo.min_distinct_anchors
         assert recipe.grpo_init_path(grpo) == Path("runs/tiny-cpu/sft/final")
 
+    def test_rewards_that_do_not_build_are_check_problems_naming_the_entry(self) -> None:
+        problems = load_recipe(TINY, ["grpo.rewards=[{name: retrieval_rnk}, {name: length, args: {budgt: 3}}]"]).check()
+        assert len(problems) == 2
+        assert problems[0].startswith("--set: grpo.rewards[0] (retrieval_rnk): Unknown reward 'retrieval_rnk'. Did you "
+                                      "mean 'retrieval_rank'?")
+        assert problems[1] == "--set: grpo.rewards[1] (length): Reward 'length' has no argument 'budgt'; valid args: " \
+                              "budget, penalty."
+        # GRPO not listed: its rewards are not built.
+        assert load_recipe(TINY, ["grpo.rewards=[{name: retrieval_rnk}]", "stages=[data,sft]"]).check() == []
+
+    def test_reward_files_resolve_next_to_the_recipe_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "mine.py").write_text("def score(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+        recipe_file = tmp_path / "r.yaml"
+        recipe_file.write_text(f"extends: {TINY}\ngrpo:\n  rewards: [{{name: 'mine.py:score'}}]\n")
+        monkeypatch.chdir(TINY.parent)  # not the recipe's folder
+        assert load_recipe(recipe_file).check() == []
+        (tmp_path / "mine.py").unlink()
+        [problem] = load_recipe(recipe_file).check()
+        assert problem.startswith(f"{recipe_file}: grpo.rewards[0] (") and "does not exist" in problem
+        assert f"looked for {tmp_path / 'mine.py'}" in problem
+
+    def test_run_stops_on_a_bad_reward_before_its_first_stage(self, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+        from moon_rl import run as moon_run
+
+        called = []
+        monkeypatch.setattr(moon_run, "STAGE_RUNNERS", {stage: lambda recipe, overwrite, stage=stage: called.append(stage)
+                                                        for stage in moon_run.STAGE_RUNNERS})
+        recipe = load_recipe(TINY, [f"output_dir={tmp_path}", "stages=[sft,grpo]", "grpo.rewards=[{name: nope}]"])
+        with pytest.raises(RecipeError, match=r"grpo.rewards\[0\] \(nope\): Unknown reward 'nope'"):
+            moon_run.run_stages(recipe)
+        assert called == []
+        moon_run.run_stages(load_recipe(TINY, [f"output_dir={tmp_path}", "stages=[sft,grpo]"]))
+        assert called == ["sft", "grpo"]
+
     def test_config_errors_name_the_file(self) -> None:
         problems = load_recipe(TINY, ["grpo.contrastive_temperature=0"]).check()
         assert len(problems) == 1

@@ -222,6 +222,12 @@ class Recipe(Section):
         return list(self._provenance.files)
 
     @property
+    def reward_base_dir(self) -> Path | None:
+        """Folder a relative `path/to/file.py:fn` reward name resolves against: that of the last recipe file read (the
+        one that named it, or extends a file that did); None for a recipe built in code (the current directory)."""
+        return Path(self.files[-1]).parent if self.files else None
+
+    @property
     def overrides(self) -> list[str]:
         """The `--set` overrides applied, in order."""
         return list(self._provenance.overrides)

@@ -127,9 +127,34 @@ def trainer_problems(recipe: Recipe, section: str, *, device_checks: bool = True
     if section == "grpo" and (fire := vllm_fire_problems(recipe.grpo, recipe.model.heads.fire.enabled)):
         problems += [f"{recipe.blame('grpo.use_vllm', 'model.heads.fire')}: {problem}" for problem in fire]
     try:
-        build_trainer_config(recipe, section, device_checks=device_checks)
+        config = build_trainer_config(recipe, section, device_checks=device_checks)
     except RecipeError as exc:
         # TRL's own divisibility error repeats ours, with less advice.
         if not (batch_problems and "num_generations" in str(exc)):
             problems.append(str(exc))
+    else:
+        if section == "grpo":
+            problems += reward_problems(recipe, config.rewards)
     return problems
+
+
+def reward_problems(recipe: Recipe, rewards: list[dict[str, Any]] | None = None) -> list[str]:
+    """The `grpo.rewards` entries that do not resolve, or reject their `args`, one line each (empty when all build).
+
+    `recipe validate` reports them and `moon-rl run` checks them before its first stage: otherwise a misspelt reward
+    name surfaces when GRPO starts, after the whole SFT stage.
+
+    Args:
+        recipe: the recipe.
+        rewards: its normalised `grpo.rewards`; default: built from the recipe (as on the target machine).
+    """
+    from moon_rl.rewards import RewardError, build_rewards
+
+    if rewards is None:
+        rewards = build_trainer_config(recipe, "grpo", device_checks=False).rewards
+    try:
+        build_rewards(rewards, base_dir=recipe.reward_base_dir)
+    except RewardError as exc:
+        where = recipe.blame("grpo.rewards")
+        return [f"{where}: grpo.{line}" for line in str(exc).splitlines() if line.strip()]
+    return []

@@ -434,8 +434,7 @@ def build_grpo_trainer(recipe: Recipe, embedder: MoonEmbedder, *, args: MoonGRPO
     args = args if args is not None else recipe.grpo_config()
     catalogue = catalogue if catalogue is not None else load_recipe_catalogue(recipe.data)
     examples = sft_examples(catalogue, recipe.data.train_split, recipe.data.max_train_pairs)
-    base_dir = Path(recipe.files[-1]).parent if recipe.files else None
-    rewards = build_rewards(args.rewards, base_dir=base_dir)
+    rewards = build_rewards(args.rewards, base_dir=recipe.reward_base_dir)
 
     def query_item(pair: int) -> EmbedItem:
         return to_item(examples[pair].anchor, catalogue.image, embedder.max_images)
