@@ -393,7 +393,8 @@ def run(
 @_user_errors
 def embed(
     recipe: RecipeArg,
-    model: Annotated[Path | None, typer.Option("--model", help="Trained model folder (default: untrained).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Trained model folder (default: the run's newest "
+                                               "finished model, grpo then sft; untrained when there is none).")] = None,
     catalogue: Annotated[str | None, typer.Option(help="Catalogue folder/file (default: the recipe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <output_dir>/embed).")] = None,
     mode: Annotated[str | None, typer.Option(help="direct (fast) or reason (generate first).")] = None,
@@ -404,9 +405,12 @@ def embed(
 ) -> None:
     """Embed a catalogue into embeddings.parquet + a FAISS index."""
     from moon_rl.inference.pipeline import run_embed
+    from moon_rl.run import latest_model
 
-    summary = run_embed(_load(recipe, set_), model_dir=model, catalogue=catalogue, out=out, mode=mode,
-                        skip_bad=skip_bad, dim=dim)
+    loaded = _load(recipe, set_)
+    # As `moon-rl run`'s embed stage and `moon-rl eval`: the run's own model, not an untrained one, when it has one.
+    model = model if model is not None else latest_model(loaded)
+    summary = run_embed(loaded, model_dir=model, catalogue=catalogue, out=out, mode=mode, skip_bad=skip_bad, dim=dim)
     _result(summary.summary())
 
 

@@ -1,12 +1,14 @@
 """`moon-rl run`: a recipe's `stages` in pipeline order (data -> sft -> grpo -> embed -> eval), in one output folder.
 
-A stage whose output is complete is skipped (rerunning a run costs nothing), an interrupted training stage resumes
+A stage whose output is complete is skipped (rerunning a run costs nothing; an index embedded by another model than
+the run's newest is not complete), an interrupted training stage resumes
 from its newest complete checkpoint, and `overwrite=True` redoes every listed stage. The training stages skip their
 own evaluation here: the `eval` stage evaluates every model of the run once, beside the baselines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -52,7 +54,7 @@ def _train(stage: str) -> Callable[[Recipe, bool], str]:
 def _embed(recipe: Recipe, overwrite: bool) -> str:
     from moon_rl.inference.pipeline import run_embed
 
-    model = _latest_model(recipe)
+    model = latest_model(recipe)
     summary = run_embed(recipe, model_dir=model, catalogue=None, out=None, mode=None, skip_bad=False)
     return summary.summary()
 
@@ -65,7 +67,8 @@ def _eval(recipe: Recipe, overwrite: bool) -> str:
     return f"report in {out / 'report.md'}"
 
 
-def _latest_model(recipe: Recipe) -> Path | None:
+def latest_model(recipe: Recipe) -> Path | None:
+    """The run's newest finished model (`<output_dir>/grpo/final`, else `<output_dir>/sft/final`), or None."""
     for stage in ("grpo", "sft"):
         if (final := finished_model(Path(recipe.output_dir) / stage)) is not None:
             return final
@@ -84,7 +87,17 @@ def stage_done(recipe: Recipe, stage: str) -> Path | None:
         final = finished_model(out / stage)
         return None if final is None else final / MODEL_MANIFEST
     marker = {"embed": out / "embed" / "embed.json", "eval": out / "eval" / "report.md"}.get(stage)
-    return marker if marker is not None and marker.is_file() else None
+    if marker is None or not marker.is_file():
+        return None
+    if stage == "embed" and (model := latest_model(recipe)) is not None:
+        # An index embedded by another model (an untrained one, or SFT's before GRPO finished) is not this run's.
+        try:
+            made_by = json.loads(marker.read_text(encoding="utf-8"))["model"]["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if made_by != str(model.resolve()):
+            return None
+    return marker
 
 
 def run_stages(recipe: Recipe, *, overwrite: bool = False) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,7 @@ def test_embed_search_and_export_verbs(catalogue, tmp_path):
                     "--set", f"output_dir={tmp_path / 'run'}")
     assert result.exit_code == 0, result.output
     assert {"embeddings.parquet", "index.faiss", "ids.json", "embed.json"} <= {p.name for p in out.iterdir()}
+    assert "model: UNTRAINED" in result.output  # the run has no model yet
     found = invoke("search", str(out), "red striped cotton shirt", "-k", "5")
     assert found.exit_code == 0, found.output
     rows = [line for line in found.output.splitlines() if re.match(r"\s*\d+\s+p\d{4}(-dup)?\s+-?\d\.\d{4}", line)]
@@ -136,6 +138,25 @@ def test_embed_search_and_export_verbs(catalogue, tmp_path):
     assert (tmp_path / "st" / "modules.json").is_file()
     bad = invoke("export", "sentence-transformers", str(tmp_path / "embed"), str(tmp_path / "st2"))
     assert bad.exit_code == 2 and "moon_rl.json" in bad.output
+
+
+def test_embed_defaults_to_the_runs_newest_model_and_run_redoes_an_index_of_another(catalogue, tmp_path):
+    from moon_rl.modeling.embedder import MoonEmbedder
+    from moon_rl.recipe import load_recipe
+    from moon_rl.run import stage_done
+
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(TINY, [f"output_dir={run_dir}", f"data.catalogue={catalogue}"])
+    sft = MoonEmbedder.from_recipe(recipe).save(run_dir / "sft" / "final")
+    result = invoke("embed", TINY, "--set", f"output_dir={run_dir}", "--set", f"data.catalogue={catalogue}")
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" not in result.output
+    manifest = json.loads((run_dir / "embed" / "embed.json").read_text())
+    assert manifest["model"]["dir"] == str(sft.resolve()) and manifest["model"]["trained"] is True
+    assert stage_done(recipe, "embed") == run_dir / "embed" / "embed.json"
+    # GRPO finishes after the index was made: the run's embed stage is no longer done.
+    MoonEmbedder.from_recipe(recipe).save(run_dir / "grpo" / "final")
+    assert stage_done(recipe, "embed") is None
 
 
 def test_mine_writes_a_copy_with_mined_negatives(catalogue, tmp_path):

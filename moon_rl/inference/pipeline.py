@@ -103,6 +103,8 @@ class EmbedSummary:
             f"embedded {self.count} products ({self.mode} mode, dim {self.dim}) in {self.seconds:.1f}s "
             f"({self.items_per_s:.1f} products/s) -> {self.out}",
         ]
+        if self.model.get("trained") is False:
+            lines.append("model: UNTRAINED, built from the recipe (pass --model, or train first, for useful vectors)")
         if self.resumed_shards:
             lines.append(f"resumed: {self.resumed_shards} of {self.shards} shards came from the interrupted run")
         if self.skipped:
