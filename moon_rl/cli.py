@@ -129,7 +129,8 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
 @data_app.command("synth")
 @_user_errors
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the catalogue into (replaced if it exists).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the catalogue into (a synthetic catalogue there is "
+                                        "replaced; anything else needs --overwrite).")],
     n_products: Annotated[int, typer.Option(help="Products in all, look-alikes included.", min=8)] = 600,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical output.")] = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.", min=28)] = 112,
@@ -141,9 +142,18 @@ def data_synth(
     validation: Annotated[bool, typer.Option(
         "--validation", help="Leave the test families out; training families take their place as the held-out split "
         "(to choose settings without the test split).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT even when it holds something other than a synthetic catalogue.")] = False,
 ) -> None:
     """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
     from moon_rl.data.synthetic import SyntheticConfig, synthesize
+    from moon_rl.errors import MoonError
+
+    # The catalogue replaces the folder whole: never a folder of the user's own files without being told to.
+    holds_other = out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "catalogue.json").is_file()))
+    if holds_other and not overwrite:
+        raise MoonError(f"{out} exists and is not a synthetic catalogue (no catalogue.json): writing the catalogue "
+                        "would delete what it holds; choose another folder, or pass --overwrite to replace it")
 
     options = SyntheticConfig(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
                               lookalikes=lookalikes, trace_errors=trace_errors, validation=validation)

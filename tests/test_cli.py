@@ -77,6 +77,20 @@ def test_synth_is_byte_identical_and_prints_the_text_ceiling(catalogue, tmp_path
     assert tree_digest(catalogue) != tree_digest(tmp_path / "other")
 
 
+def test_synth_replaces_a_catalogue_but_never_other_files_unless_told(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    refused = invoke("data", "synth", str(out), "--n-products", "16")
+    assert refused.exit_code == 2 and "not a synthetic catalogue" in refused.output and "--overwrite" in refused.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert invoke("data", "synth", str(out), "--n-products", "16", "--overwrite").exit_code == 0
+    assert not (out / "notes.txt").exists() and (out / "catalogue.json").is_file()
+    again = invoke("data", "synth", str(out), "--n-products", "16", "--seed", "1")  # a catalogue: replaced
+    assert again.exit_code == 0 and (out / "catalogue.json").is_file()
+    assert invoke("data", "synth", str(tmp_path / "empty"), "--n-products", "16").exit_code == 0
+
+
 def test_validate_passes_then_names_every_planted_problem(catalogue, tmp_path):
     assert invoke("data", "validate", str(catalogue)).exit_code == 0
     broken = tmp_path / "broken"
