@@ -56,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key, typed: --set sft.learning_rate=1e-4 --set stages=[data,sft]"),
+    typer.Option("--set", help="Override a recipe key, typed: --set sft.learning_rate=1e-4 --set stages=\\[data,sft]"),
 ]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", exists=True, dir_okay=False)]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
@@ -343,7 +343,7 @@ def sft(
 def grpo(
     recipe: RecipeArg, set_: SetOption = None, resume: ResumeOption = False, overwrite: RetrainOption = False,
 ) -> None:
-    """Stage 2: GRPO with retrieval-rank rewards + InfoNCE, from the SFT model. Writes <output_dir>/grpo/final."""
+    """Stage 2: GRPO with retrieval rewards + InfoNCE, from the SFT model. Writes <output_dir>/grpo/final."""
     _train_stage("grpo", _load(recipe, set_), resume, overwrite)
 
 

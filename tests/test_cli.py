@@ -50,6 +50,12 @@ def test_help_lists_existing_verbs():
             assert sub in out
 
 
+def test_set_help_shows_its_list_example_whole():
+    # Rich reads `[data,sft]` as markup and drops it unless escaped.
+    result = runner.invoke(app, ["sft", "--help"], env={"COLUMNS": "240"}, catch_exceptions=False)
+    assert "--set stages=[data,sft]" in result.output
+
+
 @pytest.mark.parametrize("launch", ["console script", "-m moon_rl.cli", "cli.py"])
 def test_every_way_to_launch_the_cli_reaches_it(launch, tmp_path):
     # The installed CLI is `moon_rl.cli` (console script, `accelerate launch -m moon_rl.cli`); the checkout's `cli.py`
