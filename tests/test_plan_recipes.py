@@ -84,6 +84,18 @@ def test_plan_prints_a_table_per_real_recipe(name):
     assert KNOWN_ARCHITECTURES[load_recipe(REAL[name]).model.name_or_path].model_type in out
 
 
+def test_the_recipe_table_quotes_what_plan_prints():
+    """recipes/README.md's memory column is `moon-rl plan`'s totals (80 GB card unless the row names another)."""
+    import re
+
+    rows = {m.group(1): m for m in re.finditer(r"^\| \[`([\w.-]+)\.yaml`\].*\| ([\d.]+) / ([\d.]+) GiB(?: on a (\d+) GB card)?",
+                                                 (ROOT / "recipes" / "README.md").read_text(), re.M)}
+    assert set(rows) == set(REAL)
+    for name, row in rows.items():
+        plans = stage(name, gpu_memory_gib=float(row.group(4) or 80))
+        assert (float(row.group(2)), float(row.group(3))) == (round(plans["sft"].total, 1), round(plans["grpo"].total, 1))
+
+
 def test_parameter_counts_match_the_published_models():
     counts = {name: arch.params()[0] for name, arch in KNOWN_ARCHITECTURES.items()}
     assert counts["Qwen/Qwen2.5-VL-3B-Instruct"] == 3_754_622_976
