@@ -416,3 +416,29 @@ def test_matryoshka_dims_are_sorted_unique_and_fit_the_embedding(tmp_path):
         load_recipe(TINY, ["model.heads.matryoshka_dims=[64, 64]"])
     with pytest.raises(RecipeError, match="embed.dim"):
         load_recipe(TINY, ["embed.dim=0"])
+
+
+def test_recipes_readme_documents_every_field():
+    """Every leaf key of the recipe's own sections (relative to its section, as the tables name them) and every field
+    moon-rl adds to TRL's `SFTConfig` / `GRPOConfig` has a row in recipes/README.md."""
+    import dataclasses
+
+    from pydantic import BaseModel
+    from trl import GRPOConfig, SFTConfig
+
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", (TINY.parent / "README.md").read_text(), re.M))
+
+    def leaves(section: BaseModel, prefix: str = "") -> list[str]:
+        found = []
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            found += leaves(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else [f"{prefix}{name}"]
+        return found
+
+    recipe = load_recipe(TINY)
+    missing = [f"{section}.{key}" for section in ("model", "data", "embed", "eval")
+               for key in leaves(getattr(recipe, section)) if key not in documented]
+    for config, base in ((MoonSFTConfig, SFTConfig), (MoonGRPOConfig, GRPOConfig)):
+        inherited = {f.name for f in dataclasses.fields(base)}
+        missing += [f.name for f in dataclasses.fields(config) if f.name not in inherited | documented]
+    assert missing == []
