@@ -131,7 +131,8 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the catalogue into (a synthetic catalogue there is "
                                         "replaced; anything else needs --overwrite).")],
-    n_products: Annotated[int, typer.Option(help="Products in all, look-alikes included.", min=8)] = 600,
+    n_products: Annotated[int, typer.Option(help="Products in all, look-alikes included (rounded to whole families "
+                                            "of lookalikes + 1).", min=8)] = 600,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical output.")] = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.", min=28)] = 112,
     test_fraction: Annotated[float, typer.Option(help="Share of product families held out for test.")] = 0.2,

@@ -471,6 +471,7 @@ def run_grpo(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -
     check_output_dir(out, overwrite=overwrite, resume=resume)
     init = recipe.grpo_init_path(args)
     if is_model_folder(init):
+        logger.info("grpo: starting from %s", init)
         embedder = MoonEmbedder.load(init, trainable=True)
     elif args.init_from is not None:
         # Asked for by name: starting from the base model instead would train the wrong model without a word.

@@ -125,10 +125,11 @@ def check_can_learn(report: PreflightReport, allow: bool) -> None:
                        "(e.g. %r)", what, example)
         return
     raise MoonError(
-        f"GRPO cannot learn from this starting model: {what} (e.g. {example!r}). Run `moon-rl sft` first on a "
+        f"GRPO cannot learn from this starting model: {what} (e.g. {example!r}). Train it with `moon-rl sft` on a "
         "catalogue whose products have `reasoning` traces (`moon-rl annotate RECIPE --template` or `--teacher MODEL` "
-        "writes a copy of yours that has them), raise "
-        "`grpo.max_completion_length`, or set `grpo.allow_untrained_reasoning: true` to train anyway"
+        "writes a copy of yours that has them), longer if it was (more `sft.max_steps`: its completions must learn to "
+        "close the think block), raise `grpo.max_completion_length`, or set `grpo.allow_untrained_reasoning: true` to "
+        "train anyway"
     )
 
 
