@@ -33,6 +33,10 @@ class _PlainInfo(logging.Formatter):
         return f"{record.levelname} {record.name}: {super().format(record)}"
 
 
+#: Library loggers that warn on import about things unrelated to the run (see `setup_logging`).
+NOISY_IMPORT_LOGGERS = ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure the `moon_rl` logger (see the module docstring); safe to call again (handlers are replaced)."""
     logger = logging.getLogger("moon_rl")
@@ -52,6 +56,10 @@ def setup_logging(verbose: bool = False) -> None:
         fallback.addFilter(lambda record: not record.name.startswith("moon_rl"))
         root.addHandler(fallback)
         root.setLevel(logging.WARNING)
+    # Importing bitsandbytes (peft and TRL do, whatever the recipe) on a CPU with AVX512-BF16 asks the Hub for a 4-bit
+    # CPU kernel and warns that it skipped the publisher check (offline) or failed to load it: nothing about the run.
+    for name in NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     _hide_weight_loading_bars()
 
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from moon_rl.logs import setup_logging
+from moon_rl.logs import NOISY_IMPORT_LOGGERS, setup_logging
 
 
 @pytest.fixture
@@ -16,6 +16,7 @@ def restore_logging():
     process (pytest adds its own handlers to the root for each test phase); everything is restored afterwards."""
     moon, root = logging.getLogger("moon_rl"), logging.getLogger()
     saved = (list(moon.handlers), moon.level, list(root.handlers), root.level)
+    noisy = {name: logging.getLogger(name).level for name in NOISY_IMPORT_LOGGERS}
 
     def setup(verbose: bool = False) -> None:
         root.handlers = []
@@ -24,6 +25,8 @@ def restore_logging():
     yield setup
     moon.handlers, moon.level = saved[0], saved[1]
     root.handlers, root.level = saved[2], saved[3]
+    for name, level in noisy.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def emit() -> None:
@@ -42,6 +45,8 @@ def test_progress_is_plain_info_and_warnings_keep_their_level(restore_logging, c
     restore_logging()
     emit()
     logging.getLogger("some_library").warning("library warning")
+    # bitsandbytes' import-time kernel lookup, on every command: not a warning about the run.
+    logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'kernels-community/...'")
     err = capsys.readouterr().err.splitlines()
     # Each once: moon-rl's records propagate, but the root handler leaves them to moon-rl's own.
     assert err == ["[1/5] data: starting", "WARNING moon_rl.run: no trained model at x", "ERROR moon_rl.run: broken",
