@@ -10,7 +10,7 @@ from PIL import Image
 
 from moon_rl.data.records import Product
 from moon_rl.evaluation.faithfulness import derangement, faithfulness
-from moon_rl.evaluation.plots import training_curves, training_panels
+from moon_rl.evaluation.plots import stage_training_curves, training_curves, training_panels
 from moon_rl.evaluation.report import faithfulness_table, main_table, read_results, write_report, zero_shot_table
 from moon_rl.evaluation.result import EvaluationResult
 from moon_rl.evaluation.zero_shot import macro_f1, zero_shot_tasks
@@ -259,3 +259,17 @@ def test_run_executes_every_stage_then_skips_finished_ones(tmp_path):
     again = runner.invoke(app, ["run", str(recipe), "--set", "stages=[sft,grpo,embed]"])
     assert again.exit_code == 0, again.output
     assert (out / "sft" / "final" / "moon_rl.json").stat().st_mtime_ns == stamp  # finished: skipped
+
+
+def test_a_stage_without_logged_steps_gets_a_line_saying_why_not_a_silent_gap(tmp_path):
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "sft" / "log_history.json").write_text(json.dumps(_history("sft")))
+    (run / "grpo").mkdir()
+    # A 2-step GRPO at logging_steps 10: only the Trainer's final summary row.
+    (run / "grpo" / "log_history.json").write_text(json.dumps([{"step": 2, "train_runtime": 3.0, "train_loss": 0.1}]))
+    missing: list[str] = []
+    written = stage_training_curves(run, tmp_path, missing)
+    assert [p.name for p in written] == ["training_sft.png"]
+    assert missing == [f"`training_grpo.png` not drawn: {run / 'grpo' / 'log_history.json'} holds no logged training "
+                       "step (the stage ran fewer steps than its `logging_steps`)"]

@@ -188,3 +188,10 @@ def test_generated_code_has_no_moon_rl_imports():
 def _moon_rl_imports(text: str) -> list[str]:
     nodes = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Import | ast.ImportFrom)]
     return [ast.unparse(n) for n in nodes if "moon_rl" in ast.unparse(n)]
+
+
+def test_a_missing_model_folder_is_named_as_missing(tmp_path):
+    from moon_rl.modeling.embedder import MoonEmbedder
+
+    with pytest.raises(MoonError, match=r"nope: no such model folder"):
+        MoonEmbedder.load(tmp_path / "nope")

@@ -188,8 +188,9 @@ def training_curves(log_history: Sequence[Mapping[str, Any]], stage: str, path: 
         plt.close(fig)
 
 
-def stage_training_curves(run_dir: Path, out: Path) -> list[Path]:
-    """`training_<stage>.png` for every stage of `run_dir` that left a `log_history.json`."""
+def stage_training_curves(run_dir: Path, out: Path, missing: list[str] | None = None) -> list[Path]:
+    """`training_<stage>.png` for every stage of `run_dir` that left a `log_history.json`; a stage whose log holds no
+    logged step gets no plot, and a line saying why in `missing` (when given)."""
     written = []
     for stage in TRAINING_PANELS:
         log = Path(run_dir) / stage / "log_history.json"
@@ -203,4 +204,7 @@ def stage_training_curves(run_dir: Path, out: Path) -> list[Path]:
         path = training_curves(history, stage, out / f"training_{stage}.png")
         if path is not None:
             written.append(path)
+        elif missing is not None:
+            missing.append(f"`training_{stage}.png` not drawn: {log} holds no logged training step (the stage ran "
+                           f"fewer steps than its `logging_steps`)")
     return written

@@ -182,8 +182,9 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
     atomic_write_text(out / "metrics.json", json.dumps({**summary_json(summary), "models": dict(models)}, indent=2))
     plots = [p for p in [recall_curves(results, TASKS, out / "recall_at_k.png"),
                          recall_by_dim(results, TASKS, out / "recall_by_dim.png")] if p is not None]
+    not_drawn: list[str] = []
     if run_dir is not None:
-        plots += stage_training_curves(run_dir, out)
+        plots += stage_training_curves(run_dir, out, not_drawn)
     first = next(iter(results.values()))
     lines = [
         "# moon-rl evaluation report", "",
@@ -221,8 +222,8 @@ def write_report(out: Path, summary: Mapping[str, Any], *, run_dir: Path | None,
         for name, found in examples:
             lines += [f"- **{name}**: " + " / ".join(f"`{e[:160]}`" for e in found[:2])] if found else []
         lines.append("")
-    if plots:
-        lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    if plots or not_drawn:
+        lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], *[f"- {note}" for note in not_drawn], ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"
 

@@ -354,6 +354,8 @@ class MoonEmbedder(nn.Module):
 
         path = Path(path)
         manifest_path = path / MODEL_MANIFEST
+        if not path.exists():
+            raise MoonError(f"{path}: no such model folder")
         if not manifest_path.is_file():
             raise MoonError(f"{path}: not a moon-rl model folder (no moon_rl.json)")
         manifest = json.loads(manifest_path.read_text())
