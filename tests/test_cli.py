@@ -95,6 +95,8 @@ def test_synth_replaces_a_catalogue_but_never_other_files_unless_told(tmp_path):
     again = invoke("data", "synth", str(out), "--n-products", "16", "--seed", "1")  # a catalogue: replaced
     assert again.exit_code == 0 and (out / "catalogue.json").is_file()
     assert invoke("data", "synth", str(tmp_path / "empty"), "--n-products", "16").exit_code == 0
+    no_test = invoke("data", "synth", str(tmp_path / "train-only"), "--n-products", "16", "--test-fraction", "0")
+    assert no_test.exit_code == 0 and "no test split" in no_test.output and "chance" not in no_test.output
 
 
 def test_validate_passes_then_names_every_planted_problem(catalogue, tmp_path):

@@ -42,14 +42,17 @@ class SynthReport:
         """Multi-line human-readable summary (the CLI prints it)."""
         pairs = ", ".join(f"{split} {n}" for split, n in self.n_pairs.items())
         held_out = " (validation families as the test split; the real test families left out)" if self.validation else ""
+        test = [
+            f"  test gallery: {self.n_test_products} products (each with its look-alike family)",
+            f"  Recall@1 chance: {self.chance_r1:.3f}   text-only ceiling: {self.text_ceiling_r1:.3f}   "
+            f"queries ambiguous from text: {self.ambiguous_fraction:.1%}",
+        ] if self.n_test_products else ["  no test split (test_fraction 0): every family is for training"]
         return "\n".join([
             f"synthetic catalogue -> {self.out}{held_out}",
             f"  products: {self.n_products} in {self.n_families} families "
             f"(train {self.n_train_products}, test {self.n_test_products}); {self.n_views} views each",
             f"  pairs: {pairs}",
-            f"  test gallery: {self.n_test_products} products (each with its look-alike family)",
-            f"  Recall@1 chance: {self.chance_r1:.3f}   text-only ceiling: {self.text_ceiling_r1:.3f}   "
-            f"queries ambiguous from text: {self.ambiguous_fraction:.1%}",
+            *test,
             f"  written in {self.seconds:.1f} s",
         ])  # fmt: skip
 
