@@ -73,8 +73,6 @@ def _main(
     _state["debug"] = debug
     setup_logging(verbose=verbose or debug)
     atexit.register(_close_process_group)
-    # bitsandbytes warns on every import that an optional Hub kernel package is missing; its CPU path works anyway.
-    logging.getLogger("bitsandbytes").setLevel(logging.INFO if debug else logging.ERROR)
 
 
 def _close_process_group() -> None:
@@ -129,10 +127,8 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
 @data_app.command("synth")
 @_user_errors
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the catalogue into (a synthetic catalogue there is "
-                                        "replaced; anything else needs --overwrite).")],
-    n_products: Annotated[int, typer.Option(help="Products in all, look-alikes included (rounded to whole families "
-                                            "of lookalikes + 1).", min=8)] = 600,
+    out: Annotated[Path, typer.Argument(help="Folder to write into (a catalogue there is replaced; else --overwrite).")],
+    n_products: Annotated[int, typer.Option(help="Products, look-alikes included (whole families).", min=8)] = 600,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical output.")] = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.", min=28)] = 112,
     test_fraction: Annotated[float, typer.Option(help="Share of product families held out for test.")] = 0.2,
@@ -148,17 +144,10 @@ def data_synth(
 ) -> None:
     """Write the deterministic synthetic catalogue (products, images, pairs, hard test gallery)."""
     from moon_rl.data.synthetic import SyntheticConfig, synthesize
-    from moon_rl.errors import MoonError
-
-    # The catalogue replaces the folder whole: never a folder of the user's own files without being told to.
-    holds_other = out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "catalogue.json").is_file()))
-    if holds_other and not overwrite:
-        raise MoonError(f"{out} exists and is not a synthetic catalogue (no catalogue.json): writing the catalogue "
-                        "would delete what it holds; choose another folder, or pass --overwrite to replace it")
 
     options = SyntheticConfig(n_products=n_products, seed=seed, image_size=image_size, test_fraction=test_fraction,
                               lookalikes=lookalikes, trace_errors=trace_errors, validation=validation)
-    report = synthesize(out, options)
+    report = synthesize(out, options, overwrite=overwrite)
     typer.echo(report.summary())
 
 
@@ -419,8 +408,7 @@ def embed(
     from moon_rl.run import latest_model
 
     loaded = _load(recipe, set_)
-    # As `moon-rl run`'s embed stage and `moon-rl eval`: the run's own model, not an untrained one, when it has one.
-    model = model if model is not None else latest_model(loaded)
+    model = model if model is not None else latest_model(loaded)  # as `run` and `eval`: the run's own model
     summary = run_embed(loaded, model_dir=model, catalogue=catalogue, out=out, mode=mode, skip_bad=skip_bad, dim=dim)
     _result(summary.summary())
 

@@ -34,7 +34,7 @@ class _PlainInfo(logging.Formatter):
 
 
 #: Library loggers that warn on import about things unrelated to the run (see `setup_logging`).
-NOISY_IMPORT_LOGGERS = ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops")
+NOISY_IMPORT_LOGGERS = ("bitsandbytes", "kernels")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -56,10 +56,11 @@ def setup_logging(verbose: bool = False) -> None:
         fallback.addFilter(lambda record: not record.name.startswith("moon_rl"))
         root.addHandler(fallback)
         root.setLevel(logging.WARNING)
-    # Importing bitsandbytes (peft and TRL do, whatever the recipe) on a CPU with AVX512-BF16 asks the Hub for a 4-bit
-    # CPU kernel and warns that it skipped the publisher check (offline) or failed to load it: nothing about the run.
+    # Importing bitsandbytes (peft and TRL do, whatever the recipe) warns that an optional kernel package is missing,
+    # or, on a CPU with AVX512-BF16, asks the Hub for a 4-bit CPU kernel and warns that it skipped the publisher check
+    # (offline) or failed to load it: nothing about the run, on every command. -v shows them.
     for name in NOISY_IMPORT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     _hide_weight_loading_bars()
 
 

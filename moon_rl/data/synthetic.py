@@ -386,8 +386,9 @@ def _pairs(items: list[_Item], families: list[list[_Item]], negatives: bool) -> 
     return rows
 
 
-def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool = True) -> SynthReport:
-    """Write the synthetic catalogue folder `out` atomically (replacing it if present, unless `replace=False`).
+def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool = True,
+               overwrite: bool = False) -> SynthReport:
+    """Write the synthetic catalogue folder `out` atomically (replacing a catalogue there, unless `replace=False`).
 
     Writes `products.jsonl`, `images/<id>_v<view>.png`, `pairs_train.jsonl`, `pairs_test.jsonl`, `gallery_test.txt`
     and `catalogue.json` (options, vocabulary, families, counts and the text-only analysis).
@@ -395,11 +396,19 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
     Args:
         out (`Path`): the folder to create.
         options (`SyntheticConfig`, *optional*): defaults to `SyntheticConfig()`.
+        overwrite (`bool`, *optional*, defaults to `False`): also replace a folder that holds something other than a
+            synthetic catalogue (no `catalogue.json`); without it that is a `DataError`, and nothing is deleted.
 
     Returns:
         `SynthReport`: counts and the text-only analysis of the test split.
     """
     options = options or SyntheticConfig()
+    out = Path(out)
+    # The catalogue replaces the folder whole: never a folder of the user's own files without being told to.
+    if not overwrite and out.exists() and (not out.is_dir() or (any(out.iterdir()) and
+                                                                not (out / "catalogue.json").is_file())):
+        raise DataError(f"{out} exists and is not a synthetic catalogue (no catalogue.json): writing the catalogue "
+                        "would delete what it holds; choose another folder, or pass --overwrite to replace it")
     start = time.perf_counter()
     families, test_families = _plan(options)
     items = [item for family in families for item in family]
@@ -413,7 +422,6 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
     duplicates = _duplicate_listings(test_items, options.seed)
     trace_errors = _write_trace_errors(train_items, options) if options.trace_errors else {}
     pairs["test"] += [{"anchor": dup.id, "positive": item.id} for dup, item in zip(duplicates, test_items, strict=True)]
-    out = Path(out)
     with atomic_dir(out, replace=replace) as tmp:
         images = tmp / "images"
         images.mkdir()
