@@ -132,9 +132,8 @@ def sampled_pair_cosines(first: np.ndarray, second: np.ndarray, first_chains: Se
 
 def measure(embedder: Any, catalogue: Any, split: str, sampled: int = 64, seed: int = 0) -> dict[str, Any]:
     """Every number of the module docstring for one model on one split's gallery."""
-    import torch
-
     from moon_rl.data.chains import attribute_vocabulary
+    from moon_rl.evaluation.faithfulness import spread_sample, two_sampled_chains
 
     vocabulary = attribute_vocabulary(p.attributes for p in catalogue.products.values())
     gallery = [catalogue.products[pid] for pid in catalogue.gallery(split)]
@@ -142,12 +141,8 @@ def measure(embedder: Any, catalogue: Any, split: str, sampled: int = 64, seed: 
     vectors, chains = embedder.encode(gallery, return_completions=True, **encode)
     lookalike, random_pairs = lookalike_cosines(vectors, [p.attributes for p in gallery], list(vocabulary))
     rewrite = rewrite_cosines(embedder, gallery, vectors, chains, vocabulary, catalogue.image, seed)
-    chosen = [gallery[i] for i in np.linspace(0, len(gallery) - 1, min(sampled, len(gallery))).astype(int)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        first, first_chains = embedder.encode(chosen, do_sample=True, temperature=1.0, return_completions=True, **encode)
-        second, second_chains = embedder.encode(chosen, do_sample=True, temperature=1.0, return_completions=True,
-                                                **encode)
+    (first, first_chains), (second, second_chains) = two_sampled_chains(
+        embedder, spread_sample(gallery, sampled), seed=seed, return_completions=True, **encode)
     return {"lookalike": lookalike, "random": random_pairs, "rewrite": rewrite,
             "sampled": sampled_pair_cosines(first, second, first_chains, second_chains, vocabulary)}
 
@@ -157,17 +152,13 @@ def cross_read(embedders: dict[str, Any], catalogue: Any, split: str, sampled: i
     """`{(sampler, reader): {"identical", "mean", "differing"}}`: two chains sampled per product by `sampler` (the same
     seed for every sampler), both read out by `reader`; the share of identical pairs, the mean cosine of all pairs, and
     of the pairs whose chains differ (nan when none do)."""
-    import torch
+    from moon_rl.evaluation.faithfulness import spread_sample, two_sampled_chains
 
-    gallery = [catalogue.products[pid] for pid in catalogue.gallery(split)]
-    chosen = [gallery[i] for i in np.linspace(0, len(gallery) - 1, min(sampled, len(gallery))).astype(int)]
+    chosen = spread_sample([catalogue.products[pid] for pid in catalogue.gallery(split)], sampled)
     encode = dict(mode="reason", load_image=catalogue.image)
     found = {}
     for sampler_name, sampler in embedders.items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _, first = sampler.encode(chosen, do_sample=True, temperature=1.0, return_completions="ids", **encode)
-            _, second = sampler.encode(chosen, do_sample=True, temperature=1.0, return_completions="ids", **encode)
+        (_, first), (_, second) = two_sampled_chains(sampler, chosen, seed=seed, **encode)
         differing = np.array([list(a) != list(b) for a, b in zip(first, second, strict=True)], dtype=bool)
         for reader_name, reader in embedders.items():
             cosines = _cosines(reader.encode(chosen, completions=first, **encode),

@@ -30,6 +30,25 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
     return target
 
 
+def spread_sample(records: Sequence[Any], n: int) -> list[Any]:
+    """At most `n` of `records`, evenly spread (first and last included): the products whose chains are sampled."""
+    return [records[i] for i in np.linspace(0, len(records) - 1, min(n, len(records))).astype(int)]
+
+
+def two_sampled_chains(embedder: Any, records: Sequence[Any], *, seed: int, temperature: float = 1.0,
+                       return_completions: bool | str = "ids", **encode: Any) -> tuple[Any, Any]:
+    """Two independently sampled reason-mode read-outs of `records`: `((vectors, chains), (vectors, chains))`, drawn
+    under `torch.manual_seed(seed)` in a forked RNG (the caller's RNG state is left as it was).
+
+    `encode` goes to `embedder.encode` (mode, batch size, image loader); `return_completions` says how the chains
+    come back (`"ids"` or `True` for text).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tuple(embedder.encode(records, do_sample=True, temperature=temperature,  # type: ignore[return-value]
+                                     return_completions=return_completions, **encode) for _ in range(2))
+
+
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -58,13 +77,9 @@ def faithfulness(
             even spread over the gallery): sampling is the expensive part, and the mean settles long before.
     """
     encode = dict(mode="reason", batch_size=batch_size, load_image=load_image)
-    sampled = [gallery[i] for i in np.linspace(0, len(gallery) - 1, min(max_sampled, len(gallery))).astype(int)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        first, first_chains = embedder.encode(sampled, do_sample=True, temperature=temperature,
-                                              return_completions="ids", **encode)
-        second, second_chains = embedder.encode(sampled, do_sample=True, temperature=temperature,
-                                                return_completions="ids", **encode)
+    sampled = spread_sample(gallery, max_sampled)
+    (first, first_chains), (second, second_chains) = two_sampled_chains(embedder, sampled, seed=seed,
+                                                                        temperature=temperature, **encode)
     differing = np.array([list(a) != list(b) for a, b in zip(first_chains, second_chains, strict=True)], dtype=bool)
     result: dict[str, Any] = {"chain_cosine": _row_cosine(first, second), "chains_sampled_for": len(sampled),
                               "chains_identical": float(1.0 - differing.mean()) if len(differing) else None,
