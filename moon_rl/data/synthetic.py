@@ -408,7 +408,8 @@ def synthesize(out: Path, options: SyntheticConfig | None = None, replace: bool 
     if not overwrite and out.exists() and (not out.is_dir() or (any(out.iterdir()) and
                                                                 not (out / "catalogue.json").is_file())):
         raise DataError(f"{out} exists and is not a synthetic catalogue (no catalogue.json): writing the catalogue "
-                        "would delete what it holds; choose another folder, or pass --overwrite (overwrite=True) to replace it")
+                        "would delete what it holds; choose another folder, or pass --overwrite (overwrite=True) "
+                        "to replace it")
     start = time.perf_counter()
     families, test_families = _plan(options)
     items = [item for family in families for item in family]
